@@ -1,0 +1,21 @@
+//! toolgate: an inline policy gate between AI agents and the MCP tools they call.
+//!
+//! Layout, in the order a call flows through it:
+//! - [`server`]: listeners, wiring of shared state, graceful shutdown.
+//! - [`identity`]: JWT verification -> `Caller` (agents) or `Approver`.
+//! - [`mcp`]: JSON-RPC / MCP wire types, strict parsing, error codes; pure.
+//! - [`session`]: MCP sessions of the session-based revisions, bound to agents.
+//! - [`gate`]: THE pipeline for one request; the only place errors become responses.
+//! - [`manifest`]: per-agent manifests compiled into the `PolicySet` snapshot.
+//! - [`policy`]: `decide(manifest, call) -> Decision`; pure.
+//! - [`ratelimit`]: governor limiters keyed by agent and (agent, tool).
+//! - [`audit`]: hash-chained audit records, the writer task, `verify`.
+//! - [`upstream`]: MCP clients to tool servers.
+//! - [`config`]: process configuration, validated with located problems.
+//! - [`demo`]: the bundled demo tool server and the `demo` command.
+
+pub mod config;
+pub mod identity;
+pub mod manifest;
+pub mod mcp;
+pub mod policy;

@@ -1,0 +1,586 @@
+//! Per-agent manifests: parse, validate, compile; the [`PolicySet`] snapshot.
+//!
+//! A manifest is compiled once at load: tool globs into one `GlobSet`, every
+//! argument schema into a `jsonschema::Validator`, rates into quotas. The
+//! decision path only reads compiled values. A set is all or nothing: one
+//! broken file rejects the whole set, with every problem located.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use globset::{GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+use serde_json::Value;
+use serde_saphyr::Spanned;
+use sha2::{Digest, Sha256};
+
+use crate::config::{parse_yaml, tool_glob, Problem, Problems, Report};
+
+// ---------------------------------------------------------------- specs
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestSpec {
+    /// The `agent_claim` value this manifest governs.
+    agent: Spanned<String>,
+    #[serde(default)]
+    description: Option<String>,
+    /// Whole-agent rate limit.
+    #[serde(default)]
+    rate_limit: Option<Spanned<RateSpec>>,
+    /// `deny` (default) or `hold` for tools not listed.
+    #[serde(default)]
+    unlisted: Option<Spanned<String>>,
+    #[serde(default)]
+    tools: Vec<Spanned<ToolSpec>>,
+    #[serde(default)]
+    deny: Vec<Spanned<DenySpec>>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+enum RateSpec {
+    Simple(String),
+    Full { rate: String, burst: u32 },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolSpec {
+    name: Spanned<String>,
+    /// Free text for humans; not used in decisions.
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
+    #[serde(default)]
+    arguments: Option<Spanned<Value>>,
+    #[serde(default)]
+    rate_limit: Option<Spanned<RateSpec>>,
+    /// `required` holds every call.
+    #[serde(default)]
+    approval: Option<Spanned<String>>,
+    /// Distinct approvers needed (default 1).
+    #[serde(default)]
+    approvals: Option<Spanned<u32>>,
+    #[serde(default)]
+    hold_when: Vec<Spanned<ConditionSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConditionSpec {
+    pointer: String,
+    #[serde(default)]
+    equals: Option<Value>,
+    #[serde(default, rename = "in")]
+    in_: Option<Vec<Value>>,
+    #[serde(default)]
+    prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DenySpec {
+    name: Spanned<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+// ------------------------------------------------------------ compiled
+
+/// A rate: `burst` calls at once, refilled evenly over `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Rate {
+    pub burst: NonZeroU32,
+    /// Time to refill one call.
+    pub interval: Duration,
+}
+
+impl Rate {
+    pub fn quota(&self) -> governor::Quota {
+        governor::Quota::with_period(self.interval)
+            .expect("interval is non-zero by construction")
+            .allow_burst(self.burst)
+    }
+}
+
+/// Parses `N/s`, `N/min` or `N/hour` (burst N, even refill).
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let err = || format!("{s:?} is not a rate like 10/s, 120/min or 1000/hour");
+    let (n, unit) = s.trim().split_once('/').ok_or_else(err)?;
+    let n: u32 = n.trim().parse().map_err(|_| err())?;
+    let n = NonZeroU32::new(n).ok_or_else(|| format!("{s:?}: a rate must be at least 1"))?;
+    let per = match unit.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        _ => return Err(err()),
+    };
+    let interval = per / n.get();
+    if interval.is_zero() {
+        return Err(format!("{s:?} is too fast"));
+    }
+    Ok(Rate {
+        burst: n,
+        interval,
+    })
+}
+
+fn rate_of(r: &mut Report, spec: &Spanned<RateSpec>, key: &str) -> Option<Rate> {
+    let res = match &spec.value {
+        RateSpec::Simple(s) => parse_rate(s),
+        RateSpec::Full { rate, burst } => parse_rate(rate).and_then(|mut q| {
+            q.burst = NonZeroU32::new(*burst).ok_or("burst must be at least 1")?;
+            Ok(q)
+        }),
+    };
+    res.map_err(|e| r.at(spec, key, e)).ok()
+}
+
+/// What to do with a call to a tool the manifest does not list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unlisted {
+    Deny,
+    Hold,
+}
+
+/// A `hold_when` condition on one argument.
+#[derive(Debug, Clone)]
+pub struct Condition {
+    pub pointer: String,
+    pub test: Test,
+}
+
+#[derive(Debug, Clone)]
+pub enum Test {
+    Equals(Value),
+    In(Vec<Value>),
+    Prefix(String),
+}
+
+/// One `tools` entry, compiled.
+#[derive(Debug)]
+pub struct ToolRule {
+    pub pattern: String,
+    pub line: u64,
+    pub schema: Option<Arc<jsonschema::Validator>>,
+    pub rate: Option<Rate>,
+    pub approval_required: bool,
+    pub approvals: u32,
+    pub hold_when: Vec<Condition>,
+}
+
+/// One `deny` entry, compiled.
+#[derive(Debug)]
+pub struct DenyRule {
+    pub pattern: String,
+    pub line: u64,
+    pub reason: Option<String>,
+}
+
+/// One agent's compiled manifest.
+#[derive(Debug)]
+pub struct Manifest {
+    pub agent: Arc<str>,
+    pub file: PathBuf,
+    pub sha256: String,
+    pub description: Option<String>,
+    pub rate: Option<Rate>,
+    pub unlisted: Unlisted,
+    pub tools: Vec<ToolRule>,
+    pub deny: Vec<DenyRule>,
+    exact: HashMap<String, usize>,
+    globs: GlobSet,
+    glob_rules: Vec<usize>,
+    deny_set: GlobSet,
+}
+
+impl Manifest {
+    /// The rule that lists `tool`: an exact name wins over globs; among globs
+    /// the first in file order.
+    pub fn tool_rule(&self, tool: &str) -> Option<usize> {
+        if let Some(i) = self.exact.get(tool) {
+            return Some(*i);
+        }
+        if self.glob_rules.is_empty() {
+            return None;
+        }
+        self.globs
+            .matches(tool)
+            .into_iter()
+            .map(|g| self.glob_rules[g])
+            .min()
+    }
+
+    /// The first `deny` rule matching `tool`.
+    pub fn deny_rule(&self, tool: &str) -> Option<usize> {
+        if self.deny.is_empty() {
+            return None;
+        }
+        self.deny_set.matches(tool).into_iter().min()
+    }
+
+    /// Whether `tool` would be listed in tools/list (listed, not denied).
+    pub fn exposes(&self, tool: &str) -> bool {
+        self.deny_rule(tool).is_none() && self.tool_rule(tool).is_some()
+    }
+
+    pub fn file_name(&self) -> String {
+        self.file
+            .file_name()
+            .map_or_else(|| self.file.display().to_string(), |f| f.to_string_lossy().into_owned())
+    }
+}
+
+/// Compiles one manifest file's text.
+pub fn compile(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<Manifest> {
+    let spec: ManifestSpec = match parse_yaml(file, text) {
+        Ok(s) => s,
+        Err(p) => {
+            problems.push(p);
+            return None;
+        }
+    };
+    let before = problems.len();
+    let mut r = Report { file, problems };
+    let agent = spec.agent.value.trim().to_owned();
+    if agent.is_empty() || agent.len() > 256 || agent.chars().any(char::is_control) {
+        r.at(&spec.agent, "agent", "agent must be 1-256 characters without control characters");
+    }
+    let rate = spec.rate_limit.as_ref().and_then(|s| rate_of(&mut r, s, "rate_limit"));
+    let unlisted = match spec.unlisted.as_ref().map(|u| u.value.as_str()) {
+        None | Some("deny") => Unlisted::Deny,
+        Some("hold") => Unlisted::Hold,
+        Some(other) => {
+            let u = spec.unlisted.as_ref().expect("matched Some above");
+            r.at(u, "unlisted", format!("{other:?}: expected deny or hold"));
+            Unlisted::Deny
+        }
+    };
+    let mut tools = Vec::new();
+    let mut exact = HashMap::new();
+    let mut globs = GlobSetBuilder::new();
+    let mut glob_rules = Vec::new();
+    for (i, t) in spec.tools.iter().enumerate() {
+        let key = format!("tools[{i}]");
+        let name = &t.value.name;
+        let is_glob = name.value.contains(['*', '?']);
+        if is_glob {
+            match tool_glob(&name.value) {
+                Ok(g) => {
+                    globs.add(g);
+                    glob_rules.push(i);
+                }
+                Err(e) => r.at(name, format!("{key}.name"), e),
+            }
+        } else if name.value.is_empty() {
+            r.at(name, format!("{key}.name"), "a tool name must not be empty");
+        } else if exact.insert(name.value.clone(), i).is_some() {
+            r.at(name, format!("{key}.name"), format!("tool {:?} is listed twice", name.value));
+        }
+        let schema = t.value.arguments.as_ref().and_then(|s| {
+            compile_schema(&s.value)
+                .map_err(|e| r.at(s, format!("{key}.arguments"), e))
+                .ok()
+        });
+        let trate = t.value.rate_limit.as_ref().and_then(|s| rate_of(&mut r, s, &format!("{key}.rate_limit")));
+        let approval_required = match t.value.approval.as_ref().map(|a| a.value.as_str()) {
+            None | Some("none") => false,
+            Some("required") => true,
+            Some(other) => {
+                let a = t.value.approval.as_ref().expect("matched Some above");
+                r.at(a, format!("{key}.approval"), format!("{other:?}: expected required or none"));
+                false
+            }
+        };
+        let approvals = match &t.value.approvals {
+            None => 1,
+            Some(a) if (1..=5).contains(&a.value) => a.value,
+            Some(a) => {
+                r.at(a, format!("{key}.approvals"), "approvals must be between 1 and 5");
+                1
+            }
+        };
+        let mut hold_when = Vec::new();
+        for (j, c) in t.value.hold_when.iter().enumerate() {
+            let ck = format!("{key}.hold_when[{j}]");
+            let spec = &c.value;
+            if !(spec.pointer.is_empty() || spec.pointer.starts_with('/')) {
+                r.at(c, format!("{ck}.pointer"), "a JSON pointer is empty or starts with '/'");
+                continue;
+            }
+            let tests = [
+                spec.equals.clone().map(Test::Equals),
+                spec.in_.clone().map(Test::In),
+                spec.prefix.clone().map(Test::Prefix),
+            ];
+            let mut set = tests.into_iter().flatten();
+            match (set.next(), set.next()) {
+                (Some(test), None) => hold_when.push(Condition {
+                    pointer: spec.pointer.clone(),
+                    test,
+                }),
+                _ => r.at(c, &ck, "a condition needs exactly one of equals, in or prefix"),
+            }
+        }
+        tools.push(ToolRule {
+            pattern: name.value.clone(),
+            line: t.referenced.line(),
+            schema,
+            rate: trate,
+            approval_required,
+            approvals,
+            hold_when,
+        });
+    }
+    let mut deny = Vec::new();
+    let mut deny_set = GlobSetBuilder::new();
+    for (i, d) in spec.deny.iter().enumerate() {
+        match tool_glob(&d.value.name.value) {
+            Ok(g) => {
+                deny_set.add(g);
+            }
+            Err(e) => {
+                r.at(&d.value.name, format!("deny[{i}].name"), e);
+                continue;
+            }
+        }
+        deny.push(DenyRule {
+            pattern: d.value.name.value.clone(),
+            line: d.referenced.line(),
+            reason: d.value.reason.clone(),
+        });
+    }
+    let globs = globs.build();
+    let deny_set = deny_set.build();
+    let (Ok(globs), Ok(deny_set)) = (globs, deny_set) else {
+        r.at_loc(1, 1, "tools", "patterns could not be compiled together");
+        return None;
+    };
+    if r.problems.len() > before {
+        return None;
+    }
+    Some(Manifest {
+        agent: Arc::from(agent),
+        file: file.to_path_buf(),
+        sha256: hex::encode(Sha256::digest(text.as_bytes())),
+        description: spec.description,
+        rate,
+        unlisted,
+        tools,
+        deny,
+        exact,
+        globs,
+        glob_rules,
+        deny_set,
+    })
+}
+
+/// Compiles an argument schema (JSON Schema 2020-12 unless it says
+/// otherwise). No remote `$ref` is ever fetched.
+pub fn compile_schema(schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
+    jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .build(schema)
+        .map(Arc::new)
+        .map_err(|e| format!("invalid JSON Schema: {}", e.masked()))
+}
+
+/// The set of manifests in force: one immutable snapshot, swapped whole.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    by_agent: HashMap<Arc<str>, Arc<Manifest>>,
+    /// Every file read, with its SHA-256 (including ones that failed).
+    pub files: Vec<(PathBuf, String)>,
+}
+
+/// The most manifest files one directory may hold.
+pub const MAX_MANIFESTS: usize = 100_000;
+
+impl PolicySet {
+    pub fn get(&self, agent: &str) -> Option<&Arc<Manifest>> {
+        self.by_agent.get(agent)
+    }
+    pub fn len(&self) -> usize {
+        self.by_agent.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.by_agent.is_empty()
+    }
+    pub fn manifests(&self) -> impl Iterator<Item = &Arc<Manifest>> {
+        self.by_agent.values()
+    }
+
+    /// Builds a set from already compiled manifests (tests, benchmarks).
+    pub fn from_manifests(ms: impl IntoIterator<Item = Manifest>) -> Self {
+        PolicySet {
+            by_agent: ms.into_iter().map(|m| (m.agent.clone(), Arc::new(m))).collect(),
+            files: Vec::new(),
+        }
+    }
+
+    /// Loads every `*.yaml`/`*.yml` file in `dir`. All or nothing.
+    pub fn load_dir(dir: &Path) -> Result<PolicySet, Problems> {
+        let one = |msg: String| {
+            Problems(vec![Problem {
+                file: dir.to_path_buf(),
+                line: 0,
+                column: 0,
+                path: String::new(),
+                message: msg,
+            }])
+        };
+        let rd = std::fs::read_dir(dir).map_err(|e| one(format!("cannot read manifests directory: {e}")))?;
+        let mut paths: Vec<PathBuf> = rd
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+            })
+            .collect();
+        if paths.len() > MAX_MANIFESTS {
+            return Err(one(format!("more than {MAX_MANIFESTS} manifest files")));
+        }
+        paths.sort();
+        let mut texts = Vec::with_capacity(paths.len());
+        let mut problems = Vec::new();
+        for p in paths {
+            match std::fs::read_to_string(&p) {
+                Ok(t) => texts.push((p, t)),
+                Err(e) => problems.push(Problem {
+                    file: p,
+                    line: 0,
+                    column: 0,
+                    path: String::new(),
+                    message: format!("cannot read: {e}"),
+                }),
+            }
+        }
+        Self::from_texts(texts, problems)
+    }
+
+    /// Compiles `(file, text)` pairs into a set. All or nothing.
+    pub fn from_texts(
+        texts: Vec<(PathBuf, String)>,
+        mut problems: Vec<Problem>,
+    ) -> Result<PolicySet, Problems> {
+        let mut by_agent: HashMap<Arc<str>, Arc<Manifest>> = HashMap::with_capacity(texts.len());
+        let mut files = Vec::with_capacity(texts.len());
+        for (path, text) in &texts {
+            files.push((path.clone(), hex::encode(Sha256::digest(text.as_bytes()))));
+            if let Some(m) = compile(path, text, &mut problems) {
+                if let Some(prev) = by_agent.get(&m.agent) {
+                    problems.push(Problem {
+                        file: path.clone(),
+                        line: 1,
+                        column: 1,
+                        path: "agent".into(),
+                        message: format!(
+                            "agent {:?} already has a manifest in {}",
+                            m.agent,
+                            prev.file.display()
+                        ),
+                    });
+                    continue;
+                }
+                by_agent.insert(m.agent.clone(), Arc::new(m));
+            }
+        }
+        if problems.is_empty() {
+            Ok(PolicySet { by_agent, files })
+        } else {
+            Err(Problems(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn manifest(text: &str) -> Manifest {
+        let mut p = Vec::new();
+        let m = compile(Path::new("t.yaml"), text, &mut p);
+        assert!(p.is_empty(), "{:?}", p);
+        m.unwrap()
+    }
+
+    fn problems(text: &str) -> String {
+        let mut p = Vec::new();
+        assert!(compile(Path::new("bad.yaml"), text, &mut p).is_none());
+        Problems(p).to_string()
+    }
+
+    #[test]
+    fn exact_names_win_over_globs_and_deny_is_separate() {
+        let m = manifest("agent: a\ntools:\n  - name: b__*\n  - name: b__x\n    approval: required\ndeny:\n  - name: \"*__delete_*\"\n");
+        assert_eq!(m.tool_rule("b__x"), Some(1));
+        assert_eq!(m.tool_rule("b__y"), Some(0));
+        assert_eq!(m.tool_rule("c__y"), None);
+        assert_eq!(m.deny_rule("b__delete_all"), Some(0));
+        assert!(!m.exposes("b__delete_all"));
+        assert!(m.exposes("b__y"));
+        assert!(m.tools[1].approval_required);
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(
+            parse_rate("120/min"),
+            Ok(Rate {
+                burst: NonZeroU32::new(120).unwrap(),
+                interval: Duration::from_millis(500)
+            })
+        );
+        assert_eq!(parse_rate("10/s").unwrap().interval, Duration::from_millis(100));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("5/fortnight").is_err());
+        assert!(parse_rate("lots").is_err());
+        let m = manifest("agent: a\nrate_limit: { rate: 120/min, burst: 20 }\n");
+        assert_eq!(m.rate.unwrap().burst.get(), 20);
+    }
+
+    #[test]
+    fn reports_every_problem_with_location() {
+        let text = "agent: a\nunlisted: maybe\nrate_limit: 3/fortnight\ntools:\n  - name: x\n    arguments: { type: objekt }\n  - name: x\n  - name: y\n    approvals: 9\n    hold_when:\n      - { pointer: nope, equals: 1 }\n      - { pointer: /a }\n";
+        let all = problems(text);
+        assert!(all.contains("bad.yaml:2:11: unlisted: \"maybe\": expected deny or hold"), "{all}");
+        assert!(all.contains("bad.yaml:3:13: rate_limit:"), "{all}");
+        assert!(all.contains("bad.yaml:6:16: tools[0].arguments: invalid JSON Schema"), "{all}");
+        assert!(all.contains("bad.yaml:7:11: tools[1].name: tool \"x\" is listed twice"), "{all}");
+        assert!(all.contains("bad.yaml:9:16: tools[2].approvals"), "{all}");
+        assert!(all.contains("tools[2].hold_when[0].pointer"), "{all}");
+        assert!(all.contains("tools[2].hold_when[1]: a condition needs exactly one"), "{all}");
+        assert_eq!(all.lines().count(), 7, "{all}");
+    }
+
+    #[test]
+    fn unknown_and_duplicate_keys_are_refused() {
+        let all = problems("agent: a\ntools:\n  - name: x\n    aproval: required\n");
+        assert!(all.starts_with("bad.yaml:4:"), "{all}");
+        assert!(all.contains("aproval"), "{all}");
+        let all = problems("agent: a\nagent: b\n");
+        assert!(all.to_lowercase().contains("duplicate"), "{all}");
+    }
+
+    #[test]
+    fn remote_refs_are_never_fetched() {
+        let e = compile_schema(&serde_json::json!({"$ref": "http://127.0.0.1:9/schema.json"}));
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn one_bad_file_rejects_the_set_and_duplicate_agents_are_refused() {
+        let ok = (PathBuf::from("a.yaml"), "agent: a\n".to_owned());
+        let dup = (PathBuf::from("b.yaml"), "agent: a\n".to_owned());
+        let bad = (PathBuf::from("c.yaml"), "agent: [\n".to_owned());
+        let e = PolicySet::from_texts(vec![ok.clone(), dup], vec![]).unwrap_err();
+        assert!(e.to_string().contains("already has a manifest in a.yaml"), "{e}");
+        assert!(PolicySet::from_texts(vec![ok.clone(), bad], vec![]).is_err());
+        assert_eq!(PolicySet::from_texts(vec![ok], vec![]).unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,534 @@
+//! JSON-RPC / MCP wire types, strict parsing and error codes. Pure: no IO.
+//!
+//! Invariants:
+//! - every message is parsed exactly once, by [`parse_strict`], which refuses
+//!   duplicate object keys at any depth, nesting deeper than [`MAX_DEPTH`],
+//!   invalid UTF-8 and lone surrogates (serde_json refuses the last two);
+//! - a [`Request`] only exists for a well-formed single JSON-RPC message:
+//!   batches, non-object `params` and unknown envelope keys are refused;
+//! - what is forwarded upstream is toolgate's own serialisation of the checked
+//!   values, never the client's bytes.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+/// Deepest nesting of arrays/objects accepted in any message.
+pub const MAX_DEPTH: usize = 64;
+
+/// Protocol revisions toolgate speaks, oldest first.
+pub const V2025_06_18: &str = "2025-06-18";
+pub const V2025_11_25: &str = "2025-11-25";
+pub const V2026_07_28: &str = "2026-07-28";
+/// Session-based revisions (initialize handshake, `Mcp-Session-Id`).
+pub const SESSION_VERSIONS: [&str; 3] = ["2025-03-26", V2025_06_18, V2025_11_25];
+
+/// Whether `v` names a revision toolgate speaks.
+pub fn is_supported_version(v: &str) -> bool {
+    v == V2026_07_28 || SESSION_VERSIONS.contains(&v)
+}
+
+/// JSON-RPC error codes used by toolgate (SPEC "Deciding a tools/call").
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL: i64 = -32603;
+    pub const DENIED: i64 = -32003;
+    pub const UPSTREAM: i64 = -32004;
+    pub const AUDIT_UNAVAILABLE: i64 = -32005;
+    pub const HOLD_PENDING: i64 = -32010;
+    pub const HOLD_REFUSED: i64 = -32011;
+    pub const RATE_LIMITED: i64 = -32029;
+}
+
+/// Why a message was refused before any decision could be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("duplicate key {key:?} at {pointer}")]
+    DuplicateKey { key: String, pointer: String },
+    #[error("nesting deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("JSON-RPC batches are not accepted; send one message per request")]
+    Batch,
+    #[error("invalid JSON-RPC message: {0}")]
+    Envelope(String),
+}
+
+impl ParseError {
+    /// The JSON-RPC code for this refusal.
+    pub fn code(&self) -> i64 {
+        match self {
+            ParseError::Json(_) | ParseError::DuplicateKey { .. } | ParseError::TooDeep => {
+                code::PARSE_ERROR
+            }
+            ParseError::Batch | ParseError::Envelope(_) => code::INVALID_REQUEST,
+        }
+    }
+}
+
+/// Parses `bytes` as one JSON value, strictly (see module docs).
+pub fn parse_strict(bytes: &[u8]) -> Result<Value, ParseError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let mut failure = None;
+    let seed = StrictSeed {
+        depth: 0,
+        failure: &mut failure,
+        path: &mut Vec::new(),
+    };
+    let parsed = seed.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+    match (parsed, failure) {
+        (_, Some(f)) => Err(f),
+        (Ok(v), None) => Ok(v),
+        (Err(e), None) => Err(ParseError::Json(e.to_string())),
+    }
+}
+
+struct StrictSeed<'a> {
+    depth: usize,
+    failure: &'a mut Option<ParseError>,
+    path: &'a mut Vec<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for StrictSeed<'_> {
+    type Value = Value;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+fn pointer_of(path: &[String]) -> String {
+    if path.is_empty() {
+        return "/".to_owned();
+    }
+    let mut p = String::new();
+    for seg in path {
+        p.push('/');
+        p.push_str(&seg.replace('~', "~0").replace('/', "~1"));
+    }
+    p
+}
+
+impl<'de> Visitor<'de> for StrictSeed<'_> {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("number out of range"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        if self.depth >= MAX_DEPTH {
+            *self.failure = Some(ParseError::TooDeep);
+            return Err(de::Error::custom("too deep"));
+        }
+        let mut out = Vec::new();
+        let mut i = 0usize;
+        loop {
+            self.path.push(i.to_string());
+            let next = seq.next_element_seed(StrictSeed {
+                depth: self.depth + 1,
+                failure: self.failure,
+                path: self.path,
+            });
+            self.path.pop();
+            match next? {
+                Some(v) => out.push(v),
+                None => break,
+            }
+            i += 1;
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        if self.depth >= MAX_DEPTH {
+            *self.failure = Some(ParseError::TooDeep);
+            return Err(de::Error::custom("too deep"));
+        }
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                *self.failure = Some(ParseError::DuplicateKey {
+                    pointer: pointer_of(self.path),
+                    key,
+                });
+                return Err(de::Error::custom("duplicate key"));
+            }
+            self.path.push(key);
+            let v = map.next_value_seed(StrictSeed {
+                depth: self.depth + 1,
+                failure: self.failure,
+                path: self.path,
+            });
+            let key = self.path.pop().expect("pushed just above");
+            out.insert(key, v?);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// A JSON-RPC id: a string or an integer (null ids are refused).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Id {
+    Num(i64),
+    Str(String),
+}
+
+impl Id {
+    pub fn to_value(&self) -> Value {
+        match self {
+            Id::Num(n) => Value::from(*n),
+            Id::Str(s) => Value::String(s.clone()),
+        }
+    }
+}
+
+/// One checked JSON-RPC message from a client: a request (with `id`) or a
+/// notification (without).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: Option<Id>,
+    pub method: String,
+    /// Always an object (absent params become an empty object).
+    pub params: Map<String, Value>,
+}
+
+/// A JSON-RPC response or a non-request message (the client answering a
+/// server request, which toolgate does not issue yet).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Request(Request),
+    Response { id: Option<Id>, body: Value },
+}
+
+/// Parses and checks one JSON-RPC message strictly.
+pub fn parse_message(bytes: &[u8]) -> Result<Message, ParseError> {
+    let v = parse_strict(bytes)?;
+    message_from_value(v)
+}
+
+fn envelope(msg: impl Into<String>) -> ParseError {
+    ParseError::Envelope(msg.into())
+}
+
+/// Checks the JSON-RPC envelope of an already strictly parsed value.
+pub fn message_from_value(v: Value) -> Result<Message, ParseError> {
+    let mut obj = match v {
+        Value::Object(o) => o,
+        Value::Array(_) => return Err(ParseError::Batch),
+        _ => return Err(envelope("a message must be a JSON object")),
+    };
+    match obj.remove("jsonrpc") {
+        Some(Value::String(s)) if s == "2.0" => {}
+        _ => return Err(envelope("\"jsonrpc\" must be \"2.0\"")),
+    }
+    let id = match obj.remove("id") {
+        None => None,
+        Some(Value::String(s)) => Some(Id::Str(s)),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(i) => Some(Id::Num(i)),
+            None => return Err(envelope("\"id\" must be a string or an integer")),
+        },
+        Some(_) => return Err(envelope("\"id\" must be a string or an integer")),
+    };
+    if obj.contains_key("result") || obj.contains_key("error") {
+        if obj.contains_key("method") {
+            return Err(envelope("a message cannot be both a request and a response"));
+        }
+        return Ok(Message::Response {
+            id,
+            body: Value::Object(obj),
+        });
+    }
+    let method = match obj.remove("method") {
+        Some(Value::String(m)) if !m.is_empty() && m.len() <= 256 => m,
+        _ => return Err(envelope("\"method\" must be a non-empty string")),
+    };
+    let params = match obj.remove("params") {
+        None => Map::new(),
+        Some(Value::Object(p)) => p,
+        Some(_) => return Err(envelope("\"params\" must be an object")),
+    };
+    if let Some(k) = obj.keys().next() {
+        return Err(envelope(format!("unknown member {k:?}")));
+    }
+    Ok(Message::Request(Request { id, method, params }))
+}
+
+/// The checked parameters of a `tools/call`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    /// Always an object.
+    pub arguments: Value,
+    pub meta: Option<Map<String, Value>>,
+}
+
+/// Why `tools/call` params were refused (answered with -32602).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidParams(pub String);
+
+/// The longest tool name toolgate accepts.
+pub const MAX_NAME_LEN: usize = 256;
+
+/// Checks `tools/call` params: exactly `name`, optional object `arguments`,
+/// optional object `_meta`; anything else (including `Name`) is refused.
+pub fn tool_call(params: &Map<String, Value>) -> Result<ToolCall, InvalidParams> {
+    for k in params.keys() {
+        if !matches!(k.as_str(), "name" | "arguments" | "_meta") {
+            return Err(InvalidParams(format!(
+                "unknown member {k:?} in tools/call params"
+            )));
+        }
+    }
+    let name = match params.get("name") {
+        Some(Value::String(s)) => s,
+        _ => return Err(InvalidParams("\"name\" must be a string".into())),
+    };
+    if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+        return Err(InvalidParams(
+            "\"name\" must be 1-256 characters without control characters".into(),
+        ));
+    }
+    let arguments = match params.get("arguments") {
+        None => Value::Object(Map::new()),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(_) => return Err(InvalidParams("\"arguments\" must be an object".into())),
+    };
+    let meta = match params.get("_meta") {
+        None => None,
+        Some(Value::Object(m)) => Some(m.clone()),
+        Some(_) => return Err(InvalidParams("\"_meta\" must be an object".into())),
+    };
+    Ok(ToolCall {
+        name: name.clone(),
+        arguments,
+        meta,
+    })
+}
+
+/// Serialises a JSON-RPC success response.
+pub fn result_response(id: &Id, result: Value) -> Value {
+    serde_json::json!({"jsonrpc": "2.0", "id": id.to_value(), "result": result})
+}
+
+/// Serialises a JSON-RPC error response (`id` null when it could not be read).
+pub fn error_response(id: Option<&Id>, code: i64, message: &str, data: Option<Value>) -> Value {
+    let mut err = Map::new();
+    err.insert("code".into(), Value::from(code));
+    err.insert("message".into(), Value::String(message.to_owned()));
+    if let Some(d) = data {
+        err.insert("data".into(), d);
+    }
+    serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id.map_or(Value::Null, Id::to_value),
+        "error": Value::Object(err),
+    })
+}
+
+/// Canonical JSON: object keys sorted, and
+/// numbers spelled one way (an integral float such as `1.0` or `1e0` becomes
+/// `1`), so that equal arguments hash equally however the client wrote them.
+pub fn canonical_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_canonical(v, &mut out);
+    out
+}
+
+fn write_canonical(v: &Value, out: &mut String) {
+    use std::fmt::Write as _;
+    match v {
+        Value::Number(n) => {
+            if n.is_f64() {
+                let f = n.as_f64().unwrap_or(0.0);
+                if f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 {
+                    let _ = write!(out, "{}", f as i64);
+                    return;
+                }
+            }
+            let _ = write!(out, "{n}");
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(x, out);
+            }
+            out.push(']');
+        }
+        Value::Object(o) => {
+            // Sorted explicitly: a dependency may turn on serde_json's
+            // `preserve_order`, which would keep insertion order.
+            let mut entries: Vec<_> = o.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, x)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(x, out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_duplicate_keys_at_any_depth() {
+        let e = parse_strict(br#"{"a":{"b":1,"b":2}}"#).unwrap_err();
+        assert_eq!(
+            e,
+            ParseError::DuplicateKey {
+                key: "b".into(),
+                pointer: "/a".into()
+            }
+        );
+        let e = parse_strict(br#"{"params":{"name":"x","name":"y"}}"#).unwrap_err();
+        assert!(matches!(e, ParseError::DuplicateKey { ref key, .. } if key == "name"));
+        let e = parse_strict(br#"[{"x":[{"k":1,"k":1}]}]"#).unwrap_err();
+        assert_eq!(
+            e,
+            ParseError::DuplicateKey {
+                key: "k".into(),
+                pointer: "/0/x/0".into()
+            }
+        );
+    }
+
+    #[test]
+    fn refuses_nesting_deeper_than_64() {
+        let ok = format!("{}{}", "[".repeat(64), "]".repeat(64));
+        assert!(parse_strict(ok.as_bytes()).is_ok());
+        let deep = format!("{}{}", "[".repeat(65), "]".repeat(65));
+        assert_eq!(parse_strict(deep.as_bytes()), Err(ParseError::TooDeep));
+        let deep_obj = format!("{}1{}", r#"{"a":"#.repeat(200), "}".repeat(200));
+        assert_eq!(parse_strict(deep_obj.as_bytes()), Err(ParseError::TooDeep));
+    }
+
+    #[test]
+    fn refuses_invalid_utf8_lone_surrogates_and_trailing_bytes() {
+        assert!(matches!(
+            parse_strict(b"{\"a\":\"\xff\"}"),
+            Err(ParseError::Json(_))
+        ));
+        assert!(matches!(
+            parse_strict(br#"{"a":"\ud800"}"#),
+            Err(ParseError::Json(_))
+        ));
+        assert!(matches!(
+            parse_strict(br#"{"a":1} {"b":2}"#),
+            Err(ParseError::Json(_))
+        ));
+        assert!(matches!(parse_strict(b"1e400"), Err(ParseError::Json(_))));
+    }
+
+    #[test]
+    fn refuses_batches_and_bad_envelopes() {
+        assert_eq!(
+            parse_message(br#"[{"jsonrpc":"2.0","id":1,"method":"ping"}]"#),
+            Err(ParseError::Batch)
+        );
+        for bad in [
+            r#"{"id":1,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","params":[1]}"#,
+            r#"{"jsonrpc":"2.0","id":1.5,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","extra":true}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":""}"#,
+            r#""ping""#,
+        ] {
+            assert!(
+                matches!(parse_message(bad.as_bytes()), Err(ParseError::Envelope(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_requests_and_notifications() {
+        let m = parse_message(br#"{"jsonrpc":"2.0","id":"a","method":"tools/list"}"#).unwrap();
+        assert_eq!(
+            m,
+            Message::Request(Request {
+                id: Some(Id::Str("a".into())),
+                method: "tools/list".into(),
+                params: Map::new()
+            })
+        );
+        let m = parse_message(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+            .unwrap();
+        assert!(matches!(m, Message::Request(Request { id: None, .. })));
+    }
+
+    #[test]
+    fn tool_call_params_are_strict() {
+        let p = |s: &str| match serde_json::from_str::<Value>(s).unwrap() {
+            Value::Object(o) => o,
+            _ => unreachable!(),
+        };
+        let c = tool_call(&p(r#"{"name":"a__b","arguments":{"x":1}}"#)).unwrap();
+        assert_eq!(c.name, "a__b");
+        assert_eq!(c.arguments, serde_json::json!({"x":1}));
+        assert_eq!(
+            tool_call(&p(r#"{"name":"a"}"#)).unwrap().arguments,
+            serde_json::json!({})
+        );
+        for bad in [
+            r#"{"Name":"a"}"#,
+            r#"{"name":"a","arguments":[1]}"#,
+            r#"{"name":"a","arguments":"x"}"#,
+            r#"{"name":"a","arguments":null}"#,
+            r#"{"name":""}"#,
+            r#"{"name":"a\u0000b"}"#,
+            r#"{"name":7}"#,
+            r#"{"name":"a","_meta":3}"#,
+        ] {
+            assert!(tool_call(&p(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn canonical_json_ignores_key_order_and_number_spelling() {
+        let a = parse_strict(br#"{"b":1.0,"a":[1e0,{"y":2,"x":"s"}]}"#).unwrap();
+        let b = parse_strict(br#"{"a":[1,{"x":"s","y":2.0}],"b":1}"#).unwrap();
+        assert_eq!(canonical_json(&a), canonical_json(&b));
+        assert_eq!(canonical_json(&a), r#"{"a":[1,{"x":"s","y":2}],"b":1}"#);
+        let c = parse_strict(br#"{"b":1.5}"#).unwrap();
+        assert_ne!(canonical_json(&c), canonical_json(&b));
+    }
+}

@@ -1,0 +1,543 @@
+//! `decide`: one tools/call against one agent's manifest -> a [`Decision`].
+//!
+//! Pure and synchronous: no network, no async, no locks, no audit. The only
+//! outside fact it may consult is the filesystem's symlinks, through the
+//! [`Guard`]'s resolver, for the policy-path guard. Steps 2-6 of SPEC
+//! "Deciding a tools/call" live here, in that order; authentication (1) and
+//! rate limits (7) are the gate's and `ratelimit`'s.
+//!
+//! Never returns Allow for a tool the manifest does not list, or that a deny
+//! rule matches.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use globset::GlobSet;
+use serde_json::Value;
+use unicode_normalization::UnicodeNormalization;
+
+use crate::manifest::{Manifest, Test, Unlisted};
+
+/// The outcome of the decision proper (before rate limits).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Arguments fail the tool's schema: every error, each with its pointer.
+    Invalid(Vec<SchemaError>),
+    /// Needs a human: `approvals` distinct approvers.
+    Hold { approvals: u32 },
+}
+
+/// One schema failure.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SchemaError {
+    /// JSON pointer into the arguments.
+    pub pointer: String,
+    pub message: String,
+}
+
+/// Which rule decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    NoManifest,
+    Deny(usize),
+    Unlisted,
+    Tool(usize),
+    Schema(usize),
+    Approval(usize),
+    HoldWhen(usize, usize),
+    PolicyPath,
+    SelfIdentity,
+}
+
+impl Rule {
+    /// Stable identifier, used in `data.rule` and the audit log.
+    pub fn id(&self) -> Cow<'static, str> {
+        match self {
+            Rule::NoManifest => "no_manifest".into(),
+            Rule::Deny(i) => format!("deny[{i}]").into(),
+            Rule::Unlisted => "unlisted".into(),
+            Rule::Tool(i) => format!("tools[{i}]").into(),
+            Rule::Schema(i) => format!("tools[{i}].arguments").into(),
+            Rule::Approval(i) => format!("tools[{i}].approval").into(),
+            Rule::HoldWhen(i, j) => format!("tools[{i}].hold_when[{j}]").into(),
+            Rule::PolicyPath => "guard.policy_path".into(),
+            Rule::SelfIdentity => "guard.self_identity".into(),
+        }
+    }
+    /// Line of the rule in its manifest, when it has one.
+    pub fn line(&self, m: &Manifest) -> Option<u64> {
+        match *self {
+            Rule::Deny(i) => m.deny.get(i).map(|d| d.line),
+            Rule::Tool(i) | Rule::Schema(i) | Rule::Approval(i) | Rule::HoldWhen(i, _) => {
+                m.tools.get(i).map(|t| t.line)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A decision with the rule that made it and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub rule: Rule,
+    pub reason: Cow<'static, str>,
+    /// The `tools` entry that lists the tool, if any (for its rate limit).
+    pub tool_rule: Option<usize>,
+}
+
+/// The built-in escalation guard, which no manifest can switch off.
+pub struct Guard {
+    /// `escalation.tools`: tools where naming oneself is an escalation.
+    pub escalation_tools: GlobSet,
+    /// Toolgate's own policy files (config, state, audit log), canonical.
+    pub files: Vec<PathBuf>,
+    /// Directories whose whole content is policy (manifests), canonical.
+    pub dirs: Vec<PathBuf>,
+    /// Base for relative paths in arguments: toolgate's working directory.
+    pub cwd: PathBuf,
+    /// Resolves `.`/`..` and symlinks (the only IO in `decide`).
+    pub resolve: fn(&Path) -> PathBuf,
+    /// Basenames of the protected paths and their parents: cheap pre-filter.
+    names: Vec<String>,
+}
+
+impl Guard {
+    pub fn new(
+        escalation_tools: GlobSet,
+        files: Vec<PathBuf>,
+        dirs: Vec<PathBuf>,
+        cwd: PathBuf,
+        resolve: fn(&Path) -> PathBuf,
+    ) -> Guard {
+        let mut names: Vec<String> = Vec::new();
+        for p in files.iter().chain(dirs.iter()) {
+            for q in [Some(p.as_path()), p.parent()].into_iter().flatten() {
+                if let Some(n) = q.file_name() {
+                    names.push(n.to_string_lossy().into_owned());
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        Guard {
+            escalation_tools,
+            files,
+            dirs,
+            cwd,
+            resolve,
+            names,
+        }
+    }
+
+    /// Whether `p` (resolved) is protected: a policy file or its directory,
+    /// or anything in a policy directory.
+    fn is_protected(&self, p: &Path) -> bool {
+        self.files.iter().any(|f| f == p || f.parent() == Some(p))
+            || self
+                .dirs
+                .iter()
+                .any(|d| p.starts_with(d) || d.parent() == Some(p))
+    }
+
+    /// Whether `token` could name a path at all: worth resolving.
+    fn looks_like_path(&self, token: &str) -> bool {
+        token.contains('/')
+            || token.starts_with('.')
+            || token.starts_with('~')
+            || self.names.iter().any(|n| token.contains(n.as_str()))
+    }
+
+    /// Whether a string argument names a protected path, whole or as a token
+    /// (a shell command, say).
+    fn names_policy_path(&self, s: &str) -> bool {
+        let check = |tok: &str| {
+            let tok = tok.strip_prefix("file://").unwrap_or(tok);
+            if tok.is_empty() || !self.looks_like_path(tok) {
+                return false;
+            }
+            let p = Path::new(tok);
+            let abs = if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                self.cwd.join(p)
+            };
+            self.is_protected(&(self.resolve)(&abs))
+        };
+        check(s)
+            || s
+                .split(|c: char| c.is_whitespace() || ";|&<>()`'\"=,".contains(c))
+                .any(check)
+    }
+}
+
+/// Folds an identity for generous comparison: Unicode compatibility forms
+/// (NFKC), case, and invisible characters.
+pub fn fold_identity(s: &str) -> String {
+    s.nfkc()
+        .filter(|c| !is_invisible(*c))
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{034F}' | '\u{061C}' | '\u{115F}' | '\u{1160}' | '\u{17B4}' | '\u{17B5}'
+        | '\u{180B}'..='\u{180F}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{3164}' | '\u{FE00}'..='\u{FE0F}' | '\u{FEFF}'
+        | '\u{FFA0}' | '\u{1BCA0}'..='\u{1BCA3}' | '\u{1D173}'..='\u{1D17A}'
+        | '\u{E0000}'..='\u{E0FFF}')
+}
+
+fn is_word(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// Whether folded `hay` equals folded `agent` or contains it as a whole token.
+fn names_identity(hay: &str, agent_folded: &str) -> bool {
+    if agent_folded.is_empty() {
+        return false;
+    }
+    let hay = fold_identity(hay);
+    let mut from = 0;
+    while let Some(pos) = hay[from..].find(agent_folded) {
+        let start = from + pos;
+        let end = start + agent_folded.len();
+        let before_ok = hay[..start].chars().next_back().is_none_or(|c| !is_word(c));
+        let after_ok = hay[end..].chars().next().is_none_or(|c| !is_word(c));
+        if before_ok && after_ok {
+            return true;
+        }
+        from = start + agent_folded.chars().next().map_or(1, char::len_utf8);
+    }
+    false
+}
+
+/// Visits every string in `v` (values and object keys); stops at `true`.
+fn any_string(v: &Value, f: &mut dyn FnMut(&str) -> bool) -> bool {
+    match v {
+        Value::String(s) => f(s),
+        Value::Array(a) => a.iter().any(|x| any_string(x, f)),
+        Value::Object(o) => o.iter().any(|(k, x)| f(k) || any_string(x, f)),
+        _ => false,
+    }
+}
+
+fn substitute(v: &Value, agent: &str) -> Option<Value> {
+    match v {
+        Value::String(s) if s.contains("${agent}") => Some(Value::String(s.replace("${agent}", agent))),
+        _ => None,
+    }
+}
+
+/// Whether argument `actual` equals `expected` for a hold condition. Strings
+/// that came from `${agent}` compare folded (generous: when in doubt, hold).
+fn cond_eq(actual: &Value, expected: &Value, agent: &str) -> bool {
+    match (actual, substitute(expected, agent)) {
+        (Value::String(a), Some(Value::String(e))) => fold_identity(a) == fold_identity(&e),
+        (_, Some(e)) => *actual == e,
+        (_, None) => match (actual, expected) {
+            (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+            _ => actual == expected,
+        },
+    }
+}
+
+fn deny(rule: Rule, reason: impl Into<Cow<'static, str>>, tool_rule: Option<usize>) -> Decision {
+    Decision {
+        verdict: Verdict::Deny,
+        rule,
+        reason: reason.into(),
+        tool_rule,
+    }
+}
+
+/// Decides one call. `manifest` is the calling agent's, if any.
+pub fn decide(
+    guard: &Guard,
+    manifest: Option<&Manifest>,
+    agent: &str,
+    tool: &str,
+    args: &Value,
+) -> Decision {
+    // 2. No manifest.
+    let Some(m) = manifest else {
+        return deny(Rule::NoManifest, "no manifest governs this agent", None);
+    };
+    // 3. Deny rules win over every allow.
+    if let Some(i) = m.deny_rule(tool) {
+        let reason = match &m.deny[i].reason {
+            Some(r) => Cow::Owned(format!("denied by rule deny[{i}]: {r}")),
+            None => Cow::Owned(format!("denied by rule deny[{i}] ({})", m.deny[i].pattern)),
+        };
+        return deny(Rule::Deny(i), reason, None);
+    }
+    // 4. Not listed.
+    let Some(ti) = m.tool_rule(tool) else {
+        return match m.unlisted {
+            Unlisted::Deny => deny(Rule::Unlisted, "tool is not in this agent's manifest", None),
+            Unlisted::Hold => Decision {
+                verdict: Verdict::Hold { approvals: 1 },
+                rule: Rule::Unlisted,
+                reason: "access request: tool is not in this agent's manifest".into(),
+                tool_rule: None,
+            },
+        };
+    };
+    let rule = &m.tools[ti];
+    // 5. Schema.
+    if let Some(schema) = &rule.schema {
+        if !schema.is_valid(args) {
+            let errors: Vec<SchemaError> = schema
+                .iter_errors(args)
+                .take(64)
+                .map(|e| SchemaError {
+                    pointer: e.instance_path().as_str().to_owned(),
+                    message: e.masked().to_string(),
+                })
+                .collect();
+            let reason = format!(
+                "arguments do not match the tool's schema: {}",
+                errors
+                    .iter()
+                    .map(|e| format!("{} {}", if e.pointer.is_empty() { "/" } else { &e.pointer }, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            return Decision {
+                verdict: Verdict::Invalid(errors),
+                rule: Rule::Schema(ti),
+                reason: reason.into(),
+                tool_rule: Some(ti),
+            };
+        }
+    }
+    // 6. Escalation.
+    let hold = |rule: Rule, reason: Cow<'static, str>| Decision {
+        verdict: Verdict::Hold {
+            approvals: m.tools[ti].approvals,
+        },
+        rule,
+        reason,
+        tool_rule: Some(ti),
+    };
+    if rule.approval_required {
+        return hold(Rule::Approval(ti), "this tool needs approval for every call".into());
+    }
+    for (j, c) in rule.hold_when.iter().enumerate() {
+        let Some(actual) = args.pointer(&c.pointer) else {
+            continue;
+        };
+        let hit = match &c.test {
+            Test::Equals(e) => cond_eq(actual, e, agent),
+            Test::In(set) => set.iter().any(|e| cond_eq(actual, e, agent)),
+            Test::Prefix(p) => actual.as_str().is_some_and(|a| {
+                let p = p.replace("${agent}", agent);
+                fold_identity(a).starts_with(&fold_identity(&p))
+            }),
+        };
+        if hit {
+            return hold(
+                Rule::HoldWhen(ti, j),
+                format!("argument {} matches hold_when[{j}]", c.pointer).into(),
+            );
+        }
+    }
+    if any_string(args, &mut |s| guard.names_policy_path(s)) {
+        return hold(
+            Rule::PolicyPath,
+            "arguments name a path of toolgate's own policy".into(),
+        );
+    }
+    if guard.escalation_tools.is_match(tool) {
+        let me = fold_identity(agent);
+        if any_string(args, &mut |s| names_identity(s, &me)) {
+            return hold(
+                Rule::SelfIdentity,
+                "an escalation tool called with the agent's own identity".into(),
+            );
+        }
+    }
+    Decision {
+        verdict: Verdict::Allow,
+        rule: Rule::Tool(ti),
+        reason: Cow::Borrowed("allowed"),
+        tool_rule: Some(ti),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{normalize_path, tool_glob, DEFAULT_ESCALATION_TOOLS};
+    use crate::manifest::compile;
+    use serde_json::json;
+
+    fn manifest(text: &str) -> Manifest {
+        let mut p = Vec::new();
+        let m = compile(Path::new("t.yaml"), text, &mut p);
+        assert!(p.is_empty(), "{p:?}");
+        m.expect("compiles")
+    }
+
+    fn guard_in(dir: &Path) -> Guard {
+        let mut b = globset::GlobSetBuilder::new();
+        for p in DEFAULT_ESCALATION_TOOLS {
+            b.add(tool_glob(p).unwrap());
+        }
+        let dir = dir.canonicalize().unwrap();
+        Guard::new(
+            b.build().unwrap(),
+            vec![dir.join("toolgate.yaml"), dir.join(".toolgate/state.db"), dir.join(".toolgate/audit.jsonl")],
+            vec![dir.join("tool-manifests")],
+            dir.join("work"),
+            normalize_path,
+        )
+    }
+
+    fn guard() -> Guard {
+        guard_in(&std::env::temp_dir())
+    }
+
+    const M: &str = r#"
+agent: billing-bot
+unlisted: deny
+tools:
+  - name: billing__get_invoice
+    arguments:
+      type: object
+      properties:
+        invoice_id: { type: string, pattern: "^INV-[0-9]{6}$" }
+        n: { type: integer }
+      required: [invoice_id]
+      additionalProperties: false
+  - name: billing__refund
+    approval: required
+    approvals: 2
+  - name: iam__grant_role
+    hold_when:
+      - { pointer: /principal, equals: "${agent}" }
+      - { pointer: /role, in: [admin, owner] }
+  - name: "fs__*"
+  - name: "billing__delete_old"
+deny:
+  - name: "*__delete_*"
+    reason: deletes are never automated
+"#;
+
+    fn d(tool: &str, args: Value) -> Decision {
+        decide(&guard(), Some(&manifest(M)), "billing-bot", tool, &args)
+    }
+
+    #[test]
+    fn no_manifest_denies() {
+        let dec = decide(&guard(), None, "x", "billing__get_invoice", &json!({}));
+        assert_eq!((dec.verdict, dec.rule), (Verdict::Deny, Rule::NoManifest));
+    }
+
+    #[test]
+    fn deny_wins_over_an_exact_allow() {
+        let dec = d("billing__delete_old", json!({}));
+        assert_eq!((dec.verdict, dec.rule), (Verdict::Deny, Rule::Deny(0)));
+        assert!(dec.reason.contains("never automated"));
+    }
+
+    #[test]
+    fn denies_tool_absent_from_manifest_or_holds_when_unlisted_hold() {
+        let dec = d("billing__get_invoices", json!({}));
+        assert_eq!((dec.verdict, dec.rule), (Verdict::Deny, Rule::Unlisted));
+        let m = manifest("agent: a\nunlisted: hold\n");
+        let dec = decide(&guard(), Some(&m), "a", "x__y", &json!({}));
+        assert_eq!(dec.verdict, Verdict::Hold { approvals: 1 });
+        assert_eq!(dec.rule, Rule::Unlisted);
+    }
+
+    #[test]
+    fn schema_failures_list_every_error_with_pointer() {
+        let dec = d("billing__get_invoice", json!({"invoice_id": "INV-1", "n": "x", "extra": 1}));
+        let Verdict::Invalid(errs) = dec.verdict else {
+            panic!("{dec:?}")
+        };
+        let ptrs: Vec<&str> = errs.iter().map(|e| e.pointer.as_str()).collect();
+        assert!(ptrs.contains(&"/invoice_id"), "{errs:?}");
+        assert!(ptrs.contains(&"/n"), "{errs:?}");
+        assert!(ptrs.contains(&""), "{errs:?}");
+        assert_eq!(dec.rule, Rule::Schema(0));
+        let ok = d("billing__get_invoice", json!({"invoice_id": "INV-000001"}));
+        assert_eq!((ok.verdict, ok.rule), (Verdict::Allow, Rule::Tool(0)));
+    }
+
+    #[test]
+    fn approval_required_and_hold_when_hold() {
+        let dec = d("billing__refund", json!({}));
+        assert_eq!((dec.verdict, dec.rule), (Verdict::Hold { approvals: 2 }, Rule::Approval(1)));
+        let dec = d("iam__grant_role", json!({"principal": "BILLING-BOT", "role": "reader"}));
+        assert_eq!(dec.rule, Rule::HoldWhen(2, 0));
+        let dec = d("iam__grant_role", json!({"principal": "someone", "role": "owner"}));
+        assert_eq!(dec.rule, Rule::HoldWhen(2, 1));
+        let dec = d("iam__grant_role", json!({"principal": "someone", "role": "reader"}));
+        assert_eq!(dec.verdict, Verdict::Allow);
+    }
+
+    #[test]
+    fn self_identity_guard_folds_case_unicode_and_invisibles() {
+        for evasion in [
+            "billing-bot",
+            "Billing-Bot",
+            "ｂｉｌｌｉｎｇ-ｂｏｔ",
+            "billing\u{200B}-bot",
+            "agents/billing-bot/roles",
+            "user:billing-bot",
+        ] {
+            let dec = d("fs__grant_access", json!({"who": evasion}));
+            assert_eq!(dec.rule, Rule::SelfIdentity, "{evasion}");
+        }
+        let dec = d("fs__grant_access", json!({"who": "billing-bots"}));
+        assert_eq!(dec.verdict, Verdict::Allow);
+        let dec = d("fs__read", json!({"who": "billing-bot"}));
+        assert_eq!(dec.verdict, Verdict::Allow, "not an escalation tool");
+    }
+
+    #[test]
+    fn policy_path_guard_resolves_dots_and_symlinks() {
+        let base = std::env::temp_dir().join(format!("tg-guard-{}", std::process::id()));
+        std::fs::create_dir_all(base.join("tool-manifests")).unwrap();
+        std::fs::create_dir_all(base.join("work")).unwrap();
+        std::fs::write(base.join("toolgate.yaml"), "x").unwrap();
+        let _ = std::fs::remove_file(base.join("work/innocent"));
+        std::os::unix::fs::symlink(base.join("tool-manifests"), base.join("work/innocent")).unwrap();
+        let g = guard_in(&base);
+        let m = manifest(M);
+        let b = base.canonicalize().unwrap();
+        let held = [
+            b.join("toolgate.yaml").display().to_string(),
+            format!("{}/work/../toolgate.yaml", b.display()),
+            format!("{}//tool-manifests/./x.yaml", b.display()),
+            "../tool-manifests/billing-bot.yaml".to_owned(),
+            format!("sh -c 'rm -rf {}/.toolgate'", b.display()),
+            "innocent/billing-bot.yaml".to_owned(),
+            format!("file://{}/.toolgate/audit.jsonl", b.display()),
+        ];
+        for arg in held {
+            let dec = decide(&g, Some(&m), "billing-bot", "fs__write", &json!({"path": arg}));
+            assert_eq!(dec.rule, Rule::PolicyPath, "{arg}");
+        }
+        for arg in ["notes.txt", "/srv/data/x", "tool-manifests-backup"] {
+            let dec = decide(&g, Some(&m), "billing-bot", "fs__write", &json!({"path": arg}));
+            assert_eq!(dec.verdict, Verdict::Allow, "{arg}");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn names_identity_needs_whole_tokens() {
+        let me = fold_identity("bot");
+        assert!(names_identity("bot", &me));
+        assert!(names_identity("a/bot/b", &me));
+        assert!(!names_identity("robot", &me));
+        assert!(!names_identity("bots", &me));
+        assert!(names_identity("robot bot", &me));
+    }
+}

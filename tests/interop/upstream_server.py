@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Tiny upstream MCP server for toolgate interop tests.
+
+Works with whichever PyPI `mcp` SDK is installed:
+  * mcp 1.x  -> `mcp.server.fastmcp.FastMCP`   (speaks 2024-11-05 .. 2025-11-25, initialize handshake)
+  * mcp 2.x  -> `mcp.server.mcpserver.MCPServer` (speaks 2026-07-28 server/discover AND the
+                                                  legacy initialize handshake on the same endpoint)
+
+Transport: MCP Streamable HTTP at path /mcp on 127.0.0.1.
+
+Usage:
+    python upstream_server.py [PORT]            # PORT default: $UPSTREAM_PORT or 0 (= pick a free port)
+
+Environment knobs (all optional):
+    UPSTREAM_PORT          port if not given on argv (0 = ephemeral)
+    UPSTREAM_HOST          bind address, default 127.0.0.1
+    UPSTREAM_JSON=1        answer POSTs with application/json instead of text/event-stream (SDK default: SSE)
+    UPSTREAM_STATELESS=1   SDK "stateless_http" mode (no Mcp-Session-Id issued)
+    UPSTREAM_DNS_PROTECT=1 keep the SDK's DNS-rebinding protection (Host must be 127.0.0.1:*/localhost:*/[::1]:*,
+                           else HTTP 421). Default here: OFF, so a proxy may forward any Host header.
+
+Readiness: once the socket is listening, prints exactly one line to stdout and flushes:
+    READY <port>
+Then keeps serving until killed (SIGTERM/SIGINT).
+
+Tools:
+    get_invoice(invoice_id: str) -> {"invoice_id": <id>, "amount": 42.5, "currency": "EUR", "status": "open"}
+    refund(invoice_id: str, amount: float) -> {"ok": true, "invoice_id": <id>, "refunded": <amount>}
+        amount <= 0  -> tool error (CallToolResult.isError = true, text "amount must be positive")
+    echo(text: str) -> <text>
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from importlib.metadata import version as _dist_version
+
+MCP_VERSION = _dist_version("mcp")
+MCP_MAJOR = int(MCP_VERSION.split(".")[0])
+
+HOST = os.environ.get("UPSTREAM_HOST", "127.0.0.1")
+PORT = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ.get("UPSTREAM_PORT", "0"))
+JSON_RESPONSE = os.environ.get("UPSTREAM_JSON", "") == "1"
+STATELESS = os.environ.get("UPSTREAM_STATELESS", "") == "1"
+DNS_PROTECT = os.environ.get("UPSTREAM_DNS_PROTECT", "") == "1"
+
+if MCP_MAJOR >= 2:
+    from mcp.server.mcpserver import MCPServer as _Server
+else:
+    from mcp.server.fastmcp import FastMCP as _Server
+from mcp.server.transport_security import TransportSecuritySettings
+
+if DNS_PROTECT:
+    _security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+    )
+else:
+    _security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
+
+if MCP_MAJOR >= 2:
+    mcp = _Server("toolgate-upstream", version=MCP_VERSION)
+else:
+    mcp = _Server(
+        "toolgate-upstream",
+        host=HOST,
+        json_response=JSON_RESPONSE,
+        stateless_http=STATELESS,
+        transport_security=_security,
+        log_level="WARNING",
+    )
+
+
+@mcp.tool()
+def get_invoice(invoice_id: str) -> dict:
+    """Look up an invoice by id."""
+    return {"invoice_id": invoice_id, "amount": 42.5, "currency": "EUR", "status": "open"}
+
+
+@mcp.tool()
+def refund(invoice_id: str, amount: float) -> dict:
+    """Refund (part of) an invoice."""
+    if amount <= 0:
+        raise ValueError("amount must be positive")
+    return {"ok": True, "invoice_id": invoice_id, "refunded": amount}
+
+
+@mcp.tool()
+def echo(text: str) -> str:
+    """Echo the text back."""
+    return text
+
+
+def _build_app():
+    if MCP_MAJOR >= 2:
+        return mcp.streamable_http_app(
+            streamable_http_path="/mcp",
+            json_response=JSON_RESPONSE,
+            stateless_http=STATELESS,
+            transport_security=_security,
+            host=HOST,
+        )
+    return mcp.streamable_http_app()
+
+
+async def _main() -> None:
+    import uvicorn
+
+    app = _build_app()
+    config = uvicorn.Config(app, host=HOST, port=PORT, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()  # re-raise startup error
+            raise SystemExit("uvicorn exited before start")
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    print(f"READY {port}", flush=True)
+    await task
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(_main())
+    except KeyboardInterrupt:
+        pass
