@@ -19,3 +19,5 @@ pub mod identity;
 pub mod manifest;
 pub mod mcp;
 pub mod policy;
+pub mod audit;
+pub mod ratelimit;

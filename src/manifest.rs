@@ -164,7 +164,7 @@ pub enum Test {
 /// One `tools` entry, compiled.
 #[derive(Debug)]
 pub struct ToolRule {
-    pub pattern: String,
+    pub pattern: Arc<str>,
     pub line: u64,
     pub schema: Option<Arc<jsonschema::Validator>>,
     pub rate: Option<Rate>,
@@ -327,7 +327,7 @@ pub fn compile(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<M
             }
         }
         tools.push(ToolRule {
-            pattern: name.value.clone(),
+            pattern: Arc::from(name.value.as_str()),
             line: t.referenced.line(),
             schema,
             rate: trate,

@@ -1,0 +1,494 @@
+//! The tamper-evident audit log: typed [`Record`]s, the chained writer task,
+//! and [`verify`].
+//!
+//! Invariants:
+//! - one task owns the file and the chain: it assigns `seq`, `prev` and
+//!   `hash`, so the request path never hashes, serialises or touches disk;
+//! - the request path hands records over through a bounded channel
+//!   ([`Auditor::submit`]); a full channel or an unwritable log is an error
+//!   the gate turns into -32005 before anything is forwarded;
+//! - a batch that fails to write is kept and retried, never dropped; while it
+//!   fails the log is reported unhealthy;
+//! - `hash` = SHA-256 of the canonical JSON of the record without `hash`
+//!   (keys sorted), so verification does not depend on byte layout;
+//! - arguments are redacted before they are recorded ([`redact`]).
+
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::mcp::canonical_json;
+
+/// `prev` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Records that may wait for the writer.
+pub const QUEUE: usize = 16_384;
+
+/// One audit record, before the writer chains it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Record {
+    pub event: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    pub agent: Option<Arc<str>>,
+    pub tool: Option<String>,
+    pub decision: Option<&'static str>,
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+    pub args_sha256: Option<String>,
+    pub args: Option<Value>,
+    pub hold_id: Option<String>,
+    pub approver: Option<String>,
+    pub latency_us: Option<u64>,
+    /// Event-specific detail (upstream, error, reload diff, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Value>,
+}
+
+/// Why a record could not be handed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the audit log cannot be written")]
+pub struct Unavailable;
+
+enum Cmd {
+    Record(Record, SystemTime),
+    Flush(oneshot::Sender<()>),
+}
+
+/// A cheap handle to the audit writer.
+#[derive(Clone)]
+pub struct Auditor {
+    tx: mpsc::Sender<Cmd>,
+    state: Arc<State>,
+}
+
+struct State {
+    healthy: AtomicBool,
+    written: AtomicU64,
+    write_errors: AtomicU64,
+    path: PathBuf,
+}
+
+impl Auditor {
+    /// Opens (or continues) the log at `path` and starts the writer task.
+    /// Refuses to start on a log whose last record cannot be read, so a
+    /// damaged chain is never silently extended.
+    pub fn start(path: &Path) -> Result<(Auditor, tokio::task::JoinHandle<()>), String> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let (seq, prev) = last_link(path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("cannot open audit log {}: {e}", path.display()))?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let state = Arc::new(State {
+            healthy: AtomicBool::new(true),
+            written: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            path: path.to_path_buf(),
+        });
+        let task = tokio::spawn(writer(rx, file, seq, prev, state.clone()));
+        Ok((Auditor { tx, state }, task))
+    }
+
+    /// Hands `r` to the writer without waiting. Fails when the log is
+    /// unhealthy or the queue is full: the caller must not forward.
+    pub fn submit(&self, r: Record) -> Result<(), Unavailable> {
+        if !self.state.healthy.load(Ordering::Acquire) {
+            return Err(Unavailable);
+        }
+        self.tx
+            .try_send(Cmd::Record(r, SystemTime::now()))
+            .map_err(|_| Unavailable)
+    }
+
+    /// Hands `r` over even while unhealthy (it is retried with the rest);
+    /// used for records of refusals, which forward nothing.
+    pub fn record(&self, r: Record) {
+        let _ = self.tx.try_send(Cmd::Record(r, SystemTime::now()));
+    }
+
+    /// Whether the last write succeeded.
+    pub fn healthy(&self) -> bool {
+        self.state.healthy.load(Ordering::Acquire)
+    }
+
+    /// Records written since start.
+    pub fn written(&self) -> u64 {
+        self.state.written.load(Ordering::Relaxed)
+    }
+
+    pub fn write_errors(&self) -> u64 {
+        self.state.write_errors.load(Ordering::Relaxed)
+    }
+
+    /// Records waiting for the writer.
+    pub fn queue_depth(&self) -> usize {
+        QUEUE - self.tx.capacity()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.state.path
+    }
+
+    /// Waits until everything submitted so far is written (or has failed).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Reads the chain's last `(seq, hash)` from an existing log.
+fn last_link(path: &Path) -> Result<(u64, String), String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(_) => return Ok((0, GENESIS.to_owned())),
+    };
+    if !meta.is_file() || meta.len() == 0 {
+        return Ok((0, GENESIS.to_owned()));
+    }
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot read audit log: {e}"))?;
+    let tail = meta.len().min(1 << 20);
+    f.seek(SeekFrom::End(-(tail as i64)))
+        .map_err(|e| format!("cannot read audit log: {e}"))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)
+        .map_err(|e| format!("cannot read audit log: {e}"))?;
+    let text = String::from_utf8_lossy(&buf);
+    let last = text.trim_end_matches('\n').rsplit('\n').next().unwrap_or("");
+    let v: Value = serde_json::from_str(last).map_err(|_| {
+        format!(
+            "the last line of the audit log {} is not a complete record; run `toolgate audit verify` and repair or rotate the log",
+            path.display()
+        )
+    })?;
+    match (v.get("seq").and_then(Value::as_u64), v.get("hash").and_then(Value::as_str)) {
+        (Some(seq), Some(h)) => Ok((seq, h.to_owned())),
+        _ => Err(format!("the last record of {} has no seq/hash", path.display())),
+    }
+}
+
+/// Turns a record into its chained JSON object.
+fn chain(r: &Record, ts: SystemTime, seq: u64, prev: &str) -> (Map<String, Value>, String) {
+    let mut obj = match serde_json::to_value(r) {
+        Ok(Value::Object(o)) => o,
+        _ => Map::new(),
+    };
+    obj.insert(
+        "ts".into(),
+        Value::String(humantime::format_rfc3339_micros(ts).to_string()),
+    );
+    obj.insert("seq".into(), Value::from(seq));
+    obj.insert("prev".into(), Value::String(prev.to_owned()));
+    let hash = hex::encode(Sha256::digest(canonical_json(&Value::Object(obj.clone())).as_bytes()));
+    obj.insert("hash".into(), Value::String(hash.clone()));
+    (obj, hash)
+}
+
+async fn writer(
+    mut rx: mpsc::Receiver<Cmd>,
+    mut file: std::fs::File,
+    mut seq: u64,
+    mut prev: String,
+    state: Arc<State>,
+) {
+    // Lines chained but not yet durably written, kept across failures.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut pending_records = 0u64;
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    loop {
+        let first = if pending.is_empty() {
+            match rx.recv().await {
+                Some(c) => Some(c),
+                None => break,
+            }
+        } else {
+            // Retry a failed batch after a pause, taking new records meanwhile.
+            match tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+                Ok(Some(c)) => Some(c),
+                // Closed: one last attempt after the loop.
+                Ok(None) => break,
+                Err(_) => None,
+            }
+        };
+        let mut batch = Vec::with_capacity(64);
+        batch.extend(first);
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        for cmd in batch {
+            match cmd {
+                Cmd::Record(r, ts) => {
+                    seq += 1;
+                    let (obj, hash) = chain(&r, ts, seq, &prev);
+                    prev = hash;
+                    if serde_json::to_writer(&mut pending, &Value::Object(obj)).is_ok() {
+                        pending.push(b'\n');
+                        pending_records += 1;
+                    }
+                }
+                Cmd::Flush(tx) => flushes.push(tx),
+            }
+        }
+        if !pending.is_empty() {
+            match file.write_all(&pending).and_then(|()| file.flush()) {
+                Ok(()) => {
+                    state.written.fetch_add(pending_records, Ordering::Relaxed);
+                    pending.clear();
+                    pending_records = 0;
+                    if !state.healthy.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(audit.path = %state.path.display(), "audit log writable again");
+                    }
+                }
+                Err(e) => {
+                    state.write_errors.fetch_add(1, Ordering::Relaxed);
+                    if state.healthy.swap(false, Ordering::AcqRel) {
+                        tracing::error!(audit.path = %state.path.display(), error = %e, "audit log write failed; refusing calls until it recovers");
+                    }
+                    // A partial write may have landed: reopen so the retry
+                    // appends whole lines after whatever is there.
+                    if let Ok(f) = std::fs::OpenOptions::new().append(true).open(&state.path) {
+                        file = f;
+                    }
+                    if pending.len() > 64 << 20 {
+                        tracing::error!("audit backlog over 64 MiB; dropping it");
+                        pending.clear();
+                    }
+                }
+            }
+        }
+        // A flush waits for the attempt, not for success: callers read
+        // `healthy()` to learn the outcome.
+        for f in flushes.drain(..) {
+            let _ = f.send(());
+        }
+    }
+    if !pending.is_empty() {
+        let _ = file.write_all(&pending);
+    }
+    let _ = file.sync_all();
+}
+
+/// Redacts secrets in arguments: values under secret-like keys, and strings
+/// that look like bearer tokens or JWTs.
+pub fn redact(v: &Value) -> Value {
+    match v {
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, x)| {
+                    if is_secret_key(k) {
+                        (k.clone(), Value::String("[REDACTED]".into()))
+                    } else {
+                        (k.clone(), redact(x))
+                    }
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(redact).collect()),
+        Value::String(s) if looks_like_token(s) => Value::String("[REDACTED]".into()),
+        other => other.clone(),
+    }
+}
+
+fn is_secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    const WORDS: [&str; 10] = [
+        "password", "passwd", "secret", "token", "authorization", "credential", "cookie",
+        "apikey", "api_key", "private",
+    ];
+    WORDS.iter().any(|w| k.contains(w)) || k == "key" || k.ends_with("key") || k.ends_with("_key")
+}
+
+fn looks_like_token(s: &str) -> bool {
+    let t = s.trim();
+    let t = t
+        .strip_prefix("Bearer ")
+        .or_else(|| t.strip_prefix("bearer "))
+        .unwrap_or(t);
+    (t.starts_with("eyJ") && t.matches('.').count() >= 2 && t.len() > 20) || s.trim_start().starts_with("Bearer ")
+}
+
+/// SHA-256 of the canonical arguments.
+pub fn args_sha256(args: &Value) -> String {
+    hex::encode(Sha256::digest(canonical_json(args).as_bytes()))
+}
+
+/// The first broken place in a log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line} (seq {seq}): {why}")]
+pub struct Broken {
+    pub line: u64,
+    /// The `seq` the record carries, or the one expected if unreadable.
+    pub seq: u64,
+    pub why: String,
+}
+
+/// Checks the whole chain; returns the number of records.
+pub fn verify(path: &Path) -> Result<u64, Broken> {
+    let f = std::fs::File::open(path).map_err(|e| Broken {
+        line: 0,
+        seq: 0,
+        why: format!("cannot open {}: {e}", path.display()),
+    })?;
+    let mut prev = GENESIS.to_owned();
+    let mut expect_seq: Option<u64> = None;
+    let mut n = 0u64;
+    for (i, line) in std::io::BufReader::new(f).split(b'\n').enumerate() {
+        let line_no = i as u64 + 1;
+        let want = expect_seq.unwrap_or(1);
+        let bad = |why: String, seq: u64| Broken {
+            line: line_no,
+            seq,
+            why,
+        };
+        let line = line.map_err(|e| bad(format!("read error: {e}"), want))?;
+        let mut obj = match serde_json::from_slice::<Value>(&line) {
+            Ok(Value::Object(o)) => o,
+            _ => return Err(bad("not a JSON record".into(), want)),
+        };
+        let seq = obj.get("seq").and_then(Value::as_u64).ok_or_else(|| bad("no seq".into(), want))?;
+        if expect_seq.is_some_and(|e| e != seq) || (expect_seq.is_none() && seq == 0) {
+            return Err(bad(format!("seq {seq} where {want} was expected"), seq));
+        }
+        let hash = match obj.remove("hash") {
+            Some(Value::String(h)) => h,
+            _ => return Err(bad("no hash".into(), seq)),
+        };
+        let rec_prev = obj.get("prev").and_then(Value::as_str).unwrap_or("");
+        // The first record of a log may continue a rotated one; every later
+        // record must link to its predecessor.
+        if (expect_seq.is_some() || seq == 1) && rec_prev != prev {
+            return Err(bad("prev does not match the previous record's hash".into(), seq));
+        }
+        let computed = hex::encode(Sha256::digest(canonical_json(&Value::Object(obj)).as_bytes()));
+        if computed != hash {
+            return Err(bad("hash does not match the record's content".into(), seq));
+        }
+        prev = hash;
+        expect_seq = Some(seq + 1);
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("tg-audit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("audit.jsonl")
+    }
+
+    fn rec(tool: &str) -> Record {
+        Record {
+            event: "call",
+            tool: Some(tool.into()),
+            decision: Some("allow"),
+            ..Record::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn chain_verifies_and_continues_across_restarts() {
+        let p = tmp("chain");
+        let (a, _t) = Auditor::start(&p).unwrap();
+        for i in 0..5 {
+            a.submit(rec(&format!("t{i}"))).unwrap();
+        }
+        a.flush().await;
+        assert_eq!(verify(&p), Ok(5));
+        drop(a);
+        let (a, _t) = Auditor::start(&p).unwrap();
+        a.submit(rec("after")).unwrap();
+        a.flush().await;
+        assert_eq!(verify(&p), Ok(6));
+        let text = std::fs::read_to_string(&p).unwrap();
+        let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(first["prev"], GENESIS);
+        assert_eq!(first["seq"], 1);
+        for k in ["ts", "event", "agent", "tool", "decision", "rule", "reason", "args_sha256", "args", "hold_id", "approver", "latency_us", "prev", "hash"] {
+            assert!(first.get(k).is_some(), "record lacks {k}: {first}");
+        }
+    }
+
+    #[tokio::test]
+    async fn tampering_is_detected_at_the_first_bad_record() {
+        let p = tmp("tamper");
+        let (a, _t) = Auditor::start(&p).unwrap();
+        for i in 0..4 {
+            a.submit(rec(&format!("t{i}"))).unwrap();
+        }
+        a.flush().await;
+        let text = std::fs::read_to_string(&p).unwrap();
+        let edited = text.replacen("\"t2\"", "\"t9\"", 1);
+        std::fs::write(&p, &edited).unwrap();
+        let e = verify(&p).unwrap_err();
+        assert_eq!((e.line, e.seq), (3, 3), "{e}");
+        // Deleting a record breaks the link of the next one.
+        let lines: Vec<&str> = text.lines().collect();
+        std::fs::write(&p, format!("{}\n{}\n{}\n", lines[0], lines[2], lines[3])).unwrap();
+        let e = verify(&p).unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        assert!(e.why.contains("seq 3 where 2"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn unwritable_log_turns_unhealthy_and_refuses() {
+        // /dev/full accepts the open but fails every write with ENOSPC.
+        let (a, _t) = Auditor::start(Path::new("/dev/full")).unwrap();
+        assert!(a.healthy());
+        a.submit(rec("x")).unwrap();
+        a.flush().await;
+        assert!(!a.healthy());
+        assert_eq!(a.submit(rec("y")), Err(Unavailable));
+        assert!(a.write_errors() >= 1);
+    }
+
+    #[test]
+    fn a_torn_last_line_refuses_to_start() {
+        let p = tmp("torn");
+        std::fs::write(&p, "{\"seq\":1,\"hash\":\"ab").unwrap();
+        assert!(Auditor::start(&p).is_err());
+    }
+
+    #[test]
+    fn redacts_secret_keys_and_tokens() {
+        let v = json!({"user":"a","password":"p","nested":{"api_key":"k","Authorization":"x","list":["eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.sig", "plain"]}, "token_count": 3});
+        let r = redact(&v);
+        assert_eq!(r["user"], "a");
+        assert_eq!(r["password"], "[REDACTED]");
+        assert_eq!(r["nested"]["api_key"], "[REDACTED]");
+        assert_eq!(r["nested"]["Authorization"], "[REDACTED]");
+        assert_eq!(r["nested"]["list"][0], "[REDACTED]");
+        assert_eq!(r["nested"]["list"][1], "plain");
+        assert_eq!(r["token_count"], "[REDACTED]");
+    }
+
+    #[test]
+    fn args_hash_is_canonical() {
+        let a = crate::mcp::parse_strict(br#"{"b":1.0,"a":"x"}"#).unwrap();
+        let b = crate::mcp::parse_strict(br#"{"a":"x","b":1}"#).unwrap();
+        assert_eq!(args_sha256(&a), args_sha256(&b));
+    }
+}
