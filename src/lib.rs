@@ -21,3 +21,8 @@ pub mod mcp;
 pub mod policy;
 pub mod audit;
 pub mod ratelimit;
+pub mod upstream;
+pub mod gate;
+pub mod session;
+pub mod server;
+pub mod demo;

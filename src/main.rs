@@ -1,1 +1,388 @@
-fn main(){}
+//! The `toolgate` command line. Errors are printed with their whole chain and
+//! turned into an exit code here, and only here.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use toolgate::config::{parse_duration, Config};
+use toolgate::identity::{mint_hs256, now_unix};
+use toolgate::manifest::PolicySet;
+use toolgate::policy::{self, Verdict};
+use toolgate::server::{guard_for, Server};
+
+#[derive(Parser)]
+#[command(name = "toolgate", version, about = "An inline policy gate between AI agents and the MCP tools they call")]
+struct Cli {
+    /// Operator log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the data plane (and the management plane if configured).
+    Serve {
+        #[arg(long, default_value = "toolgate.yaml")]
+        config: PathBuf,
+    },
+    /// Validate the config and every manifest; exit 1 listing every problem.
+    Check {
+        #[arg(long, default_value = "toolgate.yaml")]
+        config: PathBuf,
+    },
+    /// Dry-run one call: decision, deciding rule, reason. No upstream, no audit.
+    Explain {
+        #[arg(long, default_value = "toolgate.yaml")]
+        config: PathBuf,
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        tool: String,
+        /// Arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+    },
+    /// Mint a development token with a configured hs256 key.
+    Token {
+        #[arg(long, default_value = "toolgate.yaml")]
+        config: PathBuf,
+        /// The agent (or, with --plane admin, the approver's subject).
+        #[arg(long)]
+        agent: String,
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long, value_enum, default_value_t = Plane::Data)]
+        plane: Plane,
+        /// Roles for an admin token (comma separated): approver, viewer.
+        #[arg(long, value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Authentication methods to claim (amr), e.g. mfa.
+        #[arg(long, value_delimiter = ',')]
+        amr: Vec<String>,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
+    /// The quickstart: toolgate + a bundled demo tool server, with next steps.
+    Demo {
+        /// Where agents connect.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Where the bundled tool server listens.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        tools_listen: String,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Plane {
+    Data,
+    Admin,
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain; name the first bad record; exit 1 if broken.
+    Verify { path: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    match run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("toolgate: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Cmd::Serve { config } => {
+            let (config, policy) = match load(&config) {
+                Ok(x) => x,
+                Err(code) => return Ok(code),
+            };
+            runtime()?.block_on(serve(config, policy))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { config } => Ok(check(&config)),
+        Cmd::Explain { config, agent, tool, args } => explain(&config, &agent, &tool, &args),
+        Cmd::Token { config, agent, ttl, plane, roles, amr } => {
+            let config = Config::load(&config).map_err(|p| anyhow::anyhow!("invalid config:\n{p}"))?;
+            let ttl = parse_duration(&ttl).map_err(anyhow::Error::msg)?;
+            println!("{}", token(&config, &agent, ttl, plane, &roles, &amr)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Audit { cmd: AuditCmd::Verify { path } } => match toolgate::audit::verify(&path) {
+            Ok(n) => {
+                println!("ok: {n} records, chain intact ({})", path.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(b) => {
+                println!("BROKEN: {}: {b}", path.display());
+                Ok(ExitCode::from(1))
+            }
+        },
+        Cmd::Demo { listen, tools_listen } => {
+            runtime()?.block_on(demo(&listen, &tools_listen))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Loads config and manifests, printing every problem on failure.
+fn load(path: &Path) -> Result<(Config, PolicySet), ExitCode> {
+    let config = Config::load(path);
+    let policy = config.as_ref().ok().map(|c| PolicySet::load_dir(&c.manifests));
+    let mut problems = Vec::new();
+    if let Err(p) = &config {
+        problems.extend(p.0.iter().cloned());
+    }
+    if let Some(Err(p)) = &policy {
+        problems.extend(p.0.iter().cloned());
+    }
+    if !problems.is_empty() {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        eprintln!("{} problem(s) found", problems.len());
+        return Err(ExitCode::from(1));
+    }
+    match (config, policy) {
+        (Ok(c), Some(Ok(p))) => Ok((c, p)),
+        _ => Err(ExitCode::from(1)),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    let (config, policy) = match load(path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let mut ms: Vec<_> = policy.manifests().collect();
+    ms.sort_by(|a, b| a.agent.cmp(&b.agent));
+    for m in ms {
+        let holds = m.tools.iter().filter(|t| t.approval_required || !t.hold_when.is_empty()).count();
+        println!(
+            "{}: {} tool rule(s), {} deny rule(s), {} with holds, unlisted {}, rate {} ({})",
+            m.agent,
+            m.tools.len(),
+            m.deny.len(),
+            holds,
+            if m.unlisted == toolgate::manifest::Unlisted::Hold { "hold" } else { "deny" },
+            m.rate.map_or("none".to_owned(), |r| format!("burst {} per {:?}", r.burst, r.interval * r.burst.get())),
+            m.file_name(),
+        );
+    }
+    println!(
+        "ok: {} agent(s), {} upstream(s), config {}",
+        policy.len(),
+        config.upstreams.len(),
+        config.path.display()
+    );
+    ExitCode::SUCCESS
+}
+
+fn explain(path: &Path, agent: &str, tool: &str, args: &str) -> anyhow::Result<ExitCode> {
+    let (config, policy) = match load(path) {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
+    };
+    let args = toolgate::mcp::parse_strict(args.as_bytes()).context("--args is not valid JSON")?;
+    if !args.is_object() {
+        bail!("--args must be a JSON object");
+    }
+    let guard = guard_for(&config);
+    let m = policy.get(agent);
+    let d = policy::decide(&guard, m.map(|m| &**m), agent, tool, &args);
+    let decision = match &d.verdict {
+        Verdict::Allow => "allow",
+        Verdict::Deny | Verdict::Invalid(_) => "deny",
+        Verdict::Hold { .. } => "hold",
+    };
+    let location = match m {
+        Some(m) => match d.rule.line(m) {
+            Some(line) => format!("{}:{line}", m.file.display()),
+            None => m.file.display().to_string(),
+        },
+        None => "-".into(),
+    };
+    println!("decision: {decision}");
+    println!("rule:     {} ({location})", d.rule.id());
+    println!("reason:   {}", d.reason);
+    if let Verdict::Invalid(errors) = &d.verdict {
+        for e in errors {
+            println!("  {}: {}", if e.pointer.is_empty() { "/" } else { &e.pointer }, e.message);
+        }
+    }
+    if let Verdict::Hold { approvals } = d.verdict {
+        println!("approvals needed: {approvals}");
+    }
+    if matches!(d.verdict, Verdict::Allow | Verdict::Hold { .. }) {
+        if let Some(m) = m {
+            let tool_rate = d.tool_rule.and_then(|i| m.tools[i].rate);
+            if m.rate.is_some() || tool_rate.is_some() {
+                println!("note:     rate limits apply at call time and are not simulated here");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn token(config: &Config, subject: &str, ttl: Duration, plane: Plane, roles: &[String], amr: &[String]) -> anyhow::Result<String> {
+    let (issuer, audience, claim, keys) = match plane {
+        Plane::Data => (
+            &config.agents.issuer,
+            &config.agents.audience,
+            config.agents.agent_claim.as_str(),
+            &config.agents.keys,
+        ),
+        Plane::Admin => {
+            let a = config.approvers.as_ref().context("the config has no auth.approvers")?;
+            (&a.issuer, &a.audience, a.subject_claim.as_str(), &a.keys)
+        }
+    };
+    let Some((kid, secret)) = keys.hmac_key() else {
+        bail!("refusing: no hs256 key is configured for this plane (dev tokens need a shared secret; use your identity provider otherwise)");
+    };
+    let now = now_unix();
+    let mut claims = json!({"iss": issuer, "aud": audience, "iat": now, "nbf": now, "exp": now + ttl.as_secs().max(1)});
+    claims[claim] = Value::from(subject);
+    if plane == Plane::Admin {
+        let roles_claim = config.approvers.as_ref().map_or("roles", |a| a.roles_claim.as_str());
+        claims[roles_claim] = json!(if roles.is_empty() { vec!["approver".to_owned()] } else { roles.to_vec() });
+        if !amr.is_empty() {
+            claims["amr"] = json!(amr);
+        }
+    }
+    mint_hs256(kid, secret, &claims).map_err(anyhow::Error::msg)
+}
+
+async fn serve(config: Config, policy: PolicySet) -> anyhow::Result<()> {
+    let server = Server::start(config, policy).await?;
+    eprintln!("toolgate: agents connect to http://{}/mcp", server.addr);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn demo(listen: &str, tools_listen: &str) -> anyhow::Result<()> {
+    use toolgate::config::Transport;
+    use toolgate::demo::{ToolServer, CONFIG, MANIFESTS};
+    let dir = std::env::temp_dir().join(format!("toolgate-demo-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("tool-manifests"))?;
+    std::fs::write(dir.join("toolgate.yaml"), CONFIG)?;
+    for (name, text) in MANIFESTS {
+        std::fs::write(dir.join("tool-manifests").join(name), text)?;
+    }
+    for var in ["TOOLGATE_AGENT_SECRET", "TOOLGATE_ADMIN_SECRET"] {
+        if std::env::var(var).is_err() {
+            std::env::set_var(var, uuid::Uuid::new_v4().simple().to_string());
+        }
+    }
+    let mut config = Config::load(&dir.join("toolgate.yaml")).map_err(|p| anyhow::anyhow!("embedded config:\n{p}"))?;
+    let policy = PolicySet::load_dir(&config.manifests).map_err(|p| anyhow::anyhow!("embedded manifests:\n{p}"))?;
+    let tools = ToolServer::default();
+    let tools_addr = tools.start(tools_listen.parse().context("--tools-listen")?).await?;
+    config.upstreams[0].transport = Transport::Http {
+        url: format!("http://{tools_addr}/mcp").parse()?,
+        headers: Vec::new(),
+    };
+    config.listen = listen.parse().context("--listen")?;
+    // Free the admin port too if it is taken; the demo must start anywhere.
+    if let Some(a) = &mut config.admin {
+        if std::net::TcpListener::bind(a.listen).is_err() {
+            a.listen = "127.0.0.1:0".parse()?;
+        }
+    }
+    if std::net::TcpListener::bind(config.listen).is_err() {
+        eprintln!("note: {} is busy; using a free port instead", config.listen);
+        config.listen = "127.0.0.1:0".parse()?;
+    }
+    let token = token(&config, "billing-bot", Duration::from_secs(3600), Plane::Data, &[], &[])?;
+    let audit = config.audit_path.clone();
+    let server = Server::start(config, policy).await?;
+    let url = format!("http://{}/mcp", server.addr);
+    let curl = |name: &str, args: &str| {
+        format!(
+            "curl -s {url} -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream' \\\n     -H 'MCP-Protocol-Version: 2026-07-28' -H 'Mcp-Method: tools/call' -H 'Mcp-Name: {name}' \\\n     -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{{\"name\":\"{name}\",\"arguments\":{args},\"_meta\":{{\"io.modelcontextprotocol/protocolVersion\":\"2026-07-28\",\"io.modelcontextprotocol/clientCapabilities\":{{}}}}}}}}'; echo"
+        )
+    };
+    println!("toolgate demo is running.");
+    println!("  agents connect to:  {url}   (MCP Streamable HTTP; revisions 2025-06-18, 2025-11-25, 2026-07-28)");
+    println!("  demo tool server:   http://{tools_addr}/mcp   (tools exposed as billing__*)");
+    println!("  policy:             {}", dir.join("tool-manifests").display());
+    println!("  audit log:          {}", audit.display());
+    println!();
+    println!("A token for agent billing-bot (valid 1h):");
+    println!("export TOKEN={token}");
+    println!();
+    println!("# allowed: the manifest lists get_invoice and the id matches its schema");
+    println!("{}", curl("billing__get_invoice", r#"{"invoice_id":"INV-000042"}"#));
+    println!("# denied (-32003): deny rule *__delete_* wins over everything");
+    println!("{}", curl("billing__delete_invoice", r#"{"invoice_id":"INV-000042"}"#));
+    println!("# schema error (-32602): every failure with its JSON pointer");
+    println!("{}", curl("billing__get_invoice", r#"{"invoice_id":"42","extra":true}"#));
+    println!();
+    println!("Then: toolgate audit verify {}", audit.display());
+    println!("ready");
+    shutdown_signal().await;
+    server.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}

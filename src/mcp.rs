@@ -42,6 +42,46 @@ pub mod code {
     pub const HOLD_PENDING: i64 = -32010;
     pub const HOLD_REFUSED: i64 = -32011;
     pub const RATE_LIMITED: i64 = -32029;
+    /// 2026-07-28: an `Mcp-*` header disagrees with the body.
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// 2026-07-28: the requested revision is not supported.
+    pub const UNSUPPORTED_VERSION: i64 = -32022;
+}
+
+/// 2026-07-28 request envelope keys in `params._meta`.
+pub const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+pub const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+pub const META_CLIENT_INFO: &str = "io.modelcontextprotocol/clientInfo";
+/// 2026-07-28 result key naming the server.
+pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
+
+/// Decodes an `Mcp-Name`-style header value: plain, or `=?base64?...?=`
+/// for values that are not printable ASCII.
+pub fn decode_header_value(v: &str) -> Result<String, String> {
+    use base64::Engine as _;
+    match v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {
+        Some(b64) => base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| "header value is not valid base64 UTF-8".to_owned()),
+        None => Ok(v.to_owned()),
+    }
+}
+
+/// Encodes a value for an `Mcp-Name`-style header (inverse of
+/// [`decode_header_value`]).
+pub fn encode_header_value(v: &str) -> String {
+    use base64::Engine as _;
+    let plain = !v.is_empty()
+        && v.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && v.trim() == v
+        && !v.starts_with("=?");
+    if plain {
+        v.to_owned()
+    } else {
+        format!("=?base64?{}?=", base64::engine::general_purpose::STANDARD.encode(v))
+    }
 }
 
 /// Why a message was refused before any decision could be made.

@@ -1,0 +1,181 @@
+//! The bundled demo tool server, and the `toolgate demo` quickstart.
+//!
+//! [`ToolServer`] is a small but real MCP server (Streamable HTTP, revision
+//! 2025-11-25 with sessions, JSON responses) offering billing-flavoured
+//! tools. It records every `tools/call` it receives, which makes it the
+//! recording upstream of toolgate's own tests: what it did not record never
+//! reached it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::gate::{full, Body};
+
+/// A call the tool server received: tool name, arguments, and the headers
+/// that came with it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub tool: String,
+    pub arguments: Value,
+    pub headers: http::HeaderMap,
+}
+
+/// The demo MCP tool server.
+#[derive(Clone, Default)]
+pub struct ToolServer {
+    received: Arc<Mutex<Vec<Received>>>,
+}
+
+/// The tools it offers.
+pub fn tool_definitions() -> Value {
+    json!([
+        {
+            "name": "get_invoice",
+            "description": "Fetch an invoice by id.",
+            "inputSchema": {"type": "object", "properties": {"invoice_id": {"type": "string"}}, "required": ["invoice_id"]}
+        },
+        {
+            "name": "refund",
+            "description": "Refund an invoice (needs a human).",
+            "inputSchema": {"type": "object", "properties": {"invoice_id": {"type": "string"}, "amount": {"type": "number"}}, "required": ["invoice_id", "amount"]}
+        },
+        {
+            "name": "delete_invoice",
+            "description": "Delete an invoice.",
+            "inputSchema": {"type": "object", "properties": {"invoice_id": {"type": "string"}}, "required": ["invoice_id"]}
+        },
+        {
+            "name": "grant_role",
+            "description": "Grant a role to a principal.",
+            "inputSchema": {"type": "object", "properties": {"principal": {"type": "string"}, "role": {"type": "string"}}, "required": ["principal", "role"]}
+        },
+        {
+            "name": "echo",
+            "description": "Echo the text back.",
+            "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+        }
+    ])
+}
+
+impl ToolServer {
+    /// Starts serving on `addr` (port 0 for any); returns the bound address.
+    pub async fn start(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let me = me.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let me = me.clone();
+                        async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(local)
+    }
+
+    /// Every tools/call received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        if parts.method != http::Method::POST {
+            return status(StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let Ok(bytes) = http_body_util::Limited::new(body, 1 << 20).collect().await.map(|c| c.to_bytes()) else {
+            return status(StatusCode::PAYLOAD_TOO_LARGE);
+        };
+        let Ok(msg) = serde_json::from_slice::<Value>(&bytes) else {
+            return status(StatusCode::BAD_REQUEST);
+        };
+        let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
+        let Some(id) = msg.get("id").cloned() else {
+            return status(StatusCode::ACCEPTED);
+        };
+        let params = msg.get("params").cloned().unwrap_or(json!({}));
+        let result = match method {
+            "initialize" => {
+                let body = json!({"jsonrpc": "2.0", "id": id, "result": {
+                    "protocolVersion": "2025-11-25",
+                    "capabilities": {"tools": {}},
+                    "serverInfo": {"name": "toolgate-demo-tools", "version": env!("CARGO_PKG_VERSION")},
+                }});
+                let mut r = json_response(&body);
+                r.headers_mut().insert("mcp-session-id", http::HeaderValue::from_static("demo-session"));
+                return r;
+            }
+            "ping" => json!({}),
+            "tools/list" => json!({"tools": tool_definitions()}),
+            "tools/call" => {
+                let tool = params.get("name").and_then(Value::as_str).unwrap_or("").to_owned();
+                let args = params.get("arguments").cloned().unwrap_or(json!({}));
+                if let Ok(mut r) = self.received.lock() {
+                    r.push(Received {
+                        tool: tool.clone(),
+                        arguments: args.clone(),
+                        headers: parts.headers.clone(),
+                    });
+                }
+                call(&tool, &args)
+            }
+            _ => {
+                return json_response(&json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "method not found"}}));
+            }
+        };
+        json_response(&json!({"jsonrpc": "2.0", "id": id, "result": result}))
+    }
+}
+
+fn call(tool: &str, args: &Value) -> Value {
+    let s = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+    let (text, structured) = match tool {
+        "get_invoice" => {
+            let id = s("invoice_id");
+            (format!("Invoice {id}: 120.00 EUR, paid"), json!({"invoice_id": id, "amount": 120.0, "currency": "EUR", "status": "paid"}))
+        }
+        "refund" => (format!("Refunded invoice {}", s("invoice_id")), json!({"refunded": true})),
+        "delete_invoice" => (format!("Deleted invoice {}", s("invoice_id")), json!({"deleted": true})),
+        "grant_role" => (format!("Granted {} to {}", s("role"), s("principal")), json!({"granted": true})),
+        "echo" => (s("text"), json!({"text": s("text")})),
+        other => {
+            return json!({"isError": true, "content": [{"type": "text", "text": format!("unknown tool {other}")}]});
+        }
+    };
+    json!({"content": [{"type": "text", "text": text}], "structuredContent": structured, "isError": false})
+}
+
+fn json_response(v: &Value) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(serde_json::to_vec(v).unwrap_or_default())));
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn status(s: StatusCode) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::new()));
+    *r.status_mut() = s;
+    r
+}
+
+/// The shipped configuration, embedded for `toolgate demo`.
+pub const CONFIG: &str = include_str!("../toolgate.yaml");
+/// The shipped manifests, embedded for `toolgate demo`.
+pub const MANIFESTS: [(&str, &str); 2] = [
+    ("billing-bot.yaml", include_str!("../tool-manifests/billing-bot.yaml")),
+    ("ops-bot.yaml", include_str!("../tool-manifests/ops-bot.yaml")),
+];

@@ -1,0 +1,896 @@
+//! THE pipeline for one data-plane request, and the only place errors become
+//! responses.
+//!
+//! accept -> authenticate (the credential is never forwarded) -> read the
+//! body (bounded) -> parse once, strictly -> session / revision checks ->
+//! dispatch. For `tools/call`: look up the manifest in the current snapshot
+//! -> `policy::decide` -> rate limit -> hand the audit record to the writer
+//! -> forward with a timeout -> respond. Every refusal and every decision is
+//! audited exactly once, from [`Gate::finish`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
+use serde_json::{json, Map, Value};
+use tracing::Instrument;
+
+use crate::audit::{self, Auditor, Record};
+use crate::config::Config;
+use crate::identity::{self, AuthError, Caller, Verifier};
+use crate::manifest::PolicySet;
+use crate::mcp::{self, code, Id, Message};
+use crate::policy::{self, Guard, Verdict};
+use crate::ratelimit::{Limiters, Scope};
+use crate::session::{SessionError, Sessions};
+use crate::upstream::{Answer, Catalog, Upstream};
+
+/// Response body type of both planes.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// The policy in force: manifests and their limiters, swapped whole.
+pub struct Snapshot {
+    pub policy: PolicySet,
+    pub limiters: Limiters,
+    pub generation: u64,
+}
+
+/// Everything the data plane shares; cheap to clone through [`Gate`].
+pub struct Shared {
+    pub config: Config,
+    pub verifier: Verifier,
+    pub snapshot: ArcSwap<Snapshot>,
+    pub catalog: ArcSwap<Catalog>,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub sessions: Sessions,
+    pub auditor: Auditor,
+    pub guard: Guard,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+/// A cheap handle on the data plane.
+#[derive(Clone)]
+pub struct Gate(pub Arc<Shared>);
+
+/// How a request ends, before it becomes HTTP.
+enum Reply {
+    /// A JSON-RPC message with an HTTP status.
+    Rpc(StatusCode, Value),
+    /// 202 Accepted, no body (notifications, responses).
+    Accepted,
+    /// An empty response with a status (DELETE, 404 session).
+    Status(StatusCode),
+    /// 401 with `WWW-Authenticate: Bearer`.
+    Unauthorized(AuthError),
+}
+
+/// What one request produced for the audit log, if anything.
+struct Outcome {
+    reply: Reply,
+    /// Extra headers for the response (session id on initialize).
+    session_id: Option<String>,
+    record: Option<Record>,
+}
+
+impl Outcome {
+    fn reply(reply: Reply) -> Self {
+        Outcome {
+            reply,
+            session_id: None,
+            record: None,
+        }
+    }
+}
+
+/// A refused 2026-07-28 request: code, message, extra `data` member.
+type StatelessError = (i64, String, Option<(&'static str, Value)>);
+
+/// Per-request facts the pipeline fills in.
+struct Ctx {
+    request_id: String,
+    started: Instant,
+    agent: Option<Arc<str>>,
+    sse: bool,
+}
+
+fn rpc_error(
+    status: StatusCode,
+    id: Option<&Id>,
+    code: i64,
+    message: &str,
+    data: Value,
+) -> Reply {
+    Reply::Rpc(status, mcp::error_response(id, code, message, Some(data)))
+}
+
+impl Gate {
+    pub fn new(
+        config: Config,
+        policy: PolicySet,
+        upstreams: Vec<Arc<Upstream>>,
+        auditor: Auditor,
+        guard: Guard,
+    ) -> Gate {
+        let verifier = Verifier::new(
+            &config.agents.issuer,
+            &config.agents.audience,
+            config.agents.leeway,
+            config.agents.keys.clone(),
+        );
+        let limiters = Limiters::build(&policy, None, governor::clock::DefaultClock::default());
+        let sessions = Sessions::new(config.limits.max_sessions, std::time::Duration::from_secs(3600));
+        Gate(Arc::new(Shared {
+            verifier,
+            snapshot: ArcSwap::from_pointee(Snapshot {
+                policy,
+                limiters,
+                generation: 1,
+            }),
+            catalog: ArcSwap::from_pointee(Catalog::default()),
+            upstreams,
+            sessions,
+            auditor,
+            guard,
+            config,
+            refresh: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// Handles one data-plane HTTP request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut ctx = Ctx {
+            request_id: uuid::Uuid::now_v7().simple().to_string(),
+            started: Instant::now(),
+            agent: None,
+            sse: false,
+        };
+        let span = tracing::info_span!(
+            "request",
+            request.id = %ctx.request_id,
+            agent.id = tracing::field::Empty,
+            tool.name = tracing::field::Empty,
+            decision = tracing::field::Empty,
+        );
+        let outcome = self.pipeline(req, &mut ctx).instrument(span.clone()).await;
+        self.finish(outcome, &ctx, &span)
+    }
+
+    /// Emits the audit record (if any) and turns the outcome into HTTP.
+    fn finish(&self, outcome: Outcome, ctx: &Ctx, span: &tracing::Span) -> Response<Body> {
+        if let Some(mut r) = outcome.record {
+            r.request_id = Some(ctx.request_id.clone());
+            if r.agent.is_none() {
+                r.agent = ctx.agent.clone();
+            }
+            r.latency_us.get_or_insert(ctx.started.elapsed().as_micros() as u64);
+            if let Some(d) = r.decision {
+                span.record("decision", d);
+            }
+            let _e = span.enter();
+            tracing::info!(
+                event = r.event,
+                decision = r.decision.unwrap_or("-"),
+                rule = r.rule.as_deref().unwrap_or("-"),
+                "decided"
+            );
+            // Records of calls that were forwarded were submitted already;
+            // these are refusals: best effort, retried by the writer.
+            self.0.auditor.record(r);
+        }
+        let mut resp = match outcome.reply {
+            Reply::Rpc(status, body) => {
+                let bytes = serde_json::to_vec(&body).unwrap_or_default();
+                if ctx.sse && status == StatusCode::OK {
+                    let mut framed = Vec::with_capacity(bytes.len() + 24);
+                    framed.extend_from_slice(b"event: message\ndata: ");
+                    framed.extend_from_slice(&bytes);
+                    framed.extend_from_slice(b"\n\n");
+                    response(status, "text/event-stream", full(framed))
+                } else {
+                    response(status, "application/json", full(bytes))
+                }
+            }
+            Reply::Accepted => response(StatusCode::ACCEPTED, "", full(Bytes::new())),
+            Reply::Status(s) => {
+                let mut r = response(s, "", full(Bytes::new()));
+                if s == StatusCode::METHOD_NOT_ALLOWED {
+                    r.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static("POST, DELETE"));
+                }
+                r
+            }
+            Reply::Unauthorized(e) => {
+                let body = mcp::error_response(
+                    None,
+                    code::DENIED,
+                    &format!("unauthorized: {e}"),
+                    Some(json!({"decision": "deny", "request_id": ctx.request_id})),
+                );
+                let mut r = response(
+                    StatusCode::UNAUTHORIZED,
+                    "application/json",
+                    full(serde_json::to_vec(&body).unwrap_or_default()),
+                );
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"toolgate\", error=\"invalid_token\""),
+                );
+                r
+            }
+        };
+        if let Some(sid) = outcome.session_id {
+            if let Ok(v) = HeaderValue::from_str(&sid) {
+                resp.headers_mut().insert("mcp-session-id", v);
+            }
+        }
+        resp
+    }
+
+    async fn pipeline<B>(&self, req: Request<B>, ctx: &mut Ctx) -> Outcome
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = req.into_parts();
+        if parts.uri.path() != "/mcp" {
+            return Outcome::reply(Reply::Status(StatusCode::NOT_FOUND));
+        }
+        // 1. Authenticate before anything else is read.
+        let caller = match self.authenticate(&parts.headers) {
+            Ok(c) => c,
+            Err(e) => {
+                return Outcome {
+                    reply: Reply::Unauthorized(e.clone()),
+                    session_id: None,
+                    record: Some(Record {
+                        event: "auth_failed",
+                        decision: Some("deny"),
+                        reason: Some(e.to_string()),
+                        ..Record::default()
+                    }),
+                };
+            }
+        };
+        ctx.agent = Some(caller.agent.clone());
+        tracing::Span::current().record("agent.id", &*caller.agent);
+
+        let modern_header = header_str(&parts.headers, "mcp-protocol-version")
+            .is_some_and(|v| !mcp::SESSION_VERSIONS.contains(&v) && v != "2024-11-05");
+        match parts.method {
+            Method::POST => {}
+            _ if modern_header => return Outcome::reply(Reply::Status(StatusCode::METHOD_NOT_ALLOWED)),
+            Method::DELETE => return self.delete_session(&parts.headers, &caller),
+            Method::GET => {
+                // No server-initiated stream: toolgate sends nothing unasked.
+                return Outcome::reply(Reply::Status(StatusCode::METHOD_NOT_ALLOWED));
+            }
+            _ => return Outcome::reply(Reply::Status(StatusCode::METHOD_NOT_ALLOWED)),
+        }
+        let accept = header_str(&parts.headers, http::header::ACCEPT.as_str()).unwrap_or("");
+        ctx.sse = accept.contains("text/event-stream") && !accept.contains("application/json");
+
+        // Read the body, bounded.
+        let bytes = match self.read_body(&parts.headers, body).await {
+            Ok(b) => b,
+            Err(reply) => return refused(reply, "body refused"),
+        };
+        // Parse once, strictly.
+        let msg = match mcp::parse_message(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = e.to_string();
+                return refused(
+                    rpc_error(
+                        StatusCode::BAD_REQUEST,
+                        None,
+                        e.code(),
+                        &reason,
+                        json!({"decision": "deny", "request_id": ctx.request_id}),
+                    ),
+                    &reason,
+                );
+            }
+        };
+        let req = match msg {
+            Message::Request(r) => r,
+            // Answers to server requests: toolgate issues none yet.
+            Message::Response { .. } => return Outcome::reply(Reply::Accepted),
+        };
+        // Which revision, and (for the session-based ones) which session.
+        let version = match self.revision(&parts.headers, &req, &caller, ctx) {
+            Ok(v) => v,
+            Err(o) => return o,
+        };
+        let Some(id) = req.id.clone() else {
+            return self.notification(&req);
+        };
+        self.dispatch(req, id, version, &caller, ctx).await
+    }
+
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
+        let token = identity::bearer(headers)?;
+        let claims = self.0.verifier.verify(token)?;
+        identity::agent_from_claims(&claims, &self.0.config.agents.agent_claim)
+    }
+
+    async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, Reply>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let max = self.0.config.limits.max_body;
+        let too_large = || {
+            rpc_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                code::INVALID_REQUEST,
+                &format!("request body exceeds limits.max_body ({max} bytes)"),
+                json!({"decision": "deny"}),
+            )
+        };
+        let ct = header_str(headers, "content-type").unwrap_or("");
+        let media = ct.split(';').next().unwrap_or("").trim();
+        if !media.eq_ignore_ascii_case("application/json") {
+            return Err(rpc_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                None,
+                code::INVALID_REQUEST,
+                "Content-Type must be application/json",
+                json!({"decision": "deny"}),
+            ));
+        }
+        if let Some(len) = header_str(headers, "content-length").and_then(|l| l.parse::<usize>().ok()) {
+            if len > max {
+                return Err(too_large());
+            }
+        }
+        match Limited::new(body, max).collect().await {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+            Err(_) => Err(rpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                code::INVALID_REQUEST,
+                "could not read the request body",
+                json!({"decision": "deny"}),
+            )),
+        }
+    }
+
+    /// Decides the protocol revision of a request, checking the session or
+    /// the stateless headers.
+    fn revision(
+        &self,
+        headers: &HeaderMap,
+        req: &mcp::Request,
+        caller: &Caller,
+        ctx: &Ctx,
+    ) -> Result<&'static str, Outcome> {
+        let header_version = header_str(headers, "mcp-protocol-version");
+        let bad = |msg: String| {
+            refused(
+                rpc_error(
+                    StatusCode::BAD_REQUEST,
+                    req.id.as_ref(),
+                    code::INVALID_REQUEST,
+                    &msg,
+                    json!({"decision": "deny", "request_id": ctx.request_id}),
+                ),
+                &msg,
+            )
+        };
+        if req.method == "initialize" {
+            return Ok(mcp::V2025_11_25);
+        }
+        let modern = match header_version {
+            Some(v) => !mcp::SESSION_VERSIONS.contains(&v) && v != "2024-11-05",
+            None => false,
+        };
+        if modern {
+            return match self.stateless_checks(headers, req) {
+                Ok(()) => Ok(mcp::V2026_07_28),
+                Err((code, msg, extra)) => {
+                    let mut data = json!({"decision": "deny", "request_id": ctx.request_id});
+                    if let Some((k, v)) = extra {
+                        data[k] = v;
+                    }
+                    Err(refused(
+                        rpc_error(StatusCode::BAD_REQUEST, req.id.as_ref(), code, &msg, data),
+                        &msg,
+                    ))
+                }
+            };
+        }
+        let Some(sid) = header_str(headers, "mcp-session-id") else {
+            return Err(bad("missing Mcp-Session-Id: send initialize first, or use protocol revision 2026-07-28".into()));
+        };
+        match self.0.sessions.get(sid, &caller.agent) {
+            Ok(s) => {
+                if let Some(v) = header_version {
+                    if v != s.version && mcp::is_supported_version(v) && v != mcp::V2026_07_28 {
+                        // Clients may send the header they negotiated only.
+                        return Err(bad(format!("MCP-Protocol-Version {v} does not match the session's {}", s.version)));
+                    }
+                    if !mcp::is_supported_version(v) {
+                        return Err(bad(format!("unsupported MCP-Protocol-Version {v:?}")));
+                    }
+                }
+                Ok(s.version)
+            }
+            Err(_) => Err(Outcome {
+                reply: Reply::Status(StatusCode::NOT_FOUND),
+                session_id: None,
+                record: Some(Record {
+                    event: "rejected",
+                    decision: Some("deny"),
+                    reason: Some("unknown session".into()),
+                    ..Record::default()
+                }),
+            }),
+        }
+    }
+
+    /// 2026-07-28: the version header, `_meta` envelope, `Mcp-Method` and
+    /// `Mcp-Name` must all agree with the body, so a header/body disagreement
+    /// can never steer routing or policy. Errors carry the revision's codes
+    /// (-32020 header mismatch, -32022 unsupported version, -32602 envelope).
+    fn stateless_checks(&self, headers: &HeaderMap, req: &mcp::Request) -> Result<(), StatelessError> {
+        let mismatch = |m: String| (code::HEADER_MISMATCH, m, None);
+        let one = |name: &str| -> Result<Option<&str>, StatelessError> {
+            let mut all = headers.get_all(name).iter();
+            let first = all.next();
+            if all.next().is_some() {
+                return Err(mismatch(format!("{name} header appears more than once")));
+            }
+            first
+                .map(|v| v.to_str().map_err(|_| mismatch(format!("{name} header is not valid text"))))
+                .transpose()
+        };
+        let version = one("mcp-protocol-version")?.unwrap_or_default();
+        if version != mcp::V2026_07_28 {
+            return Err((
+                code::UNSUPPORTED_VERSION,
+                "Unsupported protocol version".into(),
+                Some(("supported", json!([mcp::V2026_07_28, mcp::V2025_11_25, mcp::V2025_06_18]))),
+            ));
+        }
+        let method = one("mcp-method")?;
+        let name = one("mcp-name")?.map(mcp::decode_header_value).transpose().map_err(mismatch)?;
+        let meta = req.params.get("_meta").and_then(Value::as_object);
+        let Some(meta) = meta.filter(|m| {
+            m.get(mcp::META_VERSION).is_some_and(Value::is_string)
+                && m.get(mcp::META_CAPABILITIES).is_some_and(Value::is_object)
+        }) else {
+            return Err((
+                code::INVALID_PARAMS,
+                format!("params._meta must be an object carrying {:?} and {:?}", mcp::META_VERSION, mcp::META_CAPABILITIES),
+                None,
+            ));
+        };
+        if meta.get(mcp::META_VERSION).and_then(Value::as_str) != Some(version) {
+            return Err(mismatch("mcp-protocol-version header does not match the request envelope's protocol version".into()));
+        }
+        match method {
+            Some(m) if m == req.method => {}
+            Some(_) => return Err(mismatch("mcp-method header does not match the request body's method".into())),
+            None => return Err(mismatch("mcp-method header is required with protocol revision 2026-07-28".into())),
+        }
+        let body_name = match req.method.as_str() {
+            "tools/call" | "prompts/get" => Some(req.params.get("name").and_then(Value::as_str).unwrap_or("")),
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                Some(req.params.get("uri").and_then(Value::as_str).unwrap_or(""))
+            }
+            _ => None,
+        };
+        match (name.as_deref(), body_name) {
+            (Some(h), Some(b)) if h == b => Ok(()),
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(mismatch("mcp-name header given for a request that names nothing".into())),
+            _ => Err(mismatch("mcp-name header does not match the request body's name".into())),
+        }
+    }
+
+    fn notification(&self, req: &mcp::Request) -> Outcome {
+        if req.method.starts_with("notifications/") {
+            return Outcome::reply(Reply::Accepted);
+        }
+        // A request without id, e.g. tools/call as a notification: refused,
+        // since its outcome could never be reported.
+        let reason = format!("{} must be a request with an id", req.method);
+        refused(
+            rpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                code::INVALID_REQUEST,
+                &reason,
+                json!({"decision": "deny"}),
+            ),
+            &reason,
+        )
+    }
+
+    fn delete_session(&self, headers: &HeaderMap, caller: &Caller) -> Outcome {
+        match header_str(headers, "mcp-session-id") {
+            Some(sid) => match self.0.sessions.close(sid, &caller.agent) {
+                Ok(()) => Outcome::reply(Reply::Status(StatusCode::NO_CONTENT)),
+                Err(_) => Outcome::reply(Reply::Status(StatusCode::NOT_FOUND)),
+            },
+            None => Outcome::reply(Reply::Status(StatusCode::BAD_REQUEST)),
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        req: mcp::Request,
+        id: Id,
+        version: &'static str,
+        caller: &Caller,
+        ctx: &mut Ctx,
+    ) -> Outcome {
+        let ok = |result: Value| Outcome::reply(Reply::Rpc(StatusCode::OK, mcp::result_response(&id, shape(result, version))));
+        let modern = version == mcp::V2026_07_28;
+        let cacheable = |mut v: Value| {
+            if modern {
+                v["ttlMs"] = Value::from(0);
+                v["cacheScope"] = Value::from("private");
+            }
+            v
+        };
+        match req.method.as_str() {
+            "initialize" if !modern => self.initialize(&req, &id, caller, ctx),
+            "server/discover" => ok(cacheable(self.discover_result())),
+            "ping" if !modern => ok(json!({})),
+            "tools/list" => {
+                let tools = self.tools_for(&caller.agent).await;
+                ok(cacheable(json!({ "tools": tools })))
+            }
+            "tools/call" => self.call(req, id, version, caller, ctx).await,
+            "resources/list" => ok(json!({"resources": []})),
+            "resources/templates/list" => ok(json!({"resourceTemplates": []})),
+            "prompts/list" => ok(json!({"prompts": []})),
+            other => {
+                let msg = format!("method {other:?} is not supported by toolgate");
+                Outcome::reply(Reply::Rpc(
+                    if modern { StatusCode::NOT_FOUND } else { StatusCode::OK },
+                    mcp::error_response(Some(&id), code::METHOD_NOT_FOUND, &msg, Some(json!({"request_id": ctx.request_id}))),
+                ))
+            }
+        }
+    }
+
+    fn server_info() -> Value {
+        json!({"name": "toolgate", "version": env!("CARGO_PKG_VERSION")})
+    }
+
+    fn capabilities() -> Value {
+        json!({"tools": {"listChanged": false}})
+    }
+
+    fn discover_result(&self) -> Value {
+        json!({
+            "supportedVersions": [mcp::V2026_07_28, mcp::V2025_11_25, mcp::V2025_06_18],
+            "serverInfo": Self::server_info(),
+            "capabilities": Self::capabilities(),
+            "instructions": "toolgate: every tool call is checked against this agent's manifest and audited.",
+        })
+    }
+
+    fn initialize(&self, req: &mcp::Request, id: &Id, caller: &Caller, ctx: &Ctx) -> Outcome {
+        let asked = req.params.get("protocolVersion").and_then(Value::as_str);
+        let version = asked
+            .and_then(|a| mcp::SESSION_VERSIONS.iter().copied().find(|v| *v == a))
+            .unwrap_or(mcp::V2025_11_25);
+        match self.0.sessions.open(&caller.agent, version) {
+            Ok(sid) => Outcome {
+                reply: Reply::Rpc(
+                    StatusCode::OK,
+                    mcp::result_response(
+                        id,
+                        json!({
+                            "protocolVersion": version,
+                            "capabilities": Self::capabilities(),
+                            "serverInfo": Self::server_info(),
+                        }),
+                    ),
+                ),
+                session_id: Some(sid),
+                record: None,
+            },
+            Err(e @ SessionError::Full) | Err(e @ SessionError::NotFound) => refused(
+                rpc_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Some(id),
+                    code::INTERNAL,
+                    &e.to_string(),
+                    json!({"decision": "deny", "request_id": ctx.request_id}),
+                ),
+                &e.to_string(),
+            ),
+        }
+    }
+
+    /// The tools this agent may call (listed and not denied), under their
+    /// exposed names.
+    async fn tools_for(&self, agent: &str) -> Vec<Value> {
+        let catalog = self.catalog(false).await;
+        let snap = self.0.snapshot.load();
+        let Some(m) = snap.policy.get(agent) else {
+            return Vec::new();
+        };
+        catalog
+            .tools
+            .iter()
+            .filter(|(name, _)| m.exposes(name))
+            .map(|(_, def)| def.clone())
+            .collect()
+    }
+
+    /// The current catalog, fetching it when it was never fetched, is
+    /// incomplete and stale, or `force` (a name was not found).
+    pub async fn catalog(&self, force: bool) -> Arc<Catalog> {
+        let current = self.0.catalog.load_full();
+        let fresh = current
+            .fetched_at
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(if force { 1 } else { 30 }));
+        if fresh && (!force || current.fetched_at.is_some_and(|t| t.elapsed().as_millis() < 200)) {
+            return current;
+        }
+        let _g = self.0.refresh.lock().await;
+        let again = self.0.catalog.load_full();
+        if !Arc::ptr_eq(&again, &current) {
+            return again;
+        }
+        let lists = futures_join(&self.0.upstreams).await;
+        let catalog = Arc::new(Catalog::build(&self.0.upstreams, &lists));
+        self.0.catalog.store(catalog.clone());
+        catalog
+    }
+
+    /// `tools/call`: SPEC "Deciding a tools/call", steps 2-8.
+    async fn call(
+        &self,
+        req: mcp::Request,
+        id: Id,
+        version: &'static str,
+        caller: &Caller,
+        ctx: &mut Ctx,
+    ) -> Outcome {
+        let call = match mcp::tool_call(&req.params) {
+            Ok(c) => c,
+            Err(e) => {
+                return refused(
+                    rpc_error(
+                        StatusCode::OK,
+                        Some(&id),
+                        code::INVALID_PARAMS,
+                        &e.0,
+                        json!({"decision": "deny", "request_id": ctx.request_id}),
+                    ),
+                    &e.0,
+                )
+            }
+        };
+        tracing::Span::current().record("tool.name", call.name.as_str());
+        let snap = self.0.snapshot.load();
+        let manifest = snap.policy.get(&caller.agent);
+        let decision = policy::decide(&self.0.guard, manifest.map(|m| &**m), &caller.agent, &call.name, &call.arguments);
+        let rule_id = decision.rule.id().into_owned();
+        let mut record = Record {
+            event: "call",
+            agent: Some(caller.agent.clone()),
+            tool: Some(call.name.clone()),
+            rule: Some(rule_id.clone()),
+            reason: Some(decision.reason.to_string()),
+            args_sha256: Some(audit::args_sha256(&call.arguments)),
+            args: Some(audit::redact(&call.arguments)),
+            ..Record::default()
+        };
+        let data = |decision: &str, extra: Option<(&str, Value)>| {
+            let mut d = Map::new();
+            d.insert("decision".into(), Value::from(decision));
+            d.insert("request_id".into(), Value::from(ctx.request_id.as_str()));
+            d.insert("rule".into(), Value::from(rule_id.as_str()));
+            if let Some((k, v)) = extra {
+                d.insert(k.into(), v);
+            }
+            Value::Object(d)
+        };
+        let deny = |record: Record, code: i64, msg: &str, data: Value| Outcome {
+            reply: Reply::Rpc(StatusCode::OK, mcp::error_response(Some(&id), code, msg, Some(data))),
+            session_id: None,
+            record: Some(record),
+        };
+        match &decision.verdict {
+            Verdict::Deny => {
+                let d = data("deny", None);
+                record.decision = Some("deny");
+                return deny(record, code::DENIED, &format!("denied: {}", decision.reason), d);
+            }
+            Verdict::Invalid(errors) => {
+                let d = data("deny", Some(("errors", serde_json::to_value(errors).unwrap_or_default())));
+                record.decision = Some("deny");
+                return deny(record, code::INVALID_PARAMS, "invalid arguments: the call does not match the tool's schema", d);
+            }
+            Verdict::Hold { .. } | Verdict::Allow => {}
+        }
+        // 7. Rate limits count calls that would be allowed or held.
+        let m = manifest.expect("only decide() with a manifest allows or holds");
+        if let Err(limited) = snap.limiters.check(m, decision.tool_rule) {
+            let ms = limited.retry_after.as_millis().max(1) as u64;
+            let scope = match limited.scope {
+                Scope::Agent => "rate_limit.agent",
+                Scope::Tool => "rate_limit.tool",
+            };
+            record.decision = Some("rate_limited");
+            record.rule = Some(scope.to_owned());
+            record.reason = Some(format!("over the {} rate limit; retry after {ms} ms", if limited.scope == Scope::Agent { "agent's" } else { "tool's" }));
+            let d = {
+                let mut d = data("rate_limited", Some(("retry_after_ms", Value::from(ms))));
+                d["rule"] = Value::from(scope);
+                d
+            };
+            return deny(record, code::RATE_LIMITED, "rate limited", d);
+        }
+        if let Verdict::Hold { .. } = decision.verdict {
+            // Holds and the management plane are not built yet: fail closed.
+            let reason = format!("needs human approval ({}); approvals are not available on this gate yet, so the call is denied", decision.reason);
+            record.decision = Some("deny");
+            record.reason = Some(reason.clone());
+            let d = data("deny", None);
+            return deny(record, code::DENIED, &reason, d);
+        }
+        // 8. Allow: route, audit, forward.
+        let mut catalog = self.catalog(false).await;
+        if !catalog.routes.contains_key(&call.name) {
+            catalog = self.catalog(true).await;
+        }
+        let Some(route) = catalog.routes.get(&call.name).cloned() else {
+            let msg = format!("unknown tool {:?}: no upstream exposes it", call.name);
+            record.decision = Some("deny");
+            record.rule = Some("catalog".into());
+            record.reason = Some(msg.clone());
+            let mut d = data("deny", None);
+            d["rule"] = Value::from("catalog");
+            return deny(record, code::INVALID_PARAMS, &msg, d);
+        };
+        let upstream = self.0.upstreams[route.upstream].clone();
+        record.decision = Some("allow");
+        record.latency_us = Some(ctx.started.elapsed().as_micros() as u64);
+        record.detail = Some(json!({"upstream": upstream.name}));
+        record.request_id = Some(ctx.request_id.clone());
+        tracing::Span::current().record("decision", "allow");
+        if self.0.auditor.submit(record).is_err() {
+            let d = data("deny", None);
+            tracing::error!("audit log unavailable: refusing to forward");
+            return Outcome::reply(Reply::Rpc(
+                StatusCode::OK,
+                mcp::error_response(Some(&id), code::AUDIT_UNAVAILABLE, "the audit log cannot be written; nothing was forwarded", Some(d)),
+            ));
+        }
+        tracing::info!(upstream.name = %upstream.name, "allowed; forwarding");
+        let mut params = Map::new();
+        params.insert("name".into(), Value::String(route.tool));
+        params.insert("arguments".into(), call.arguments);
+        if let Some(mut meta) = call.meta {
+            // The envelope describes the agent's hop, not ours.
+            meta.retain(|k, _| !k.starts_with("io.modelcontextprotocol/"));
+            if !meta.is_empty() {
+                params.insert("_meta".into(), Value::Object(meta));
+            }
+        }
+        let forwarded = upstream.request("tools/call", Value::Object(params)).await;
+        match forwarded {
+            Ok(Answer::Result(r)) => Outcome::reply(Reply::Rpc(StatusCode::OK, mcp::result_response(&id, shape(r, version)))),
+            Ok(Answer::Error(e)) => Outcome::reply(Reply::Rpc(
+                StatusCode::OK,
+                json!({"jsonrpc": "2.0", "id": id.to_value(), "error": e}),
+            )),
+            Err(e) => {
+                tracing::warn!(upstream.name = %upstream.name, error = %e, "upstream failed");
+                let d = {
+                    let mut d = data("allow", None);
+                    d["upstream"] = Value::from(upstream.name.as_str());
+                    d
+                };
+                Outcome {
+                    reply: Reply::Rpc(StatusCode::OK, mcp::error_response(Some(&id), code::UPSTREAM, &format!("upstream failed: {e}"), Some(d))),
+                    session_id: None,
+                    record: Some(Record {
+                        event: "upstream_error",
+                        agent: Some(caller.agent.clone()),
+                        tool: Some(call.name),
+                        decision: Some("error"),
+                        reason: Some(e.to_string()),
+                        detail: Some(json!({"upstream": upstream.name})),
+                        ..Record::default()
+                    }),
+                }
+            }
+        }
+    }
+}
+
+async fn futures_join(upstreams: &[Arc<Upstream>]) -> Vec<Option<Vec<Map<String, Value>>>> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, u) in upstreams.iter().enumerate() {
+        let u = u.clone();
+        set.spawn(async move { (i, u.list_tools().await) });
+    }
+    let mut out = vec![None; upstreams.len()];
+    while let Some(Ok((i, r))) = set.join_next().await {
+        match r {
+            Ok(list) => out[i] = Some(list),
+            Err(e) => tracing::warn!(upstream.name = %upstreams[i].name, error = %e, "cannot list tools"),
+        }
+    }
+    out
+}
+
+fn refused(reply: Reply, reason: &str) -> Outcome {
+    Outcome {
+        reply,
+        session_id: None,
+        record: Some(Record {
+            event: "rejected",
+            decision: Some("deny"),
+            reason: Some(reason.to_owned()),
+            ..Record::default()
+        }),
+    }
+}
+
+/// Shapes a result for the agent's revision: 2026-07-28 results carry
+/// `resultType` and toolgate's `serverInfo`; older revisions carry neither.
+fn shape(mut result: Value, version: &str) -> Value {
+    let Value::Object(o) = &mut result else {
+        return result;
+    };
+    if version == mcp::V2026_07_28 {
+        o.entry("resultType").or_insert_with(|| Value::from("complete"));
+        let meta = o.entry("_meta").or_insert_with(|| json!({}));
+        if let Value::Object(m) = meta {
+            m.insert(mcp::META_SERVER_INFO.into(), Gate::server_info());
+        }
+    } else {
+        if o.get("resultType").and_then(Value::as_str) == Some("complete") {
+            o.remove("resultType");
+        }
+        let empty = match o.get_mut("_meta") {
+            Some(Value::Object(m)) => {
+                m.remove(mcp::META_SERVER_INFO);
+                m.is_empty()
+            }
+            _ => false,
+        };
+        if empty {
+            o.remove("_meta");
+        }
+    }
+    result
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn response(status: StatusCode, content_type: &str, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    if !content_type.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(content_type) {
+            r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+        }
+    }
+    r
+}

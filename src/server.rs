@@ -1,0 +1,239 @@
+//! Listeners, wiring of shared state, background tasks, graceful shutdown.
+//!
+//! [`Server::start`] loads nothing itself: it takes a validated [`Config`]
+//! and [`PolicySet`], opens the audit log, binds the listeners (port 0 is
+//! fine, for tests) and returns a handle with the bound addresses and a
+//! shutdown trigger. Each background task stops on the shutdown signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::audit::Auditor;
+use crate::config::{normalize_path, Config};
+use crate::gate::{full, Body, Gate};
+use crate::manifest::PolicySet;
+use crate::policy::Guard;
+use crate::upstream::{http_client, Upstream};
+
+/// Most connections served at once per listener.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// A running toolgate.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub gate: Gate,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    audit_task: tokio::task::JoinHandle<()>,
+}
+
+/// Builds the escalation guard for a config.
+pub fn guard_for(config: &Config) -> Guard {
+    let state = &config.state;
+    let mut files: Vec<PathBuf> = vec![config.path.clone(), config.audit_path.clone(), state.clone()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut s = state.clone().into_os_string();
+        s.push(suffix);
+        files.push(PathBuf::from(s));
+    }
+    let cwd = std::env::current_dir().map(|d| normalize_path(&d)).unwrap_or_default();
+    Guard::new(
+        config.escalation.tools.clone(),
+        files,
+        vec![config.manifests.clone()],
+        cwd,
+        normalize_path,
+    )
+}
+
+impl Server {
+    /// Starts serving `config` with `policy`.
+    pub async fn start(config: Config, policy: PolicySet) -> anyhow::Result<Server> {
+        let (auditor, audit_task) =
+            Auditor::start(&config.audit_path).map_err(|e| anyhow::anyhow!(e))?;
+        let client = http_client();
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                Arc::new(Upstream::new(
+                    u,
+                    client.clone(),
+                    config.limits.upstream_timeout,
+                    config.limits.max_upstream_body,
+                ))
+            })
+            .collect();
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let admin_listener = match &config.admin {
+            Some(a) => Some(
+                TcpListener::bind(a.listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", a.listen))?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let guard = guard_for(&config);
+        let gate = Gate::new(config, policy, upstreams, auditor, guard);
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let g = gate.clone();
+        tasks.push(tokio::spawn(serve(listener, rx.clone(), move |req| {
+            let g = g.clone();
+            async move { g.handle(req).await }
+        })));
+        if let Some(l) = admin_listener {
+            let g = gate.clone();
+            tasks.push(tokio::spawn(serve(l, rx.clone(), move |req| {
+                let g = g.clone();
+                async move { admin(&g, req) }
+            })));
+        }
+        // Fetch the tool catalog early so the first calls need not wait.
+        let g = gate.clone();
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                _ = g.catalog(true) => {}
+                _ = stop.changed() => {}
+            }
+        }));
+        // Housekeeping: idle limiter keys and sessions.
+        let g = gate.clone();
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        g.0.snapshot.load().limiters.reclaim();
+                        g.0.sessions.sweep();
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        }));
+        tracing::info!(listen = %addr, admin = ?admin_addr, "toolgate serving");
+        Ok(Server {
+            addr,
+            admin_addr,
+            gate,
+            shutdown,
+            tasks,
+            audit_task,
+        })
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `deadline`),
+    /// and flushes the audit log.
+    pub async fn shutdown(self, deadline: Duration) {
+        let _ = self.shutdown.send(true);
+        let all = async {
+            for t in self.tasks {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            tracing::warn!("in-flight requests did not finish before the deadline");
+        }
+        self.gate.0.auditor.flush().await;
+        drop(self.gate);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.audit_task).await;
+    }
+}
+
+/// Accept loop: HTTP/1.1 and HTTP/2, bounded connections, header timeout,
+/// graceful on shutdown.
+async fn serve<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(64 * 1024)
+        .max_concurrent_streams(256);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => break,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let h = handler.clone();
+        let svc = service_fn(move |req| {
+            let h = h.clone();
+            async move { Ok::<_, std::convert::Infallible>(h(req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+}
+
+/// The management listener. Until the management API lands it serves only
+/// the unauthenticated health endpoints.
+fn admin(gate: &Gate, req: Request<Incoming>) -> Response<Body> {
+    let (status, body) = match req.uri().path() {
+        "/healthz" => (StatusCode::OK, Bytes::from_static(b"{\"status\":\"alive\"}")),
+        "/readyz" => {
+            if gate.0.auditor.healthy() {
+                (StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}"))
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Bytes::from_static(b"{\"status\":\"not ready\",\"audit\":\"unwritable\"}"),
+                )
+            }
+        }
+        _ => (StatusCode::NOT_FOUND, Bytes::new()),
+    };
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}

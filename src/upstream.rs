@@ -1,0 +1,505 @@
+//! MCP clients to tool servers, and the [`Catalog`] of exposed tool names.
+//!
+//! Each upstream is spoken to in the revision it supports: toolgate first
+//! asks with the newest revision and follows what the server answers. Every
+//! request carries the configured `headers` (never the agent's credential),
+//! is bounded by `limits.upstream_timeout` and `limits.max_upstream_body`, and
+//! reuses pooled keep-alive connections. Responses may be JSON or an SSE
+//! stream; either way only the JSON-RPC response to our request id is taken.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Map, Value};
+use tokio::sync::Mutex;
+
+use crate::config::{Transport, UpstreamConfig};
+use crate::mcp;
+
+/// Why an upstream request failed (answered with -32004).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {0} timed out")]
+    Timeout(String),
+    #[error("upstream {0} is unreachable: {1}")]
+    Connect(String, String),
+    #[error("upstream {0} answered HTTP {1}")]
+    Status(String, u16),
+    #[error("upstream {0} sent an invalid response: {1}")]
+    Protocol(String, String),
+    #[error("upstream {0} response is larger than the limit")]
+    TooLarge(String),
+    #[error("upstream {0} is not supported yet: {1}")]
+    Unsupported(String, String),
+}
+
+/// A JSON-RPC answer from an upstream: a result, or its error object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Result(Value),
+    Error(Value),
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Builds the pooled HTTP client shared by all upstreams.
+pub fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+#[derive(Debug, Clone)]
+struct Session {
+    version: &'static str,
+    id: Option<HeaderValue>,
+}
+
+/// One MCP tool server reached over Streamable HTTP.
+pub struct Upstream {
+    pub name: String,
+    pub prefix: String,
+    url: http::Uri,
+    headers: Vec<(http::HeaderName, HeaderValue)>,
+    client: HttpClient,
+    timeout: Duration,
+    max_body: usize,
+    next_id: AtomicI64,
+    session: ArcSwap<Option<Session>>,
+    connecting: Mutex<()>,
+    unsupported: Option<String>,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig, client: HttpClient, timeout: Duration, max_body: usize) -> Self {
+        let (url, headers, unsupported) = match &cfg.transport {
+            Transport::Http { url, headers } => (url.clone(), headers.clone(), None),
+            Transport::Stdio { command, .. } => (
+                http::Uri::from_static("http://127.0.0.1/"),
+                Vec::new(),
+                Some(format!("stdio upstreams ({}) are not supported yet", command.join(" "))),
+            ),
+        };
+        Upstream {
+            name: cfg.name.clone(),
+            prefix: cfg.prefix.clone(),
+            url,
+            headers,
+            client,
+            timeout,
+            max_body,
+            next_id: AtomicI64::new(1),
+            session: ArcSwap::from_pointee(None),
+            connecting: Mutex::new(()),
+            unsupported,
+        }
+    }
+
+    /// The revision negotiated with this upstream, once connected.
+    pub fn version(&self) -> Option<&'static str> {
+        self.session.load().as_ref().as_ref().map(|s| s.version)
+    }
+
+    /// Sends one request and returns the upstream's answer, connecting (and
+    /// reconnecting once after a lost session) as needed.
+    pub async fn request(&self, method: &str, params: Value) -> Result<Answer, UpstreamError> {
+        if let Some(why) = &self.unsupported {
+            return Err(UpstreamError::Unsupported(self.name.clone(), why.clone()));
+        }
+        let fut = async {
+            let session = self.session().await?;
+            match self.send(&session, method, &params).await {
+                Err(UpstreamError::Status(_, 404)) if session.id.is_some() => {
+                    // The upstream forgot our session: start a new one, once.
+                    self.session.store(Arc::new(None));
+                    let session = self.session().await?;
+                    self.send(&session, method, &params).await
+                }
+                other => other,
+            }
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.name.clone()))?
+    }
+
+    async fn session(&self) -> Result<Session, UpstreamError> {
+        if let Some(s) = self.session.load().as_ref() {
+            return Ok(s.clone());
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(s) = self.session.load().as_ref() {
+            return Ok(s.clone());
+        }
+        let s = self.initialize().await?;
+        self.session.store(Arc::new(Some(s.clone())));
+        Ok(s)
+    }
+
+    async fn initialize(&self) -> Result<Session, UpstreamError> {
+        // Newest first: a 2026-07-28 server answers server/discover.
+        let modern = Session {
+            version: mcp::V2026_07_28,
+            id: None,
+        };
+        if let Ok((Some(Answer::Result(r)), _)) = self.send_raw(&modern, "server/discover", Some(&json!({}))).await {
+            let speaks = r
+                .get("supportedVersions")
+                .and_then(Value::as_array)
+                .is_some_and(|v| v.iter().any(|x| x.as_str() == Some(mcp::V2026_07_28)));
+            if speaks {
+                tracing::info!(upstream.name = %self.name, protocol = mcp::V2026_07_28, "upstream connected");
+                return Ok(modern);
+            }
+        }
+        let pre = Session {
+            version: mcp::V2025_11_25,
+            id: None,
+        };
+        let params = json!({
+            "protocolVersion": mcp::V2025_11_25,
+            "capabilities": {},
+            "clientInfo": {"name": "toolgate", "version": env!("CARGO_PKG_VERSION")},
+        });
+        let (answer, sid) = self.send_raw(&pre, "initialize", Some(&params)).await?;
+        let result = match answer {
+            Some(Answer::Result(r)) => r,
+            Some(Answer::Error(e)) => {
+                return Err(UpstreamError::Protocol(self.name.clone(), format!("initialize failed: {e}")))
+            }
+            None => return Err(UpstreamError::Protocol(self.name.clone(), "no initialize result".into())),
+        };
+        let version = match result.get("protocolVersion").and_then(Value::as_str) {
+            Some(v) => mcp::SESSION_VERSIONS
+                .iter()
+                .copied()
+                .find(|s| *s == v)
+                .ok_or_else(|| UpstreamError::Protocol(self.name.clone(), format!("unsupported protocol version {v:?}")))?,
+            None => return Err(UpstreamError::Protocol(self.name.clone(), "initialize result lacks protocolVersion".into())),
+        };
+        let session = Session { version, id: sid };
+        self.send_raw(&session, "notifications/initialized", None).await?;
+        tracing::info!(upstream.name = %self.name, protocol = version, "upstream connected");
+        Ok(session)
+    }
+
+    async fn send(&self, s: &Session, method: &str, params: &Value) -> Result<Answer, UpstreamError> {
+        match self.send_raw(s, method, Some(params)).await? {
+            (Some(a), _) => Ok(a),
+            (None, _) => Err(UpstreamError::Protocol(self.name.clone(), "no response to the request".into())),
+        }
+    }
+
+    /// Sends a request (or, with `params == None` and a `notifications/`
+    /// method, a notification) and reads the answer.
+    async fn send_raw(
+        &self,
+        s: &Session,
+        method: &str,
+        params: Option<&Value>,
+    ) -> Result<(Option<Answer>, Option<HeaderValue>), UpstreamError> {
+        let notification = method.starts_with("notifications/");
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut msg = Map::new();
+        msg.insert("jsonrpc".into(), Value::from("2.0"));
+        if !notification {
+            msg.insert("id".into(), Value::from(id));
+        }
+        msg.insert("method".into(), Value::from(method));
+        let modern = s.version == mcp::V2026_07_28;
+        let mut name_header = None;
+        if let Some(p) = params {
+            let mut p = p.clone();
+            if modern {
+                if let Value::Object(o) = &mut p {
+                    name_header = o.get("name").or_else(|| o.get("uri")).and_then(Value::as_str).map(mcp::encode_header_value);
+                    let meta = o.entry("_meta").or_insert_with(|| json!({}));
+                    if let Value::Object(m) = meta {
+                        m.insert(mcp::META_VERSION.into(), Value::from(mcp::V2026_07_28));
+                        m.insert(mcp::META_CAPABILITIES.into(), json!({}));
+                        m.insert(
+                            mcp::META_CLIENT_INFO.into(),
+                            json!({"name": "toolgate", "version": env!("CARGO_PKG_VERSION")}),
+                        );
+                    }
+                }
+            }
+            msg.insert("params".into(), p);
+        }
+        let body = serde_json::to_vec(&Value::Object(msg))
+            .map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.url.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json, text/event-stream");
+        if method != "initialize" {
+            req = req.header("mcp-protocol-version", s.version);
+        }
+        if modern {
+            req = req.header("mcp-method", method);
+            if let Some(n) = name_header.filter(|_| matches!(method, "tools/call" | "prompts/get" | "resources/read")) {
+                req = req.header("mcp-name", n);
+            }
+        }
+        if let Some(sid) = &s.id {
+            req = req.header("mcp-session-id", sid.clone());
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k, v.clone());
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| UpstreamError::Connect(self.name.clone(), connect_reason(&e)))?;
+        let status = resp.status();
+        let sid = resp.headers().get("mcp-session-id").cloned();
+        if notification {
+            if !status.is_success() {
+                return Err(UpstreamError::Status(self.name.clone(), status.as_u16()));
+            }
+            return Ok((None, sid));
+        }
+        let is_sse = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if status == StatusCode::NOT_FOUND || (!status.is_success() && !is_json_error(&resp)) {
+            return Err(UpstreamError::Status(self.name.clone(), status.as_u16()));
+        }
+        let mut body = resp.into_body();
+        let want = Value::from(id);
+        if is_sse {
+            let mut sse = SseReader::default();
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
+                let Ok(data) = frame.into_data() else { continue };
+                total += data.len();
+                if total > self.max_body {
+                    return Err(UpstreamError::TooLarge(self.name.clone()));
+                }
+                for event in sse.push(&data) {
+                    if let Some(a) = answer_for(&event, &want) {
+                        return Ok((Some(a), sid));
+                    }
+                }
+            }
+            Err(UpstreamError::Protocol(self.name.clone(), "event stream ended without a response".into()))
+        } else {
+            let bytes = http_body_util::Limited::new(body, self.max_body)
+                .collect()
+                .await
+                .map_err(|_| UpstreamError::TooLarge(self.name.clone()))?
+                .to_bytes();
+            answer_for(&bytes, &want)
+                .map(|a| (Some(a), sid))
+                .ok_or_else(|| UpstreamError::Protocol(self.name.clone(), "not a JSON-RPC response to our request".into()))
+        }
+    }
+
+    /// Lists every tool (following pagination, bounded).
+    pub async fn list_tools(&self) -> Result<Vec<Map<String, Value>>, UpstreamError> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..100 {
+            let params = match &cursor {
+                Some(c) => json!({"cursor": c}),
+                None => json!({}),
+            };
+            let result = match self.request("tools/list", params).await? {
+                Answer::Result(r) => r,
+                Answer::Error(e) => {
+                    return Err(UpstreamError::Protocol(self.name.clone(), format!("tools/list failed: {e}")))
+                }
+            };
+            if let Some(Value::Array(tools)) = result.get("tools") {
+                for t in tools {
+                    if let Value::Object(o) = t {
+                        if o.get("name").and_then(Value::as_str).is_some() && out.len() < 10_000 {
+                            out.push(o.clone());
+                        }
+                    }
+                }
+            }
+            cursor = result.get("nextCursor").and_then(Value::as_str).map(str::to_owned);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn is_json_error<B>(resp: &http::Response<B>) -> bool {
+    resp.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
+    use std::error::Error as _;
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// Reads a JSON-RPC response with id `want` from `bytes`.
+fn answer_for(bytes: &[u8], want: &Value) -> Option<Answer> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    let Value::Object(mut o) = v else { return None };
+    if o.get("id") != Some(want) {
+        return None;
+    }
+    if let Some(r) = o.remove("result") {
+        return Some(Answer::Result(r));
+    }
+    o.remove("error").map(Answer::Error)
+}
+
+/// An incremental `text/event-stream` parser yielding each event's data.
+#[derive(Default)]
+pub struct SseReader {
+    buf: BytesMut,
+}
+
+impl SseReader {
+    /// Feeds bytes; returns the data of every event completed by them.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<Vec<u8>> {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        loop {
+            let text = &self.buf[..];
+            let end = find_event_end(text);
+            let Some((end, sep)) = end else { break };
+            let event = self.buf.split_to(end + sep);
+            let mut data: Vec<u8> = Vec::new();
+            for line in event[..end].split(|b| *b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if let Some(d) = line.strip_prefix(b"data:") {
+                    if !data.is_empty() {
+                        data.push(b'\n');
+                    }
+                    data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+                }
+            }
+            if !data.is_empty() {
+                out.push(data);
+            }
+        }
+        out
+    }
+}
+
+fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
+    let lf = b.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
+    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4));
+    match (lf, crlf) {
+        (Some(a), Some(c)) => Some(if a.0 < c.0 { a } else { c }),
+        (a, c) => a.or(c),
+    }
+}
+
+/// Where an exposed tool name leads.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub upstream: usize,
+    /// The tool's name at the upstream.
+    pub tool: String,
+}
+
+/// The exposed tools of all upstreams: one immutable snapshot.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub routes: HashMap<String, Route>,
+    /// Tool definitions, renamed to their exposed names, in upstream order.
+    pub tools: Vec<(String, Value)>,
+    /// Names two upstreams both expose: unavailable (fail closed).
+    pub collisions: Vec<String>,
+    pub fetched_at: Option<Instant>,
+}
+
+impl Catalog {
+    /// Builds a catalog from each upstream's tool list (`None`: not reached).
+    pub fn build(upstreams: &[Arc<Upstream>], lists: &[Option<Vec<Map<String, Value>>>]) -> Catalog {
+        let mut routes: HashMap<String, Route> = HashMap::new();
+        let mut tools = Vec::new();
+        let mut collisions = Vec::new();
+        for (i, (u, list)) in upstreams.iter().zip(lists).enumerate() {
+            for t in list.iter().flatten() {
+                let Some(name) = t.get("name").and_then(Value::as_str) else { continue };
+                let exposed = format!("{}{}", u.prefix, name);
+                if routes.contains_key(&exposed) {
+                    collisions.push(exposed);
+                    continue;
+                }
+                let mut def = t.clone();
+                def.insert("name".into(), Value::String(exposed.clone()));
+                routes.insert(exposed.clone(), Route { upstream: i, tool: name.to_owned() });
+                tools.push((exposed, Value::Object(def)));
+            }
+        }
+        for c in &collisions {
+            tracing::error!(tool.name = %c, "two upstreams expose the same tool name; it is unavailable");
+            routes.remove(c);
+            tools.retain(|(n, _)| n != c);
+        }
+        Catalog {
+            routes,
+            tools,
+            collisions,
+            fetched_at: Some(Instant::now()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_reader_splits_events_across_chunks() {
+        let mut r = SseReader::default();
+        assert!(r.push(b"event: message\nda").is_empty());
+        let ev = r.push(b"ta: {\"a\":1}\n\n: keepalive\n\ndata: x\r\ndata: y\r\n\r\n");
+        assert_eq!(ev, vec![b"{\"a\":1}".to_vec(), b"x\ny".to_vec()]);
+    }
+
+    #[test]
+    fn answers_only_match_our_id() {
+        let want = Value::from(7);
+        assert_eq!(
+            answer_for(br#"{"jsonrpc":"2.0","id":7,"result":{"ok":true}}"#, &want),
+            Some(Answer::Result(json!({"ok":true})))
+        );
+        assert_eq!(answer_for(br#"{"jsonrpc":"2.0","id":8,"result":{}}"#, &want), None);
+        assert_eq!(
+            answer_for(br#"{"jsonrpc":"2.0","id":7,"error":{"code":-1,"message":"m"}}"#, &want),
+            Some(Answer::Error(json!({"code":-1,"message":"m"})))
+        );
+        assert_eq!(answer_for(br#"{"jsonrpc":"2.0","method":"notifications/progress"}"#, &want), None);
+    }
+}
