@@ -48,8 +48,10 @@ DNS_PROTECT = os.environ.get("UPSTREAM_DNS_PROTECT", "") == "1"
 
 if MCP_MAJOR >= 2:
     from mcp.server.mcpserver import MCPServer as _Server
+    from mcp.server.mcpserver.exceptions import ToolError
 else:
     from mcp.server.fastmcp import FastMCP as _Server
+    from mcp.server.fastmcp.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 
 if DNS_PROTECT:
@@ -84,7 +86,7 @@ def get_invoice(invoice_id: str) -> dict:
 def refund(invoice_id: str, amount: float) -> dict:
     """Refund (part of) an invoice."""
     if amount <= 0:
-        raise ValueError("amount must be positive")
+        raise ToolError("amount must be positive")
     return {"ok": True, "invoice_id": invoice_id, "refunded": amount}
 
 

@@ -12,6 +12,7 @@ Research-only fault injection (env):
     INJECT_RPC_ERROR_TOOL=name   tools/call for this tool is answered by the proxy itself with
                                  HTTP 200 application/json {"jsonrpc":"2.0","id":<id>,"error":{"code":-32003,...}}
     INJECT_RPC_ERROR_STATUS=N    use HTTP status N instead of 200 for that injected error
+    INJECT_GET_405=1             GET (standalone SSE stream) answered 405 (no upstream call)
     INJECT_401=1                 every request answered 401 + WWW-Authenticate: Bearer (no upstream call)
 Prints "READY <port>" once listening.
 """
@@ -70,6 +71,13 @@ async def app(scope, receive, send):
             headers={"www-authenticate": 'Bearer error="invalid_token"'},
         )
         rec.update(status=401, resp_headers=[[k, v] for k, v in resp.headers.items()], resp_body=resp.body.decode())
+        _log(rec)
+        await resp(scope, receive, send)
+        return
+
+    if os.environ.get("INJECT_GET_405") == "1" and req.method == "GET":
+        resp = Response(status_code=405, headers={"allow": "POST, DELETE"})
+        rec.update(status=405, resp_headers=[[k, v] for k, v in resp.headers.items()], resp_body="", injected=True)
         _log(rec)
         await resp(scope, receive, send)
         return
