@@ -59,7 +59,7 @@ pub struct Record {
 pub struct Unavailable;
 
 enum Cmd {
-    Record(Record, SystemTime),
+    Record(Box<Record>, SystemTime),
     Flush(oneshot::Sender<()>),
 }
 
@@ -110,14 +110,16 @@ impl Auditor {
             return Err(Unavailable);
         }
         self.tx
-            .try_send(Cmd::Record(r, SystemTime::now()))
+            .try_send(Cmd::Record(Box::new(r), SystemTime::now()))
             .map_err(|_| Unavailable)
     }
 
     /// Hands `r` over even while unhealthy (it is retried with the rest);
     /// used for records of refusals, which forward nothing.
     pub fn record(&self, r: Record) {
-        let _ = self.tx.try_send(Cmd::Record(r, SystemTime::now()));
+        let _ = self
+            .tx
+            .try_send(Cmd::Record(Box::new(r), SystemTime::now()));
     }
 
     /// Whether the last write succeeded.
@@ -169,16 +171,26 @@ fn last_link(path: &Path) -> Result<(u64, String), String> {
     f.read_to_end(&mut buf)
         .map_err(|e| format!("cannot read audit log: {e}"))?;
     let text = String::from_utf8_lossy(&buf);
-    let last = text.trim_end_matches('\n').rsplit('\n').next().unwrap_or("");
+    let last = text
+        .trim_end_matches('\n')
+        .rsplit('\n')
+        .next()
+        .unwrap_or("");
     let v: Value = serde_json::from_str(last).map_err(|_| {
         format!(
             "the last line of the audit log {} is not a complete record; run `toolgate audit verify` and repair or rotate the log",
             path.display()
         )
     })?;
-    match (v.get("seq").and_then(Value::as_u64), v.get("hash").and_then(Value::as_str)) {
+    match (
+        v.get("seq").and_then(Value::as_u64),
+        v.get("hash").and_then(Value::as_str),
+    ) {
         (Some(seq), Some(h)) => Ok((seq, h.to_owned())),
-        _ => Err(format!("the last record of {} has no seq/hash", path.display())),
+        _ => Err(format!(
+            "the last record of {} has no seq/hash",
+            path.display()
+        )),
     }
 }
 
@@ -194,7 +206,9 @@ fn chain(r: &Record, ts: SystemTime, seq: u64, prev: &str) -> (Map<String, Value
     );
     obj.insert("seq".into(), Value::from(seq));
     obj.insert("prev".into(), Value::String(prev.to_owned()));
-    let hash = hex::encode(Sha256::digest(canonical_json(&Value::Object(obj.clone())).as_bytes()));
+    let hash = hex::encode(Sha256::digest(
+        canonical_json(&Value::Object(obj.clone())).as_bytes(),
+    ));
     obj.insert("hash".into(), Value::String(hash.clone()));
     (obj, hash)
 }
@@ -310,8 +324,16 @@ pub fn redact(v: &Value) -> Value {
 fn is_secret_key(k: &str) -> bool {
     let k = k.to_ascii_lowercase();
     const WORDS: [&str; 10] = [
-        "password", "passwd", "secret", "token", "authorization", "credential", "cookie",
-        "apikey", "api_key", "private",
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "authorization",
+        "credential",
+        "cookie",
+        "apikey",
+        "api_key",
+        "private",
     ];
     WORDS.iter().any(|w| k.contains(w)) || k == "key" || k.ends_with("key") || k.ends_with("_key")
 }
@@ -322,7 +344,8 @@ fn looks_like_token(s: &str) -> bool {
         .strip_prefix("Bearer ")
         .or_else(|| t.strip_prefix("bearer "))
         .unwrap_or(t);
-    (t.starts_with("eyJ") && t.matches('.').count() >= 2 && t.len() > 20) || s.trim_start().starts_with("Bearer ")
+    (t.starts_with("eyJ") && t.matches('.').count() >= 2 && t.len() > 20)
+        || s.trim_start().starts_with("Bearer ")
 }
 
 /// SHA-256 of the canonical arguments.
@@ -363,7 +386,10 @@ pub fn verify(path: &Path) -> Result<u64, Broken> {
             Ok(Value::Object(o)) => o,
             _ => return Err(bad("not a JSON record".into(), want)),
         };
-        let seq = obj.get("seq").and_then(Value::as_u64).ok_or_else(|| bad("no seq".into(), want))?;
+        let seq = obj
+            .get("seq")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("no seq".into(), want))?;
         if expect_seq.is_some_and(|e| e != seq) || (expect_seq.is_none() && seq == 0) {
             return Err(bad(format!("seq {seq} where {want} was expected"), seq));
         }
@@ -375,9 +401,14 @@ pub fn verify(path: &Path) -> Result<u64, Broken> {
         // The first record of a log may continue a rotated one; every later
         // record must link to its predecessor.
         if (expect_seq.is_some() || seq == 1) && rec_prev != prev {
-            return Err(bad("prev does not match the previous record's hash".into(), seq));
+            return Err(bad(
+                "prev does not match the previous record's hash".into(),
+                seq,
+            ));
         }
-        let computed = hex::encode(Sha256::digest(canonical_json(&Value::Object(obj)).as_bytes()));
+        let computed = hex::encode(Sha256::digest(
+            canonical_json(&Value::Object(obj)).as_bytes(),
+        ));
         if computed != hash {
             return Err(bad("hash does not match the record's content".into(), seq));
         }
@@ -427,7 +458,22 @@ mod tests {
         let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(first["prev"], GENESIS);
         assert_eq!(first["seq"], 1);
-        for k in ["ts", "event", "agent", "tool", "decision", "rule", "reason", "args_sha256", "args", "hold_id", "approver", "latency_us", "prev", "hash"] {
+        for k in [
+            "ts",
+            "event",
+            "agent",
+            "tool",
+            "decision",
+            "rule",
+            "reason",
+            "args_sha256",
+            "args",
+            "hold_id",
+            "approver",
+            "latency_us",
+            "prev",
+            "hash",
+        ] {
             assert!(first.get(k).is_some(), "record lacks {k}: {first}");
         }
     }

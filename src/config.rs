@@ -74,7 +74,13 @@ impl Report<'_> {
     pub fn at<T>(&mut self, span: &Spanned<T>, path: impl Into<String>, msg: impl Into<String>) {
         self.at_loc(span.referenced.line(), span.referenced.column(), path, msg);
     }
-    pub fn at_loc(&mut self, line: u64, column: u64, path: impl Into<String>, msg: impl Into<String>) {
+    pub fn at_loc(
+        &mut self,
+        line: u64,
+        column: u64,
+        path: impl Into<String>,
+        msg: impl Into<String>,
+    ) {
         self.problems.push(Problem {
             file: self.file.to_path_buf(),
             line,
@@ -101,7 +107,11 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
         message,
     };
     if text.len() > MAX_YAML_BYTES {
-        return Err(problem(1, 1, format!("file is larger than {MAX_YAML_BYTES} bytes")));
+        return Err(problem(
+            1,
+            1,
+            format!("file is larger than {MAX_YAML_BYTES} bytes"),
+        ));
     }
     let mut budget = serde_saphyr::Budget::default();
     budget.max_events = 200_000;
@@ -115,10 +125,90 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
     serde_saphyr::from_str_with_options(text, options).map_err(|e| {
         let loc = e.location().unwrap_or(serde_saphyr::Location::UNKNOWN);
         let msg = e.without_snippet().to_string();
-        // The message may repeat the position; keep the first line only.
-        let msg = msg.lines().next().unwrap_or("invalid YAML").to_owned();
-        problem(loc.line().max(1), loc.column().max(1), msg)
+        // The message may repeat the position; keep the first line only,
+        // without a trailing "at line L, column C".
+        let mut msg = msg.lines().next().unwrap_or("invalid YAML").to_owned();
+        if let Some(i) = msg.rfind(" at line ") {
+            msg.truncate(i);
+        }
+        let (line, column) = (loc.line().max(1), loc.column().max(1));
+        let mut p = problem(line, column, msg);
+        p.path = key_path_at(text, line as usize, column as usize);
+        p
     })
+}
+
+/// The key path (`tools[0].arguments`) of the node at `line`:`column` in
+/// block-style YAML, read from indentation. Best effort: used to name the
+/// place of a parse error, never to decide anything.
+pub(crate) fn key_path_at(text: &str, line: usize, column: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    if line == 0 || line > lines.len() {
+        return String::new();
+    }
+    let indent = |l: &str| l.len() - l.trim_start_matches(' ').len();
+    let key_of = |s: &str| -> Option<String> {
+        let s = s.trim_start_matches("- ").trim_start();
+        let k = s.split_once(':')?.0.trim();
+        (!k.is_empty() && !k.starts_with(['{', '[', '#', '"', '\''])).then(|| k.to_owned())
+    };
+    let mut segs: Vec<String> = Vec::new();
+    let here = lines[line - 1];
+    let mut limit = column.saturating_sub(1).min(indent(here) + 1);
+    if let Some(k) = key_of(&here[indent(here).min(here.len())..]) {
+        if column.saturating_sub(1) <= indent(here) + 2 {
+            segs.push(k);
+        }
+    }
+    let mut i = line - 1;
+    while i > 0 && limit > 0 {
+        i -= 1;
+        let l = lines[i];
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let ind = indent(l);
+        if ind >= limit {
+            continue;
+        }
+        if t.starts_with("- ") || t == "-" {
+            // A sequence item: count earlier siblings at the same indent.
+            let mut n = 0;
+            let mut j = i;
+            while j > 0 {
+                j -= 1;
+                let lj = lines[j];
+                let tj = lj.trim_start();
+                if tj.is_empty() || tj.starts_with('#') {
+                    continue;
+                }
+                if indent(lj) < ind || (indent(lj) == ind && !tj.starts_with('-')) {
+                    break;
+                }
+                if indent(lj) == ind {
+                    n += 1;
+                }
+            }
+            let item = format!("[{n}]");
+            match key_of(t) {
+                Some(k) if ind + 2 < limit => segs.push(format!("{item}.{k}")),
+                _ => segs.push(item),
+            }
+        } else if let Some(k) = key_of(t) {
+            segs.push(k);
+        }
+        limit = ind;
+    }
+    segs.reverse();
+    let mut out = String::new();
+    for s in segs {
+        if !out.is_empty() && !s.starts_with('[') {
+            out.push('.');
+        }
+        out.push_str(&s);
+    }
+    out
 }
 
 // ---------------------------------------------------------------- specs
@@ -424,7 +514,11 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "KB" | "kB" => 1_000,
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
-        u => return Err(format!("unknown size unit {u:?} (use B, KiB, MiB, GiB, KB, MB, GB)")),
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            ))
+        }
     };
     n.checked_mul(mult)
         .filter(|v| *v > 0)
@@ -448,8 +542,8 @@ fn interpolate_env(s: &str) -> Result<String, String> {
             .find('}')
             .ok_or_else(|| "unterminated ${env:...}".to_owned())?;
         let name = &after[..end];
-        let val = std::env::var(name)
-            .map_err(|_| format!("environment variable {name} is not set"))?;
+        let val =
+            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
         out.push_str(&val);
         rest = &after[end + 1..];
     }
@@ -491,7 +585,10 @@ pub fn normalize_path(p: &Path) -> PathBuf {
             }
             return r;
         }
-        match (existing.file_name().map(|s| s.to_os_string()), existing.parent()) {
+        match (
+            existing.file_name().map(|s| s.to_os_string()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 tail.push(name);
                 existing = parent.to_path_buf();
@@ -547,13 +644,22 @@ fn addr(r: &mut Report, s: &Spanned<String>, key: &str) -> Option<SocketAddr> {
     match s.value.parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            r.at(s, key, format!("{:?} is not an address like 127.0.0.1:8080", s.value));
+            r.at(
+                s,
+                key,
+                format!("{:?} is not an address like 127.0.0.1:8080", s.value),
+            );
             None
         }
     }
 }
 
-fn duration_at(r: &mut Report, s: &Option<Spanned<String>>, key: &str, default: Duration) -> Duration {
+fn duration_at(
+    r: &mut Report,
+    s: &Option<Spanned<String>>,
+    key: &str,
+    default: Duration,
+) -> Duration {
     match s {
         None => default,
         Some(s) => parse_duration(&s.value).unwrap_or_else(|e| {
@@ -598,13 +704,19 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
     if let (Some(l), Some(a)) = (listen, &admin) {
         if l == a.listen {
             if let Some(s) = &spec.admin {
-                r.at(&s.listen, "admin.listen", "the management plane must not share the data-plane listener");
+                r.at(
+                    &s.listen,
+                    "admin.listen",
+                    "the management plane must not share the data-plane listener",
+                );
             }
         }
     }
     let manifests = normalize_path(&resolve(
         base,
-        spec.manifests.as_ref().map_or("tool-manifests", |s| s.value.as_str()),
+        spec.manifests
+            .as_ref()
+            .map_or("tool-manifests", |s| s.value.as_str()),
     ));
     let state = match &spec.state {
         None => normalize_path(&base.join(".toolgate/state.db")),
@@ -618,7 +730,9 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
     };
     let audit_path = normalize_path(&resolve(
         base,
-        spec.audit.as_ref().map_or(".toolgate/audit.jsonl", |a| a.path.value.as_str()),
+        spec.audit
+            .as_ref()
+            .map_or(".toolgate/audit.jsonl", |a| a.path.value.as_str()),
     ));
 
     let agents = {
@@ -657,15 +771,29 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
         }
     });
     if admin.is_some() && approvers.is_none() {
-        r.at(&spec.auth, "auth.approvers", "admin.listen needs auth.approvers to authenticate the management plane");
+        r.at(
+            &spec.auth,
+            "auth.approvers",
+            "admin.listen needs auth.approvers to authenticate the management plane",
+        );
     }
 
     let upstreams = upstreams(r, &spec.upstreams, base);
 
     let holds = {
         let h = spec.holds.as_ref();
-        let wait = duration_at(r, &h.and_then(|h| h.wait.clone()), "holds.wait", Duration::from_secs(30));
-        let ttl = duration_at(r, &h.and_then(|h| h.ttl.clone()), "holds.ttl", Duration::from_secs(3600));
+        let wait = duration_at(
+            r,
+            &h.and_then(|h| h.wait.clone()),
+            "holds.wait",
+            Duration::from_secs(30),
+        );
+        let ttl = duration_at(
+            r,
+            &h.and_then(|h| h.ttl.clone()),
+            "holds.ttl",
+            Duration::from_secs(3600),
+        );
         let notify_url = h.and_then(|h| h.notify.as_ref()).and_then(|n| {
             match n.url.value.parse::<http::Uri>() {
                 Ok(u) if u.scheme_str() == Some("http") || u.scheme_str() == Some("https") => {
@@ -717,7 +845,12 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
 
     let l = spec.limits.as_ref();
     let limits = Limits {
-        max_body: size_at(r, &l.and_then(|l| l.max_body.clone()), "limits.max_body", 1 << 20),
+        max_body: size_at(
+            r,
+            &l.and_then(|l| l.max_body.clone()),
+            "limits.max_body",
+            1 << 20,
+        ),
         max_upstream_body: size_at(
             r,
             &l.and_then(|l| l.max_upstream_body.clone()),
@@ -776,7 +909,12 @@ pub fn tool_glob(pattern: &str) -> Result<Glob, String> {
         .map_err(|e| format!("invalid pattern {pattern:?}: {e}"))
 }
 
-fn keyset(r: &mut Report, keys: &Spanned<Vec<Spanned<KeySpec>>>, base: &Path, path: &str) -> KeySet {
+fn keyset(
+    r: &mut Report,
+    keys: &Spanned<Vec<Spanned<KeySpec>>>,
+    base: &Path,
+    path: &str,
+) -> KeySet {
     let mut out = Vec::new();
     if keys.value.is_empty() {
         r.at(keys, path, "at least one key is required");
@@ -847,10 +985,12 @@ fn load_key(k: &KeySpec, base: &Path) -> Result<Vec<KeyEntry>, String> {
                     .clone()
                     .ok_or_else(|| format!("jwks: key {i} has no kid"))?;
                 let alg = jwk_alg(jwk).ok_or_else(|| {
-                    format!("jwks: key {kid:?} needs an alg of RS256 or ES256 (or an RSA / P-256 key)")
+                    format!(
+                        "jwks: key {kid:?} needs an alg of RS256 or ES256 (or an RSA / P-256 key)"
+                    )
                 })?;
-                let key = DecodingKey::from_jwk(jwk)
-                    .map_err(|e| format!("jwks: key {kid:?}: {e}"))?;
+                let key =
+                    DecodingKey::from_jwk(jwk).map_err(|e| format!("jwks: key {kid:?}: {e}"))?;
                 out.push(KeyEntry::public(Some(kid), alg, key));
             }
             if out.is_empty() {
@@ -893,10 +1033,18 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            r.at(&u.name, format!("{key}.name"), "names use letters, digits, '-' and '_'");
+            r.at(
+                &u.name,
+                format!("{key}.name"),
+                "names use letters, digits, '-' and '_'",
+            );
         }
         if !names.insert(name.clone()) {
-            r.at(&u.name, format!("{key}.name"), format!("upstream {name:?} is defined twice"));
+            r.at(
+                &u.name,
+                format!("{key}.name"),
+                format!("upstream {name:?} is defined twice"),
+            );
         }
         let prefix = u
             .prefix
@@ -909,9 +1057,12 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
                 prefix.starts_with(op.as_str()) || op.starts_with(prefix.as_str())
             };
             if clash {
-                let at = u.prefix.as_ref().map_or((s.referenced.line(), s.referenced.column()), |p| {
-                    (p.referenced.line(), p.referenced.column())
-                });
+                let at = u
+                    .prefix
+                    .as_ref()
+                    .map_or((s.referenced.line(), s.referenced.column()), |p| {
+                        (p.referenced.line(), p.referenced.column())
+                    });
                 r.at_loc(
                     at.0,
                     at.1,
@@ -926,14 +1077,20 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
         let transport = match (&u.url, &u.command) {
             (Some(url), None) => {
                 let uri = match url.value.parse::<http::Uri>() {
-                    Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => Some(uri),
+                    Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
+                        Some(uri)
+                    }
                     Ok(uri) if uri.scheme_str() == Some("https") => {
                         r.at(url, format!("{key}.url"), "https upstreams are not supported yet; use http on a trusted network or a stdio command");
                         let _ = uri;
                         None
                     }
                     _ => {
-                        r.at(url, format!("{key}.url"), format!("{:?} is not an http URL", url.value));
+                        r.at(
+                            url,
+                            format!("{key}.url"),
+                            format!("{:?} is not an http URL", url.value),
+                        );
                         None
                     }
                 };
@@ -946,8 +1103,20 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
                             continue;
                         }
                     };
-                    if matches!(hname.as_str(), "host" | "content-length" | "transfer-encoding" | "connection" | "mcp-session-id" | "mcp-protocol-version") {
-                        r.at(hv, format!("{key}.headers.{hk}"), "this header is managed by toolgate");
+                    if matches!(
+                        hname.as_str(),
+                        "host"
+                            | "content-length"
+                            | "transfer-encoding"
+                            | "connection"
+                            | "mcp-session-id"
+                            | "mcp-protocol-version"
+                    ) {
+                        r.at(
+                            hv,
+                            format!("{key}.headers.{hk}"),
+                            "this header is managed by toolgate",
+                        );
                         continue;
                     }
                     match interpolate_env(&hv.value) {
@@ -956,7 +1125,9 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
                                 v.set_sensitive(true);
                                 headers.push((hname, v));
                             }
-                            Err(_) => r.at(hv, format!("{key}.headers.{hk}"), "invalid header value"),
+                            Err(_) => {
+                                r.at(hv, format!("{key}.headers.{hk}"), "invalid header value")
+                            }
                         },
                         Err(e) => r.at(hv, format!("{key}.headers.{hk}"), e),
                     }
@@ -965,7 +1136,11 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
             }
             (None, Some(cmd)) => {
                 if cmd.value.is_empty() {
-                    r.at(cmd, format!("{key}.command"), "command needs at least the program");
+                    r.at(
+                        cmd,
+                        format!("{key}.command"),
+                        "command needs at least the program",
+                    );
                     None
                 } else {
                     Some(Transport::Stdio {
@@ -1021,10 +1196,21 @@ mod tests {
         let msgs: Vec<String> = e.0.iter().map(|p| p.to_string()).collect();
         let all = msgs.join("\n");
         assert!(all.contains("toolgate.yaml:1:9: listen:"), "{all}");
-        assert!(all.contains(":6:13: auth.agents.leeway: leeway must be at most 30s"), "{all}");
-        assert!(all.contains("auth.agents.keys[0]: hs256: environment variable TG_NOT_SET_ANYWHERE is not set"), "{all}");
+        assert!(
+            all.contains(":6:13: auth.agents.leeway: leeway must be at most 30s"),
+            "{all}"
+        );
+        assert!(
+            all.contains(
+                "auth.agents.keys[0]: hs256: environment variable TG_NOT_SET_ANYWHERE is not set"
+            ),
+            "{all}"
+        );
         assert!(all.contains(":11:10: upstreams[0].url"), "{all}");
-        assert!(all.contains(":12:11: upstreams[1].name: upstream \"billing\" is defined twice"), "{all}");
+        assert!(
+            all.contains(":12:11: upstreams[1].name: upstream \"billing\" is defined twice"),
+            "{all}"
+        );
         assert!(all.contains("upstreams[1].prefix"), "{all}");
         assert!(all.contains(":15:13: limits.max_body"), "{all}");
         assert_eq!(e.0.len(), 7, "{all}");
@@ -1046,8 +1232,23 @@ mod tests {
         let e = load("listen: 127.0.0.1:9\nadmin: { listen: 127.0.0.1:9 }\nauth:\n  agents: { issuer: i, audience: a, keys: [ { hs256: { secret_env: TG_SHORT } } ] }\n  approvers: { issuer: i, audience: a, keys: [ { hs256: { secret_env: TG_TEST_SECRET } } ] }\n").unwrap_err();
         let all = e.to_string();
         assert!(all.contains("at least 32"), "{all}");
-        assert!(all.contains("must not share the data-plane listener"), "{all}");
+        assert!(
+            all.contains("must not share the data-plane listener"),
+            "{all}"
+        );
         assert!(all.contains("distinct from agents'"), "{all}");
+    }
+
+    #[test]
+    fn key_paths_are_read_from_block_structure() {
+        let y = "auth:\n  agents:\n    keys:\n      - hs256: {}\n      - rs256:\n          public_key_pem: x\ntools:\n  - name: a\n  - name: b\n    argumets: {}\n";
+        assert_eq!(key_path_at(y, 2, 3), "auth.agents");
+        assert_eq!(
+            key_path_at(y, 6, 11),
+            "auth.agents.keys[1].rs256.public_key_pem"
+        );
+        assert_eq!(key_path_at(y, 10, 5), "tools[1].argumets");
+        assert_eq!(key_path_at(y, 1, 1), "auth");
     }
 
     #[test]
@@ -1080,7 +1281,10 @@ mod tests {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(d.join("real"), &link).unwrap();
         let real = d.join("real").canonicalize().unwrap();
-        assert_eq!(normalize_path(&d.join("link/x/../y.txt")), real.join("y.txt"));
+        assert_eq!(
+            normalize_path(&d.join("link/x/../y.txt")),
+            real.join("y.txt")
+        );
         assert_eq!(normalize_path(&d.join("./real//./z")), real.join("z"));
         std::fs::remove_dir_all(&d).unwrap();
     }

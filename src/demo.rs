@@ -72,16 +72,20 @@ impl ToolServer {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let me = me.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let me = me.clone();
                         async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
                 });
             }
         });
@@ -98,7 +102,11 @@ impl ToolServer {
         if parts.method != http::Method::POST {
             return status(StatusCode::METHOD_NOT_ALLOWED);
         }
-        let Ok(bytes) = http_body_util::Limited::new(body, 1 << 20).collect().await.map(|c| c.to_bytes()) else {
+        let Ok(bytes) = http_body_util::Limited::new(body, 1 << 20)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+        else {
             return status(StatusCode::PAYLOAD_TOO_LARGE);
         };
         let Ok(msg) = serde_json::from_slice::<Value>(&bytes) else {
@@ -117,13 +125,20 @@ impl ToolServer {
                     "serverInfo": {"name": "toolgate-demo-tools", "version": env!("CARGO_PKG_VERSION")},
                 }});
                 let mut r = json_response(&body);
-                r.headers_mut().insert("mcp-session-id", http::HeaderValue::from_static("demo-session"));
+                r.headers_mut().insert(
+                    "mcp-session-id",
+                    http::HeaderValue::from_static("demo-session"),
+                );
                 return r;
             }
             "ping" => json!({}),
             "tools/list" => json!({"tools": tool_definitions()}),
             "tools/call" => {
-                let tool = params.get("name").and_then(Value::as_str).unwrap_or("").to_owned();
+                let tool = params
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
                 let args = params.get("arguments").cloned().unwrap_or(json!({}));
                 if let Ok(mut r) = self.received.lock() {
                     r.push(Received {
@@ -135,7 +150,9 @@ impl ToolServer {
                 call(&tool, &args)
             }
             _ => {
-                return json_response(&json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "method not found"}}));
+                return json_response(
+                    &json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "method not found"}}),
+                );
             }
         };
         json_response(&json!({"jsonrpc": "2.0", "id": id, "result": result}))
@@ -147,11 +164,23 @@ fn call(tool: &str, args: &Value) -> Value {
     let (text, structured) = match tool {
         "get_invoice" => {
             let id = s("invoice_id");
-            (format!("Invoice {id}: 120.00 EUR, paid"), json!({"invoice_id": id, "amount": 120.0, "currency": "EUR", "status": "paid"}))
+            (
+                format!("Invoice {id}: 120.00 EUR, paid"),
+                json!({"invoice_id": id, "amount": 120.0, "currency": "EUR", "status": "paid"}),
+            )
         }
-        "refund" => (format!("Refunded invoice {}", s("invoice_id")), json!({"refunded": true})),
-        "delete_invoice" => (format!("Deleted invoice {}", s("invoice_id")), json!({"deleted": true})),
-        "grant_role" => (format!("Granted {} to {}", s("role"), s("principal")), json!({"granted": true})),
+        "refund" => (
+            format!("Refunded invoice {}", s("invoice_id")),
+            json!({"refunded": true}),
+        ),
+        "delete_invoice" => (
+            format!("Deleted invoice {}", s("invoice_id")),
+            json!({"deleted": true}),
+        ),
+        "grant_role" => (
+            format!("Granted {} to {}", s("role"), s("principal")),
+            json!({"granted": true}),
+        ),
         "echo" => (s("text"), json!({"text": s("text")})),
         other => {
             return json!({"isError": true, "content": [{"type": "text", "text": format!("unknown tool {other}")}]});
@@ -162,7 +191,10 @@ fn call(tool: &str, args: &Value) -> Value {
 
 fn json_response(v: &Value) -> Response<Body> {
     let mut r = Response::new(full(Bytes::from(serde_json::to_vec(v).unwrap_or_default())));
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -176,6 +208,12 @@ fn status(s: StatusCode) -> Response<Body> {
 pub const CONFIG: &str = include_str!("../toolgate.yaml");
 /// The shipped manifests, embedded for `toolgate demo`.
 pub const MANIFESTS: [(&str, &str); 2] = [
-    ("billing-bot.yaml", include_str!("../tool-manifests/billing-bot.yaml")),
-    ("ops-bot.yaml", include_str!("../tool-manifests/ops-bot.yaml")),
+    (
+        "billing-bot.yaml",
+        include_str!("../tool-manifests/billing-bot.yaml"),
+    ),
+    (
+        "ops-bot.yaml",
+        include_str!("../tool-manifests/ops-bot.yaml"),
+    ),
 ];

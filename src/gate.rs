@@ -101,13 +101,7 @@ struct Ctx {
     sse: bool,
 }
 
-fn rpc_error(
-    status: StatusCode,
-    id: Option<&Id>,
-    code: i64,
-    message: &str,
-    data: Value,
-) -> Reply {
+fn rpc_error(status: StatusCode, id: Option<&Id>, code: i64, message: &str, data: Value) -> Reply {
     Reply::Rpc(status, mcp::error_response(id, code, message, Some(data)))
 }
 
@@ -126,7 +120,10 @@ impl Gate {
             config.agents.keys.clone(),
         );
         let limiters = Limiters::build(&policy, None, governor::clock::DefaultClock::default());
-        let sessions = Sessions::new(config.limits.max_sessions, std::time::Duration::from_secs(3600));
+        let sessions = Sessions::new(
+            config.limits.max_sessions,
+            std::time::Duration::from_secs(3600),
+        );
         Gate(Arc::new(Shared {
             verifier,
             snapshot: ArcSwap::from_pointee(Snapshot {
@@ -174,7 +171,8 @@ impl Gate {
             if r.agent.is_none() {
                 r.agent = ctx.agent.clone();
             }
-            r.latency_us.get_or_insert(ctx.started.elapsed().as_micros() as u64);
+            r.latency_us
+                .get_or_insert(ctx.started.elapsed().as_micros() as u64);
             if let Some(d) = r.decision {
                 span.record("decision", d);
             }
@@ -206,7 +204,10 @@ impl Gate {
             Reply::Status(s) => {
                 let mut r = response(s, "", full(Bytes::new()));
                 if s == StatusCode::METHOD_NOT_ALLOWED {
-                    r.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static("POST, DELETE"));
+                    r.headers_mut().insert(
+                        http::header::ALLOW,
+                        HeaderValue::from_static("POST, DELETE"),
+                    );
                 }
                 r
             }
@@ -269,7 +270,9 @@ impl Gate {
             .is_some_and(|v| !mcp::SESSION_VERSIONS.contains(&v) && v != "2024-11-05");
         match parts.method {
             Method::POST => {}
-            _ if modern_header => return Outcome::reply(Reply::Status(StatusCode::METHOD_NOT_ALLOWED)),
+            _ if modern_header => {
+                return Outcome::reply(Reply::Status(StatusCode::METHOD_NOT_ALLOWED))
+            }
             Method::DELETE => return self.delete_session(&parts.headers, &caller),
             Method::GET => {
                 // No server-initiated stream: toolgate sends nothing unasked.
@@ -310,7 +313,7 @@ impl Gate {
         // Which revision, and (for the session-based ones) which session.
         let version = match self.revision(&parts.headers, &req, &caller, ctx) {
             Ok(v) => v,
-            Err(o) => return o,
+            Err(o) => return *o,
         };
         let Some(id) = req.id.clone() else {
             return self.notification(&req);
@@ -350,14 +353,21 @@ impl Gate {
                 json!({"decision": "deny"}),
             ));
         }
-        if let Some(len) = header_str(headers, "content-length").and_then(|l| l.parse::<usize>().ok()) {
+        if let Some(len) =
+            header_str(headers, "content-length").and_then(|l| l.parse::<usize>().ok())
+        {
             if len > max {
                 return Err(too_large());
             }
         }
         match Limited::new(body, max).collect().await {
             Ok(c) => Ok(c.to_bytes()),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                Err(too_large())
+            }
             Err(_) => Err(rpc_error(
                 StatusCode::BAD_REQUEST,
                 None,
@@ -376,10 +386,10 @@ impl Gate {
         req: &mcp::Request,
         caller: &Caller,
         ctx: &Ctx,
-    ) -> Result<&'static str, Outcome> {
+    ) -> Result<&'static str, Box<Outcome>> {
         let header_version = header_str(headers, "mcp-protocol-version");
         let bad = |msg: String| {
-            refused(
+            Box::new(refused(
                 rpc_error(
                     StatusCode::BAD_REQUEST,
                     req.id.as_ref(),
@@ -388,7 +398,7 @@ impl Gate {
                     json!({"decision": "deny", "request_id": ctx.request_id}),
                 ),
                 &msg,
-            )
+            ))
         };
         if req.method == "initialize" {
             return Ok(mcp::V2025_11_25);
@@ -405,10 +415,10 @@ impl Gate {
                     if let Some((k, v)) = extra {
                         data[k] = v;
                     }
-                    Err(refused(
+                    Err(Box::new(refused(
                         rpc_error(StatusCode::BAD_REQUEST, req.id.as_ref(), code, &msg, data),
                         &msg,
-                    ))
+                    )))
                 }
             };
         }
@@ -420,7 +430,10 @@ impl Gate {
                 if let Some(v) = header_version {
                     if v != s.version && mcp::is_supported_version(v) && v != mcp::V2026_07_28 {
                         // Clients may send the header they negotiated only.
-                        return Err(bad(format!("MCP-Protocol-Version {v} does not match the session's {}", s.version)));
+                        return Err(bad(format!(
+                            "MCP-Protocol-Version {v} does not match the session's {}",
+                            s.version
+                        )));
                     }
                     if !mcp::is_supported_version(v) {
                         return Err(bad(format!("unsupported MCP-Protocol-Version {v:?}")));
@@ -428,7 +441,7 @@ impl Gate {
                 }
                 Ok(s.version)
             }
-            Err(_) => Err(Outcome {
+            Err(_) => Err(Box::new(Outcome {
                 reply: Reply::Status(StatusCode::NOT_FOUND),
                 session_id: None,
                 record: Some(Record {
@@ -437,7 +450,7 @@ impl Gate {
                     reason: Some("unknown session".into()),
                     ..Record::default()
                 }),
-            }),
+            })),
         }
     }
 
@@ -445,7 +458,11 @@ impl Gate {
     /// `Mcp-Name` must all agree with the body, so a header/body disagreement
     /// can never steer routing or policy. Errors carry the revision's codes
     /// (-32020 header mismatch, -32022 unsupported version, -32602 envelope).
-    fn stateless_checks(&self, headers: &HeaderMap, req: &mcp::Request) -> Result<(), StatelessError> {
+    fn stateless_checks(
+        &self,
+        headers: &HeaderMap,
+        req: &mcp::Request,
+    ) -> Result<(), StatelessError> {
         let mismatch = |m: String| (code::HEADER_MISMATCH, m, None);
         let one = |name: &str| -> Result<Option<&str>, StatelessError> {
             let mut all = headers.get_all(name).iter();
@@ -454,7 +471,10 @@ impl Gate {
                 return Err(mismatch(format!("{name} header appears more than once")));
             }
             first
-                .map(|v| v.to_str().map_err(|_| mismatch(format!("{name} header is not valid text"))))
+                .map(|v| {
+                    v.to_str()
+                        .map_err(|_| mismatch(format!("{name} header is not valid text")))
+                })
                 .transpose()
         };
         let version = one("mcp-protocol-version")?.unwrap_or_default();
@@ -462,11 +482,17 @@ impl Gate {
             return Err((
                 code::UNSUPPORTED_VERSION,
                 "Unsupported protocol version".into(),
-                Some(("supported", json!([mcp::V2026_07_28, mcp::V2025_11_25, mcp::V2025_06_18]))),
+                Some((
+                    "supported",
+                    json!([mcp::V2026_07_28, mcp::V2025_11_25, mcp::V2025_06_18]),
+                )),
             ));
         }
         let method = one("mcp-method")?;
-        let name = one("mcp-name")?.map(mcp::decode_header_value).transpose().map_err(mismatch)?;
+        let name = one("mcp-name")?
+            .map(mcp::decode_header_value)
+            .transpose()
+            .map_err(mismatch)?;
         let meta = req.params.get("_meta").and_then(Value::as_object);
         let Some(meta) = meta.filter(|m| {
             m.get(mcp::META_VERSION).is_some_and(Value::is_string)
@@ -474,7 +500,11 @@ impl Gate {
         }) else {
             return Err((
                 code::INVALID_PARAMS,
-                format!("params._meta must be an object carrying {:?} and {:?}", mcp::META_VERSION, mcp::META_CAPABILITIES),
+                format!(
+                    "params._meta must be an object carrying {:?} and {:?}",
+                    mcp::META_VERSION,
+                    mcp::META_CAPABILITIES
+                ),
                 None,
             ));
         };
@@ -483,11 +513,21 @@ impl Gate {
         }
         match method {
             Some(m) if m == req.method => {}
-            Some(_) => return Err(mismatch("mcp-method header does not match the request body's method".into())),
-            None => return Err(mismatch("mcp-method header is required with protocol revision 2026-07-28".into())),
+            Some(_) => {
+                return Err(mismatch(
+                    "mcp-method header does not match the request body's method".into(),
+                ))
+            }
+            None => {
+                return Err(mismatch(
+                    "mcp-method header is required with protocol revision 2026-07-28".into(),
+                ))
+            }
         }
         let body_name = match req.method.as_str() {
-            "tools/call" | "prompts/get" => Some(req.params.get("name").and_then(Value::as_str).unwrap_or("")),
+            "tools/call" | "prompts/get" => {
+                Some(req.params.get("name").and_then(Value::as_str).unwrap_or(""))
+            }
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
                 Some(req.params.get("uri").and_then(Value::as_str).unwrap_or(""))
             }
@@ -496,8 +536,12 @@ impl Gate {
         match (name.as_deref(), body_name) {
             (Some(h), Some(b)) if h == b => Ok(()),
             (None, None) => Ok(()),
-            (Some(_), None) => Err(mismatch("mcp-name header given for a request that names nothing".into())),
-            _ => Err(mismatch("mcp-name header does not match the request body's name".into())),
+            (Some(_), None) => Err(mismatch(
+                "mcp-name header given for a request that names nothing".into(),
+            )),
+            _ => Err(mismatch(
+                "mcp-name header does not match the request body's name".into(),
+            )),
         }
     }
 
@@ -538,7 +582,12 @@ impl Gate {
         caller: &Caller,
         ctx: &mut Ctx,
     ) -> Outcome {
-        let ok = |result: Value| Outcome::reply(Reply::Rpc(StatusCode::OK, mcp::result_response(&id, shape(result, version))));
+        let ok = |result: Value| {
+            Outcome::reply(Reply::Rpc(
+                StatusCode::OK,
+                mcp::result_response(&id, shape(result, version)),
+            ))
+        };
         let modern = version == mcp::V2026_07_28;
         let cacheable = |mut v: Value| {
             if modern {
@@ -562,8 +611,17 @@ impl Gate {
             other => {
                 let msg = format!("method {other:?} is not supported by toolgate");
                 Outcome::reply(Reply::Rpc(
-                    if modern { StatusCode::NOT_FOUND } else { StatusCode::OK },
-                    mcp::error_response(Some(&id), code::METHOD_NOT_FOUND, &msg, Some(json!({"request_id": ctx.request_id}))),
+                    if modern {
+                        StatusCode::NOT_FOUND
+                    } else {
+                        StatusCode::OK
+                    },
+                    mcp::error_response(
+                        Some(&id),
+                        code::METHOD_NOT_FOUND,
+                        &msg,
+                        Some(json!({"request_id": ctx.request_id})),
+                    ),
                 ))
             }
         }
@@ -640,10 +698,15 @@ impl Gate {
     /// incomplete and stale, or `force` (a name was not found).
     pub async fn catalog(&self, force: bool) -> Arc<Catalog> {
         let current = self.0.catalog.load_full();
-        let fresh = current
-            .fetched_at
-            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(if force { 1 } else { 30 }));
-        if fresh && (!force || current.fetched_at.is_some_and(|t| t.elapsed().as_millis() < 200)) {
+        let fresh = current.fetched_at.is_some_and(|t| {
+            t.elapsed() < std::time::Duration::from_secs(if force { 1 } else { 30 })
+        });
+        if fresh
+            && (!force
+                || current
+                    .fetched_at
+                    .is_some_and(|t| t.elapsed().as_millis() < 200))
+        {
             return current;
         }
         let _g = self.0.refresh.lock().await;
@@ -684,7 +747,13 @@ impl Gate {
         tracing::Span::current().record("tool.name", call.name.as_str());
         let snap = self.0.snapshot.load();
         let manifest = snap.policy.get(&caller.agent);
-        let decision = policy::decide(&self.0.guard, manifest.map(|m| &**m), &caller.agent, &call.name, &call.arguments);
+        let decision = policy::decide(
+            &self.0.guard,
+            manifest.map(|m| &**m),
+            &caller.agent,
+            &call.name,
+            &call.arguments,
+        );
         let rule_id = decision.rule.id().into_owned();
         let mut record = Record {
             event: "call",
@@ -707,7 +776,10 @@ impl Gate {
             Value::Object(d)
         };
         let deny = |record: Record, code: i64, msg: &str, data: Value| Outcome {
-            reply: Reply::Rpc(StatusCode::OK, mcp::error_response(Some(&id), code, msg, Some(data))),
+            reply: Reply::Rpc(
+                StatusCode::OK,
+                mcp::error_response(Some(&id), code, msg, Some(data)),
+            ),
             session_id: None,
             record: Some(record),
         };
@@ -715,12 +787,25 @@ impl Gate {
             Verdict::Deny => {
                 let d = data("deny", None);
                 record.decision = Some("deny");
-                return deny(record, code::DENIED, &format!("denied: {}", decision.reason), d);
+                return deny(
+                    record,
+                    code::DENIED,
+                    &format!("denied: {}", decision.reason),
+                    d,
+                );
             }
             Verdict::Invalid(errors) => {
-                let d = data("deny", Some(("errors", serde_json::to_value(errors).unwrap_or_default())));
+                let d = data(
+                    "deny",
+                    Some(("errors", serde_json::to_value(errors).unwrap_or_default())),
+                );
                 record.decision = Some("deny");
-                return deny(record, code::INVALID_PARAMS, "invalid arguments: the call does not match the tool's schema", d);
+                return deny(
+                    record,
+                    code::INVALID_PARAMS,
+                    "invalid arguments: the call does not match the tool's schema",
+                    d,
+                );
             }
             Verdict::Hold { .. } | Verdict::Allow => {}
         }
@@ -734,7 +819,14 @@ impl Gate {
             };
             record.decision = Some("rate_limited");
             record.rule = Some(scope.to_owned());
-            record.reason = Some(format!("over the {} rate limit; retry after {ms} ms", if limited.scope == Scope::Agent { "agent's" } else { "tool's" }));
+            record.reason = Some(format!(
+                "over the {} rate limit; retry after {ms} ms",
+                if limited.scope == Scope::Agent {
+                    "agent's"
+                } else {
+                    "tool's"
+                }
+            ));
             let d = {
                 let mut d = data("rate_limited", Some(("retry_after_ms", Value::from(ms))));
                 d["rule"] = Value::from(scope);
@@ -755,7 +847,7 @@ impl Gate {
         if !catalog.routes.contains_key(&call.name) {
             catalog = self.catalog(true).await;
         }
-        let Some(route) = catalog.routes.get(&call.name).cloned() else {
+        let Some(route) = catalog.route(&call.name) else {
             let msg = format!("unknown tool {:?}: no upstream exposes it", call.name);
             record.decision = Some("deny");
             record.rule = Some("catalog".into());
@@ -775,7 +867,12 @@ impl Gate {
             tracing::error!("audit log unavailable: refusing to forward");
             return Outcome::reply(Reply::Rpc(
                 StatusCode::OK,
-                mcp::error_response(Some(&id), code::AUDIT_UNAVAILABLE, "the audit log cannot be written; nothing was forwarded", Some(d)),
+                mcp::error_response(
+                    Some(&id),
+                    code::AUDIT_UNAVAILABLE,
+                    "the audit log cannot be written; nothing was forwarded",
+                    Some(d),
+                ),
             ));
         }
         tracing::info!(upstream.name = %upstream.name, "allowed; forwarding");
@@ -791,7 +888,10 @@ impl Gate {
         }
         let forwarded = upstream.request("tools/call", Value::Object(params)).await;
         match forwarded {
-            Ok(Answer::Result(r)) => Outcome::reply(Reply::Rpc(StatusCode::OK, mcp::result_response(&id, shape(r, version)))),
+            Ok(Answer::Result(r)) => Outcome::reply(Reply::Rpc(
+                StatusCode::OK,
+                mcp::result_response(&id, shape(r, version)),
+            )),
             Ok(Answer::Error(e)) => Outcome::reply(Reply::Rpc(
                 StatusCode::OK,
                 json!({"jsonrpc": "2.0", "id": id.to_value(), "error": e}),
@@ -804,7 +904,15 @@ impl Gate {
                     d
                 };
                 Outcome {
-                    reply: Reply::Rpc(StatusCode::OK, mcp::error_response(Some(&id), code::UPSTREAM, &format!("upstream failed: {e}"), Some(d))),
+                    reply: Reply::Rpc(
+                        StatusCode::OK,
+                        mcp::error_response(
+                            Some(&id),
+                            code::UPSTREAM,
+                            &format!("upstream failed: {e}"),
+                            Some(d),
+                        ),
+                    ),
                     session_id: None,
                     record: Some(Record {
                         event: "upstream_error",
@@ -831,7 +939,9 @@ async fn futures_join(upstreams: &[Arc<Upstream>]) -> Vec<Option<Vec<Map<String,
     while let Some(Ok((i, r))) = set.join_next().await {
         match r {
             Ok(list) => out[i] = Some(list),
-            Err(e) => tracing::warn!(upstream.name = %upstreams[i].name, error = %e, "cannot list tools"),
+            Err(e) => {
+                tracing::warn!(upstream.name = %upstreams[i].name, error = %e, "cannot list tools")
+            }
         }
     }
     out
@@ -857,7 +967,8 @@ fn shape(mut result: Value, version: &str) -> Value {
         return result;
     };
     if version == mcp::V2026_07_28 {
-        o.entry("resultType").or_insert_with(|| Value::from("complete"));
+        o.entry("resultType")
+            .or_insert_with(|| Value::from("complete"));
         let meta = o.entry("_meta").or_insert_with(|| json!({}));
         if let Value::Object(m) = meta {
             m.insert(mcp::META_SERVER_INFO.into(), Gate::server_info());

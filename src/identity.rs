@@ -123,7 +123,12 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn new(issuer: &str, audience: &str, leeway: std::time::Duration, keys: Arc<KeySet>) -> Self {
+    pub fn new(
+        issuer: &str,
+        audience: &str,
+        leeway: std::time::Duration,
+        keys: Arc<KeySet>,
+    ) -> Self {
         Verifier {
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
@@ -276,7 +281,12 @@ mod tests {
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     fn verifier(entries: Vec<KeyEntry>) -> Verifier {
-        Verifier::new("iss", "aud", std::time::Duration::from_secs(0), Arc::new(KeySet::new(entries)))
+        Verifier::new(
+            "iss",
+            "aud",
+            std::time::Duration::from_secs(0),
+            Arc::new(KeySet::new(entries)),
+        )
     }
 
     fn claims(extra: Value) -> Value {
@@ -325,7 +335,12 @@ mod tests {
     #[test]
     fn refuses_wrong_key_alg_none_and_garbage() {
         let v = verifier(vec![KeyEntry::hmac(None, SECRET.to_vec())]);
-        let other = mint_hs256(None, b"another-secret-another-secret-xx", &claims(json!({}))).unwrap();
+        let other = mint_hs256(
+            None,
+            b"another-secret-another-secret-xx",
+            &claims(json!({})),
+        )
+        .unwrap();
         assert_eq!(v.verify(&other), Err(AuthError::BadSignature));
         // alg none: header {"alg":"none","typ":"JWT"}
         use base64::Engine as _;
@@ -337,7 +352,10 @@ mod tests {
         );
         assert_eq!(v.verify(&none), Err(AuthError::Malformed));
         assert_eq!(v.verify("not.a.jwt"), Err(AuthError::Malformed));
-        assert_eq!(v.verify(&"a".repeat(MAX_TOKEN_LEN + 1)), Err(AuthError::TooLarge));
+        assert_eq!(
+            v.verify(&"a".repeat(MAX_TOKEN_LEN + 1)),
+            Err(AuthError::TooLarge)
+        );
     }
 
     #[test]

@@ -14,15 +14,15 @@
 //! - [`config`]: process configuration, validated with located problems.
 //! - [`demo`]: the bundled demo tool server and the `demo` command.
 
+pub mod audit;
 pub mod config;
+pub mod demo;
+pub mod gate;
 pub mod identity;
 pub mod manifest;
 pub mod mcp;
 pub mod policy;
-pub mod audit;
 pub mod ratelimit;
-pub mod upstream;
-pub mod gate;
-pub mod session;
 pub mod server;
-pub mod demo;
+pub mod session;
+pub mod upstream;

@@ -16,7 +16,11 @@ use toolgate::policy::{self, Verdict};
 use toolgate::server::{guard_for, Server};
 
 #[derive(Parser)]
-#[command(name = "toolgate", version, about = "An inline policy gate between AI agents and the MCP tools they call")]
+#[command(
+    name = "toolgate",
+    version,
+    about = "An inline policy gate between AI agents and the MCP tools they call"
+)]
 struct Cli {
     /// Operator log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -116,7 +120,9 @@ fn main() -> ExitCode {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
@@ -141,14 +147,29 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Check { config } => Ok(check(&config)),
-        Cmd::Explain { config, agent, tool, args } => explain(&config, &agent, &tool, &args),
-        Cmd::Token { config, agent, ttl, plane, roles, amr } => {
-            let config = Config::load(&config).map_err(|p| anyhow::anyhow!("invalid config:\n{p}"))?;
+        Cmd::Explain {
+            config,
+            agent,
+            tool,
+            args,
+        } => explain(&config, &agent, &tool, &args),
+        Cmd::Token {
+            config,
+            agent,
+            ttl,
+            plane,
+            roles,
+            amr,
+        } => {
+            let config =
+                Config::load(&config).map_err(|p| anyhow::anyhow!("invalid config:\n{p}"))?;
             let ttl = parse_duration(&ttl).map_err(anyhow::Error::msg)?;
             println!("{}", token(&config, &agent, ttl, plane, &roles, &amr)?);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Audit { cmd: AuditCmd::Verify { path } } => match toolgate::audit::verify(&path) {
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { path },
+        } => match toolgate::audit::verify(&path) {
             Ok(n) => {
                 println!("ok: {n} records, chain intact ({})", path.display());
                 Ok(ExitCode::SUCCESS)
@@ -158,7 +179,10 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(1))
             }
         },
-        Cmd::Demo { listen, tools_listen } => {
+        Cmd::Demo {
+            listen,
+            tools_listen,
+        } => {
             runtime()?.block_on(demo(&listen, &tools_listen))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -168,7 +192,10 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
 /// Loads config and manifests, printing every problem on failure.
 fn load(path: &Path) -> Result<(Config, PolicySet), ExitCode> {
     let config = Config::load(path);
-    let policy = config.as_ref().ok().map(|c| PolicySet::load_dir(&c.manifests));
+    let policy = config
+        .as_ref()
+        .ok()
+        .map(|c| PolicySet::load_dir(&c.manifests));
     let mut problems = Vec::new();
     if let Err(p) = &config {
         problems.extend(p.0.iter().cloned());
@@ -197,15 +224,27 @@ fn check(path: &Path) -> ExitCode {
     let mut ms: Vec<_> = policy.manifests().collect();
     ms.sort_by(|a, b| a.agent.cmp(&b.agent));
     for m in ms {
-        let holds = m.tools.iter().filter(|t| t.approval_required || !t.hold_when.is_empty()).count();
+        let holds = m
+            .tools
+            .iter()
+            .filter(|t| t.approval_required || !t.hold_when.is_empty())
+            .count();
         println!(
             "{}: {} tool rule(s), {} deny rule(s), {} with holds, unlisted {}, rate {} ({})",
             m.agent,
             m.tools.len(),
             m.deny.len(),
             holds,
-            if m.unlisted == toolgate::manifest::Unlisted::Hold { "hold" } else { "deny" },
-            m.rate.map_or("none".to_owned(), |r| format!("burst {} per {:?}", r.burst, r.interval * r.burst.get())),
+            if m.unlisted == toolgate::manifest::Unlisted::Hold {
+                "hold"
+            } else {
+                "deny"
+            },
+            m.rate.map_or("none".to_owned(), |r| format!(
+                "burst {} per {:?}",
+                r.burst,
+                r.interval * r.burst.get()
+            )),
             m.file_name(),
         );
     }
@@ -247,7 +286,15 @@ fn explain(path: &Path, agent: &str, tool: &str, args: &str) -> anyhow::Result<E
     println!("reason:   {}", d.reason);
     if let Verdict::Invalid(errors) = &d.verdict {
         for e in errors {
-            println!("  {}: {}", if e.pointer.is_empty() { "/" } else { &e.pointer }, e.message);
+            println!(
+                "  {}: {}",
+                if e.pointer.is_empty() {
+                    "/"
+                } else {
+                    &e.pointer
+                },
+                e.message
+            );
         }
     }
     if let Verdict::Hold { approvals } = d.verdict {
@@ -264,7 +311,14 @@ fn explain(path: &Path, agent: &str, tool: &str, args: &str) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-fn token(config: &Config, subject: &str, ttl: Duration, plane: Plane, roles: &[String], amr: &[String]) -> anyhow::Result<String> {
+fn token(
+    config: &Config,
+    subject: &str,
+    ttl: Duration,
+    plane: Plane,
+    roles: &[String],
+    amr: &[String],
+) -> anyhow::Result<String> {
     let (issuer, audience, claim, keys) = match plane {
         Plane::Data => (
             &config.agents.issuer,
@@ -273,7 +327,10 @@ fn token(config: &Config, subject: &str, ttl: Duration, plane: Plane, roles: &[S
             &config.agents.keys,
         ),
         Plane::Admin => {
-            let a = config.approvers.as_ref().context("the config has no auth.approvers")?;
+            let a = config
+                .approvers
+                .as_ref()
+                .context("the config has no auth.approvers")?;
             (&a.issuer, &a.audience, a.subject_claim.as_str(), &a.keys)
         }
     };
@@ -284,8 +341,15 @@ fn token(config: &Config, subject: &str, ttl: Duration, plane: Plane, roles: &[S
     let mut claims = json!({"iss": issuer, "aud": audience, "iat": now, "nbf": now, "exp": now + ttl.as_secs().max(1)});
     claims[claim] = Value::from(subject);
     if plane == Plane::Admin {
-        let roles_claim = config.approvers.as_ref().map_or("roles", |a| a.roles_claim.as_str());
-        claims[roles_claim] = json!(if roles.is_empty() { vec!["approver".to_owned()] } else { roles.to_vec() });
+        let roles_claim = config
+            .approvers
+            .as_ref()
+            .map_or("roles", |a| a.roles_claim.as_str());
+        claims[roles_claim] = json!(if roles.is_empty() {
+            vec!["approver".to_owned()]
+        } else {
+            roles.to_vec()
+        });
         if !amr.is_empty() {
             claims["amr"] = json!(amr);
         }
@@ -306,13 +370,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -336,10 +401,14 @@ async fn demo(listen: &str, tools_listen: &str) -> anyhow::Result<()> {
             std::env::set_var(var, uuid::Uuid::new_v4().simple().to_string());
         }
     }
-    let mut config = Config::load(&dir.join("toolgate.yaml")).map_err(|p| anyhow::anyhow!("embedded config:\n{p}"))?;
-    let policy = PolicySet::load_dir(&config.manifests).map_err(|p| anyhow::anyhow!("embedded manifests:\n{p}"))?;
+    let mut config = Config::load(&dir.join("toolgate.yaml"))
+        .map_err(|p| anyhow::anyhow!("embedded config:\n{p}"))?;
+    let policy = PolicySet::load_dir(&config.manifests)
+        .map_err(|p| anyhow::anyhow!("embedded manifests:\n{p}"))?;
     let tools = ToolServer::default();
-    let tools_addr = tools.start(tools_listen.parse().context("--tools-listen")?).await?;
+    let tools_addr = tools
+        .start(tools_listen.parse().context("--tools-listen")?)
+        .await?;
     config.upstreams[0].transport = Transport::Http {
         url: format!("http://{tools_addr}/mcp").parse()?,
         headers: Vec::new(),
@@ -355,7 +424,14 @@ async fn demo(listen: &str, tools_listen: &str) -> anyhow::Result<()> {
         eprintln!("note: {} is busy; using a free port instead", config.listen);
         config.listen = "127.0.0.1:0".parse()?;
     }
-    let token = token(&config, "billing-bot", Duration::from_secs(3600), Plane::Data, &[], &[])?;
+    let token = token(
+        &config,
+        "billing-bot",
+        Duration::from_secs(3600),
+        Plane::Data,
+        &[],
+        &[],
+    )?;
     let audit = config.audit_path.clone();
     let server = Server::start(config, policy).await?;
     let url = format!("http://{}/mcp", server.addr);
@@ -367,18 +443,33 @@ async fn demo(listen: &str, tools_listen: &str) -> anyhow::Result<()> {
     println!("toolgate demo is running.");
     println!("  agents connect to:  {url}   (MCP Streamable HTTP; revisions 2025-06-18, 2025-11-25, 2026-07-28)");
     println!("  demo tool server:   http://{tools_addr}/mcp   (tools exposed as billing__*)");
-    println!("  policy:             {}", dir.join("tool-manifests").display());
+    println!(
+        "  policy:             {}",
+        dir.join("tool-manifests").display()
+    );
     println!("  audit log:          {}", audit.display());
     println!();
     println!("A token for agent billing-bot (valid 1h):");
     println!("export TOKEN={token}");
     println!();
     println!("# allowed: the manifest lists get_invoice and the id matches its schema");
-    println!("{}", curl("billing__get_invoice", r#"{"invoice_id":"INV-000042"}"#));
+    println!(
+        "{}",
+        curl("billing__get_invoice", r#"{"invoice_id":"INV-000042"}"#)
+    );
     println!("# denied (-32003): deny rule *__delete_* wins over everything");
-    println!("{}", curl("billing__delete_invoice", r#"{"invoice_id":"INV-000042"}"#));
+    println!(
+        "{}",
+        curl("billing__delete_invoice", r#"{"invoice_id":"INV-000042"}"#)
+    );
     println!("# schema error (-32602): every failure with its JSON pointer");
-    println!("{}", curl("billing__get_invoice", r#"{"invoice_id":"42","extra":true}"#));
+    println!(
+        "{}",
+        curl(
+            "billing__get_invoice",
+            r#"{"invoice_id":"42","extra":true}"#
+        )
+    );
     println!();
     println!("Then: toolgate audit verify {}", audit.display());
     println!("ready");

@@ -123,10 +123,7 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
     if interval.is_zero() {
         return Err(format!("{s:?} is too fast"));
     }
-    Ok(Rate {
-        burst: n,
-        interval,
-    })
+    Ok(Rate { burst: n, interval })
 }
 
 fn rate_of(r: &mut Report, spec: &Spanned<RateSpec>, key: &str) -> Option<Rate> {
@@ -229,9 +226,10 @@ impl Manifest {
     }
 
     pub fn file_name(&self) -> String {
-        self.file
-            .file_name()
-            .map_or_else(|| self.file.display().to_string(), |f| f.to_string_lossy().into_owned())
+        self.file.file_name().map_or_else(
+            || self.file.display().to_string(),
+            |f| f.to_string_lossy().into_owned(),
+        )
     }
 }
 
@@ -248,9 +246,16 @@ pub fn compile(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<M
     let mut r = Report { file, problems };
     let agent = spec.agent.value.trim().to_owned();
     if agent.is_empty() || agent.len() > 256 || agent.chars().any(char::is_control) {
-        r.at(&spec.agent, "agent", "agent must be 1-256 characters without control characters");
+        r.at(
+            &spec.agent,
+            "agent",
+            "agent must be 1-256 characters without control characters",
+        );
     }
-    let rate = spec.rate_limit.as_ref().and_then(|s| rate_of(&mut r, s, "rate_limit"));
+    let rate = spec
+        .rate_limit
+        .as_ref()
+        .and_then(|s| rate_of(&mut r, s, "rate_limit"));
     let unlisted = match spec.unlisted.as_ref().map(|u| u.value.as_str()) {
         None | Some("deny") => Unlisted::Deny,
         Some("hold") => Unlisted::Hold,
@@ -279,20 +284,32 @@ pub fn compile(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<M
         } else if name.value.is_empty() {
             r.at(name, format!("{key}.name"), "a tool name must not be empty");
         } else if exact.insert(name.value.clone(), i).is_some() {
-            r.at(name, format!("{key}.name"), format!("tool {:?} is listed twice", name.value));
+            r.at(
+                name,
+                format!("{key}.name"),
+                format!("tool {:?} is listed twice", name.value),
+            );
         }
         let schema = t.value.arguments.as_ref().and_then(|s| {
             compile_schema(&s.value)
                 .map_err(|e| r.at(s, format!("{key}.arguments"), e))
                 .ok()
         });
-        let trate = t.value.rate_limit.as_ref().and_then(|s| rate_of(&mut r, s, &format!("{key}.rate_limit")));
+        let trate = t
+            .value
+            .rate_limit
+            .as_ref()
+            .and_then(|s| rate_of(&mut r, s, &format!("{key}.rate_limit")));
         let approval_required = match t.value.approval.as_ref().map(|a| a.value.as_str()) {
             None | Some("none") => false,
             Some("required") => true,
             Some(other) => {
                 let a = t.value.approval.as_ref().expect("matched Some above");
-                r.at(a, format!("{key}.approval"), format!("{other:?}: expected required or none"));
+                r.at(
+                    a,
+                    format!("{key}.approval"),
+                    format!("{other:?}: expected required or none"),
+                );
                 false
             }
         };
@@ -300,7 +317,11 @@ pub fn compile(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<M
             None => 1,
             Some(a) if (1..=5).contains(&a.value) => a.value,
             Some(a) => {
-                r.at(a, format!("{key}.approvals"), "approvals must be between 1 and 5");
+                r.at(
+                    a,
+                    format!("{key}.approvals"),
+                    "approvals must be between 1 and 5",
+                );
                 1
             }
         };
@@ -309,7 +330,11 @@ pub fn compile(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<M
             let ck = format!("{key}.hold_when[{j}]");
             let spec = &c.value;
             if !(spec.pointer.is_empty() || spec.pointer.starts_with('/')) {
-                r.at(c, format!("{ck}.pointer"), "a JSON pointer is empty or starts with '/'");
+                r.at(
+                    c,
+                    format!("{ck}.pointer"),
+                    "a JSON pointer is empty or starts with '/'",
+                );
                 continue;
             }
             let tests = [
@@ -323,7 +348,11 @@ pub fn compile(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<M
                     pointer: spec.pointer.clone(),
                     test,
                 }),
-                _ => r.at(c, &ck, "a condition needs exactly one of equals, in or prefix"),
+                _ => r.at(
+                    c,
+                    &ck,
+                    "a condition needs exactly one of equals, in or prefix",
+                ),
             }
         }
         tools.push(ToolRule {
@@ -417,7 +446,10 @@ impl PolicySet {
     /// Builds a set from already compiled manifests (tests, benchmarks).
     pub fn from_manifests(ms: impl IntoIterator<Item = Manifest>) -> Self {
         PolicySet {
-            by_agent: ms.into_iter().map(|m| (m.agent.clone(), Arc::new(m))).collect(),
+            by_agent: ms
+                .into_iter()
+                .map(|m| (m.agent.clone(), Arc::new(m)))
+                .collect(),
             files: Vec::new(),
         }
     }
@@ -433,7 +465,8 @@ impl PolicySet {
                 message: msg,
             }])
         };
-        let rd = std::fs::read_dir(dir).map_err(|e| one(format!("cannot read manifests directory: {e}")))?;
+        let rd = std::fs::read_dir(dir)
+            .map_err(|e| one(format!("cannot read manifests directory: {e}")))?;
         let mut paths: Vec<PathBuf> = rd
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -536,7 +569,10 @@ mod tests {
                 interval: Duration::from_millis(500)
             })
         );
-        assert_eq!(parse_rate("10/s").unwrap().interval, Duration::from_millis(100));
+        assert_eq!(
+            parse_rate("10/s").unwrap().interval,
+            Duration::from_millis(100)
+        );
         assert!(parse_rate("0/s").is_err());
         assert!(parse_rate("5/fortnight").is_err());
         assert!(parse_rate("lots").is_err());
@@ -548,13 +584,25 @@ mod tests {
     fn reports_every_problem_with_location() {
         let text = "agent: a\nunlisted: maybe\nrate_limit: 3/fortnight\ntools:\n  - name: x\n    arguments: { type: objekt }\n  - name: x\n  - name: y\n    approvals: 9\n    hold_when:\n      - { pointer: nope, equals: 1 }\n      - { pointer: /a }\n";
         let all = problems(text);
-        assert!(all.contains("bad.yaml:2:11: unlisted: \"maybe\": expected deny or hold"), "{all}");
+        assert!(
+            all.contains("bad.yaml:2:11: unlisted: \"maybe\": expected deny or hold"),
+            "{all}"
+        );
         assert!(all.contains("bad.yaml:3:13: rate_limit:"), "{all}");
-        assert!(all.contains("bad.yaml:6:16: tools[0].arguments: invalid JSON Schema"), "{all}");
-        assert!(all.contains("bad.yaml:7:11: tools[1].name: tool \"x\" is listed twice"), "{all}");
+        assert!(
+            all.contains("bad.yaml:6:16: tools[0].arguments: invalid JSON Schema"),
+            "{all}"
+        );
+        assert!(
+            all.contains("bad.yaml:7:11: tools[1].name: tool \"x\" is listed twice"),
+            "{all}"
+        );
         assert!(all.contains("bad.yaml:9:16: tools[2].approvals"), "{all}");
         assert!(all.contains("tools[2].hold_when[0].pointer"), "{all}");
-        assert!(all.contains("tools[2].hold_when[1]: a condition needs exactly one"), "{all}");
+        assert!(
+            all.contains("tools[2].hold_when[1]: a condition needs exactly one"),
+            "{all}"
+        );
         assert_eq!(all.lines().count(), 7, "{all}");
     }
 
@@ -579,7 +627,10 @@ mod tests {
         let dup = (PathBuf::from("b.yaml"), "agent: a\n".to_owned());
         let bad = (PathBuf::from("c.yaml"), "agent: [\n".to_owned());
         let e = PolicySet::from_texts(vec![ok.clone(), dup], vec![]).unwrap_err();
-        assert!(e.to_string().contains("already has a manifest in a.yaml"), "{e}");
+        assert!(
+            e.to_string().contains("already has a manifest in a.yaml"),
+            "{e}"
+        );
         assert!(PolicySet::from_texts(vec![ok.clone(), bad], vec![]).is_err());
         assert_eq!(PolicySet::from_texts(vec![ok], vec![]).unwrap().len(), 1);
     }

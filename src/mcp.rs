@@ -59,7 +59,10 @@ pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
 /// for values that are not printable ASCII.
 pub fn decode_header_value(v: &str) -> Result<String, String> {
     use base64::Engine as _;
-    match v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) {
+    match v
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+    {
         Some(b64) => base64::engine::general_purpose::STANDARD
             .decode(b64)
             .ok()
@@ -80,7 +83,10 @@ pub fn encode_header_value(v: &str) -> String {
     if plain {
         v.to_owned()
     } else {
-        format!("=?base64?{}?=", base64::engine::general_purpose::STANDARD.encode(v))
+        format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(v)
+        )
     }
 }
 
@@ -297,7 +303,9 @@ pub fn message_from_value(v: Value) -> Result<Message, ParseError> {
     };
     if obj.contains_key("result") || obj.contains_key("error") {
         if obj.contains_key("method") {
-            return Err(envelope("a message cannot be both a request and a response"));
+            return Err(envelope(
+                "a message cannot be both a request and a response",
+            ));
         }
         return Ok(Message::Response {
             id,
@@ -530,8 +538,8 @@ mod tests {
                 params: Map::new()
             })
         );
-        let m = parse_message(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
-            .unwrap();
+        let m =
+            parse_message(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#).unwrap();
         assert!(matches!(m, Message::Request(Request { id: None, .. })));
     }
 

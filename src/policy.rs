@@ -26,7 +26,9 @@ pub enum Verdict {
     /// Arguments fail the tool's schema: every error, each with its pointer.
     Invalid(Vec<SchemaError>),
     /// Needs a human: `approvals` distinct approvers.
-    Hold { approvals: u32 },
+    Hold {
+        approvals: u32,
+    },
 }
 
 /// One schema failure.
@@ -167,8 +169,7 @@ impl Guard {
             self.is_protected(&(self.resolve)(&abs))
         };
         check(s)
-            || s
-                .split(|c: char| c.is_whitespace() || ";|&<>()`'\"=,".contains(c))
+            || s.split(|c: char| c.is_whitespace() || ";|&<>()`'\"=,".contains(c))
                 .any(check)
     }
 }
@@ -227,7 +228,9 @@ fn any_string(v: &Value, f: &mut dyn FnMut(&str) -> bool) -> bool {
 
 fn substitute(v: &Value, agent: &str) -> Option<Value> {
     match v {
-        Value::String(s) if s.contains("${agent}") => Some(Value::String(s.replace("${agent}", agent))),
+        Value::String(s) if s.contains("${agent}") => {
+            Some(Value::String(s.replace("${agent}", agent)))
+        }
         _ => None,
     }
 }
@@ -302,7 +305,15 @@ pub fn decide(
                 "arguments do not match the tool's schema: {}",
                 errors
                     .iter()
-                    .map(|e| format!("{} {}", if e.pointer.is_empty() { "/" } else { &e.pointer }, e.message))
+                    .map(|e| format!(
+                        "{} {}",
+                        if e.pointer.is_empty() {
+                            "/"
+                        } else {
+                            &e.pointer
+                        },
+                        e.message
+                    ))
                     .collect::<Vec<_>>()
                     .join("; ")
             );
@@ -324,7 +335,10 @@ pub fn decide(
         tool_rule: Some(ti),
     };
     if rule.approval_required {
-        return hold(Rule::Approval(ti), "this tool needs approval for every call".into());
+        return hold(
+            Rule::Approval(ti),
+            "this tool needs approval for every call".into(),
+        );
     }
     for (j, c) in rule.hold_when.iter().enumerate() {
         let Some(actual) = args.pointer(&c.pointer) else {
@@ -390,7 +404,11 @@ mod tests {
         let dir = dir.canonicalize().unwrap();
         Guard::new(
             b.build().unwrap(),
-            vec![dir.join("toolgate.yaml"), dir.join(".toolgate/state.db"), dir.join(".toolgate/audit.jsonl")],
+            vec![
+                dir.join("toolgate.yaml"),
+                dir.join(".toolgate/state.db"),
+                dir.join(".toolgate/audit.jsonl"),
+            ],
             vec![dir.join("tool-manifests")],
             dir.join("work"),
             normalize_path,
@@ -456,7 +474,10 @@ deny:
 
     #[test]
     fn schema_failures_list_every_error_with_pointer() {
-        let dec = d("billing__get_invoice", json!({"invoice_id": "INV-1", "n": "x", "extra": 1}));
+        let dec = d(
+            "billing__get_invoice",
+            json!({"invoice_id": "INV-1", "n": "x", "extra": 1}),
+        );
         let Verdict::Invalid(errs) = dec.verdict else {
             panic!("{dec:?}")
         };
@@ -472,12 +493,24 @@ deny:
     #[test]
     fn approval_required_and_hold_when_hold() {
         let dec = d("billing__refund", json!({}));
-        assert_eq!((dec.verdict, dec.rule), (Verdict::Hold { approvals: 2 }, Rule::Approval(1)));
-        let dec = d("iam__grant_role", json!({"principal": "BILLING-BOT", "role": "reader"}));
+        assert_eq!(
+            (dec.verdict, dec.rule),
+            (Verdict::Hold { approvals: 2 }, Rule::Approval(1))
+        );
+        let dec = d(
+            "iam__grant_role",
+            json!({"principal": "BILLING-BOT", "role": "reader"}),
+        );
         assert_eq!(dec.rule, Rule::HoldWhen(2, 0));
-        let dec = d("iam__grant_role", json!({"principal": "someone", "role": "owner"}));
+        let dec = d(
+            "iam__grant_role",
+            json!({"principal": "someone", "role": "owner"}),
+        );
         assert_eq!(dec.rule, Rule::HoldWhen(2, 1));
-        let dec = d("iam__grant_role", json!({"principal": "someone", "role": "reader"}));
+        let dec = d(
+            "iam__grant_role",
+            json!({"principal": "someone", "role": "reader"}),
+        );
         assert_eq!(dec.verdict, Verdict::Allow);
     }
 
@@ -507,7 +540,8 @@ deny:
         std::fs::create_dir_all(base.join("work")).unwrap();
         std::fs::write(base.join("toolgate.yaml"), "x").unwrap();
         let _ = std::fs::remove_file(base.join("work/innocent"));
-        std::os::unix::fs::symlink(base.join("tool-manifests"), base.join("work/innocent")).unwrap();
+        std::os::unix::fs::symlink(base.join("tool-manifests"), base.join("work/innocent"))
+            .unwrap();
         let g = guard_in(&base);
         let m = manifest(M);
         let b = base.canonicalize().unwrap();
@@ -521,11 +555,23 @@ deny:
             format!("file://{}/.toolgate/audit.jsonl", b.display()),
         ];
         for arg in held {
-            let dec = decide(&g, Some(&m), "billing-bot", "fs__write", &json!({"path": arg}));
+            let dec = decide(
+                &g,
+                Some(&m),
+                "billing-bot",
+                "fs__write",
+                &json!({"path": arg}),
+            );
             assert_eq!(dec.rule, Rule::PolicyPath, "{arg}");
         }
         for arg in ["notes.txt", "/srv/data/x", "tool-manifests-backup"] {
-            let dec = decide(&g, Some(&m), "billing-bot", "fs__write", &json!({"path": arg}));
+            let dec = decide(
+                &g,
+                Some(&m),
+                "billing-bot",
+                "fs__write",
+                &json!({"path": arg}),
+            );
             assert_eq!(dec.verdict, Verdict::Allow, "{arg}");
         }
         std::fs::remove_dir_all(&base).unwrap();

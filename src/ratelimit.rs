@@ -49,9 +49,11 @@ impl<C: Clock + Clone> Limiters<C> {
     /// rate is unchanged (their budgets carry over).
     pub fn build(policy: &PolicySet, previous: Option<&Limiters<C>>, clock: C) -> Self {
         let mut by_rate = HashMap::new();
-        let rates = policy
-            .manifests()
-            .flat_map(|m| m.rate.into_iter().chain(m.tools.iter().filter_map(|t| t.rate)));
+        let rates = policy.manifests().flat_map(|m| {
+            m.rate
+                .into_iter()
+                .chain(m.tools.iter().filter_map(|t| t.rate))
+        });
         for rate in rates {
             by_rate.entry(rate).or_insert_with(|| {
                 previous
@@ -110,7 +112,11 @@ mod tests {
     use std::path::Path;
 
     fn policy(text: &str) -> PolicySet {
-        PolicySet::from_texts(vec![(Path::new("m.yaml").to_path_buf(), text.to_owned())], vec![]).unwrap()
+        PolicySet::from_texts(
+            vec![(Path::new("m.yaml").to_path_buf(), text.to_owned())],
+            vec![],
+        )
+        .unwrap()
     }
 
     #[test]
@@ -124,7 +130,10 @@ mod tests {
         }
         let e = l.check(m, Some(0)).unwrap_err();
         assert_eq!(e.scope, Scope::Agent);
-        assert!(e.retry_after > Duration::ZERO && e.retry_after <= Duration::from_millis(334), "{e:?}");
+        assert!(
+            e.retry_after > Duration::ZERO && e.retry_after <= Duration::from_millis(334),
+            "{e:?}"
+        );
         clock.advance(Duration::from_millis(334));
         assert_eq!(l.check(m, Some(0)), Ok(()));
         assert!(l.check(m, Some(0)).is_err());

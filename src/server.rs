@@ -42,13 +42,19 @@ pub struct Server {
 /// Builds the escalation guard for a config.
 pub fn guard_for(config: &Config) -> Guard {
     let state = &config.state;
-    let mut files: Vec<PathBuf> = vec![config.path.clone(), config.audit_path.clone(), state.clone()];
+    let mut files: Vec<PathBuf> = vec![
+        config.path.clone(),
+        config.audit_path.clone(),
+        state.clone(),
+    ];
     for suffix in ["-wal", "-shm", "-journal"] {
         let mut s = state.clone().into_os_string();
         s.push(suffix);
         files.push(PathBuf::from(s));
     }
-    let cwd = std::env::current_dir().map(|d| normalize_path(&d)).unwrap_or_default();
+    let cwd = std::env::current_dir()
+        .map(|d| normalize_path(&d))
+        .unwrap_or_default();
     Guard::new(
         config.escalation.tools.clone(),
         files,
@@ -202,7 +208,9 @@ where
             let h = h.clone();
             async move { Ok::<_, std::convert::Infallible>(h(req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
@@ -216,10 +224,16 @@ where
 /// the unauthenticated health endpoints.
 fn admin(gate: &Gate, req: Request<Incoming>) -> Response<Body> {
     let (status, body) = match req.uri().path() {
-        "/healthz" => (StatusCode::OK, Bytes::from_static(b"{\"status\":\"alive\"}")),
+        "/healthz" => (
+            StatusCode::OK,
+            Bytes::from_static(b"{\"status\":\"alive\"}"),
+        ),
         "/readyz" => {
             if gate.0.auditor.healthy() {
-                (StatusCode::OK, Bytes::from_static(b"{\"status\":\"ready\"}"))
+                (
+                    StatusCode::OK,
+                    Bytes::from_static(b"{\"status\":\"ready\"}"),
+                )
             } else {
                 (
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -79,7 +79,11 @@ impl Sessions {
 
     /// The session `id` if it exists and belongs to `agent`.
     pub fn get(&self, id: &str, agent: &str) -> Result<Arc<Session>, SessionError> {
-        let s = self.map.get(id).map(|s| s.clone()).ok_or(SessionError::NotFound)?;
+        let s = self
+            .map
+            .get(id)
+            .map(|s| s.clone())
+            .ok_or(SessionError::NotFound)?;
         if &*s.agent != agent {
             return Err(SessionError::NotFound);
         }
@@ -164,6 +168,9 @@ mod tests {
         for i in 0..6 {
             s.open(&Arc::from(format!("x{i}")), "2025-11-25").unwrap();
         }
-        assert_eq!(s.open(&Arc::from("y"), "2025-11-25"), Err(SessionError::Full));
+        assert_eq!(
+            s.open(&Arc::from("y"), "2025-11-25"),
+            Err(SessionError::Full)
+        );
     }
 }

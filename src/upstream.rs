@@ -83,13 +83,21 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig, client: HttpClient, timeout: Duration, max_body: usize) -> Self {
+    pub fn new(
+        cfg: &UpstreamConfig,
+        client: HttpClient,
+        timeout: Duration,
+        max_body: usize,
+    ) -> Self {
         let (url, headers, unsupported) = match &cfg.transport {
             Transport::Http { url, headers } => (url.clone(), headers.clone(), None),
             Transport::Stdio { command, .. } => (
                 http::Uri::from_static("http://127.0.0.1/"),
                 Vec::new(),
-                Some(format!("stdio upstreams ({}) are not supported yet", command.join(" "))),
+                Some(format!(
+                    "stdio upstreams ({}) are not supported yet",
+                    command.join(" ")
+                )),
             ),
         };
         Upstream {
@@ -154,7 +162,10 @@ impl Upstream {
             version: mcp::V2026_07_28,
             id: None,
         };
-        if let Ok((Some(Answer::Result(r)), _)) = self.send_raw(&modern, "server/discover", Some(&json!({}))).await {
+        if let Ok((Some(Answer::Result(r)), _)) = self
+            .send_raw(&modern, "server/discover", Some(&json!({})))
+            .await
+        {
             let speaks = r
                 .get("supportedVersions")
                 .and_then(Value::as_array)
@@ -177,28 +188,55 @@ impl Upstream {
         let result = match answer {
             Some(Answer::Result(r)) => r,
             Some(Answer::Error(e)) => {
-                return Err(UpstreamError::Protocol(self.name.clone(), format!("initialize failed: {e}")))
+                return Err(UpstreamError::Protocol(
+                    self.name.clone(),
+                    format!("initialize failed: {e}"),
+                ))
             }
-            None => return Err(UpstreamError::Protocol(self.name.clone(), "no initialize result".into())),
+            None => {
+                return Err(UpstreamError::Protocol(
+                    self.name.clone(),
+                    "no initialize result".into(),
+                ))
+            }
         };
         let version = match result.get("protocolVersion").and_then(Value::as_str) {
             Some(v) => mcp::SESSION_VERSIONS
                 .iter()
                 .copied()
                 .find(|s| *s == v)
-                .ok_or_else(|| UpstreamError::Protocol(self.name.clone(), format!("unsupported protocol version {v:?}")))?,
-            None => return Err(UpstreamError::Protocol(self.name.clone(), "initialize result lacks protocolVersion".into())),
+                .ok_or_else(|| {
+                    UpstreamError::Protocol(
+                        self.name.clone(),
+                        format!("unsupported protocol version {v:?}"),
+                    )
+                })?,
+            None => {
+                return Err(UpstreamError::Protocol(
+                    self.name.clone(),
+                    "initialize result lacks protocolVersion".into(),
+                ))
+            }
         };
         let session = Session { version, id: sid };
-        self.send_raw(&session, "notifications/initialized", None).await?;
+        self.send_raw(&session, "notifications/initialized", None)
+            .await?;
         tracing::info!(upstream.name = %self.name, protocol = version, "upstream connected");
         Ok(session)
     }
 
-    async fn send(&self, s: &Session, method: &str, params: &Value) -> Result<Answer, UpstreamError> {
+    async fn send(
+        &self,
+        s: &Session,
+        method: &str,
+        params: &Value,
+    ) -> Result<Answer, UpstreamError> {
         match self.send_raw(s, method, Some(params)).await? {
             (Some(a), _) => Ok(a),
-            (None, _) => Err(UpstreamError::Protocol(self.name.clone(), "no response to the request".into())),
+            (None, _) => Err(UpstreamError::Protocol(
+                self.name.clone(),
+                "no response to the request".into(),
+            )),
         }
     }
 
@@ -224,7 +262,11 @@ impl Upstream {
             let mut p = p.clone();
             if modern {
                 if let Value::Object(o) = &mut p {
-                    name_header = o.get("name").or_else(|| o.get("uri")).and_then(Value::as_str).map(mcp::encode_header_value);
+                    name_header = o
+                        .get("name")
+                        .or_else(|| o.get("uri"))
+                        .and_then(Value::as_str)
+                        .map(mcp::encode_header_value);
                     let meta = o.entry("_meta").or_insert_with(|| json!({}));
                     if let Value::Object(m) = meta {
                         m.insert(mcp::META_VERSION.into(), Value::from(mcp::V2026_07_28));
@@ -250,7 +292,9 @@ impl Upstream {
         }
         if modern {
             req = req.header("mcp-method", method);
-            if let Some(n) = name_header.filter(|_| matches!(method, "tools/call" | "prompts/get" | "resources/read")) {
+            if let Some(n) = name_header
+                .filter(|_| matches!(method, "tools/call" | "prompts/get" | "resources/read"))
+            {
                 req = req.header("mcp-name", n);
             }
         }
@@ -290,8 +334,11 @@ impl Upstream {
             let mut sse = SseReader::default();
             let mut total = 0usize;
             while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
-                let Ok(data) = frame.into_data() else { continue };
+                let frame =
+                    frame.map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
                 total += data.len();
                 if total > self.max_body {
                     return Err(UpstreamError::TooLarge(self.name.clone()));
@@ -302,7 +349,10 @@ impl Upstream {
                     }
                 }
             }
-            Err(UpstreamError::Protocol(self.name.clone(), "event stream ended without a response".into()))
+            Err(UpstreamError::Protocol(
+                self.name.clone(),
+                "event stream ended without a response".into(),
+            ))
         } else {
             let bytes = http_body_util::Limited::new(body, self.max_body)
                 .collect()
@@ -311,7 +361,12 @@ impl Upstream {
                 .to_bytes();
             answer_for(&bytes, &want)
                 .map(|a| (Some(a), sid))
-                .ok_or_else(|| UpstreamError::Protocol(self.name.clone(), "not a JSON-RPC response to our request".into()))
+                .ok_or_else(|| {
+                    UpstreamError::Protocol(
+                        self.name.clone(),
+                        "not a JSON-RPC response to our request".into(),
+                    )
+                })
         }
     }
 
@@ -327,7 +382,10 @@ impl Upstream {
             let result = match self.request("tools/list", params).await? {
                 Answer::Result(r) => r,
                 Answer::Error(e) => {
-                    return Err(UpstreamError::Protocol(self.name.clone(), format!("tools/list failed: {e}")))
+                    return Err(UpstreamError::Protocol(
+                        self.name.clone(),
+                        format!("tools/list failed: {e}"),
+                    ))
                 }
             };
             if let Some(Value::Array(tools)) = result.get("tools") {
@@ -339,7 +397,10 @@ impl Upstream {
                     }
                 }
             }
-            cursor = result.get("nextCursor").and_then(Value::as_str).map(str::to_owned);
+            cursor = result
+                .get("nextCursor")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
             if cursor.is_none() {
                 break;
             }
@@ -439,18 +500,29 @@ pub struct Catalog {
     pub tools: Vec<(String, Value)>,
     /// Names two upstreams both expose: unavailable (fail closed).
     pub collisions: Vec<String>,
+    /// Upstreams whose tools could not be listed: `(index, prefix)`.
+    pub unreachable: Vec<(usize, String)>,
     pub fetched_at: Option<Instant>,
 }
 
 impl Catalog {
     /// Builds a catalog from each upstream's tool list (`None`: not reached).
-    pub fn build(upstreams: &[Arc<Upstream>], lists: &[Option<Vec<Map<String, Value>>>]) -> Catalog {
+    pub fn build(
+        upstreams: &[Arc<Upstream>],
+        lists: &[Option<Vec<Map<String, Value>>>],
+    ) -> Catalog {
         let mut routes: HashMap<String, Route> = HashMap::new();
         let mut tools = Vec::new();
         let mut collisions = Vec::new();
+        let mut unreachable = Vec::new();
         for (i, (u, list)) in upstreams.iter().zip(lists).enumerate() {
+            if list.is_none() {
+                unreachable.push((i, u.prefix.clone()));
+            }
             for t in list.iter().flatten() {
-                let Some(name) = t.get("name").and_then(Value::as_str) else { continue };
+                let Some(name) = t.get("name").and_then(Value::as_str) else {
+                    continue;
+                };
                 let exposed = format!("{}{}", u.prefix, name);
                 if routes.contains_key(&exposed) {
                     collisions.push(exposed);
@@ -458,7 +530,13 @@ impl Catalog {
                 }
                 let mut def = t.clone();
                 def.insert("name".into(), Value::String(exposed.clone()));
-                routes.insert(exposed.clone(), Route { upstream: i, tool: name.to_owned() });
+                routes.insert(
+                    exposed.clone(),
+                    Route {
+                        upstream: i,
+                        tool: name.to_owned(),
+                    },
+                );
                 tools.push((exposed, Value::Object(def)));
             }
         }
@@ -471,7 +549,28 @@ impl Catalog {
             routes,
             tools,
             collisions,
+            unreachable,
             fetched_at: Some(Instant::now()),
+        }
+    }
+
+    /// Where `name` leads: its listed route, or, for an upstream that could
+    /// not be listed, the one whose (non-empty) prefix it carries, so that a
+    /// down upstream answers "upstream failed" rather than "unknown tool".
+    pub fn route(&self, name: &str) -> Option<Route> {
+        if let Some(r) = self.routes.get(name) {
+            return Some(r.clone());
+        }
+        let mut hits = self
+            .unreachable
+            .iter()
+            .filter(|(_, p)| !p.is_empty() && name.len() > p.len() && name.starts_with(p.as_str()));
+        match (hits.next(), hits.next()) {
+            (Some((i, p)), None) => Some(Route {
+                upstream: *i,
+                tool: name[p.len()..].to_owned(),
+            }),
+            _ => None,
         }
     }
 }
@@ -495,11 +594,23 @@ mod tests {
             answer_for(br#"{"jsonrpc":"2.0","id":7,"result":{"ok":true}}"#, &want),
             Some(Answer::Result(json!({"ok":true})))
         );
-        assert_eq!(answer_for(br#"{"jsonrpc":"2.0","id":8,"result":{}}"#, &want), None);
         assert_eq!(
-            answer_for(br#"{"jsonrpc":"2.0","id":7,"error":{"code":-1,"message":"m"}}"#, &want),
+            answer_for(br#"{"jsonrpc":"2.0","id":8,"result":{}}"#, &want),
+            None
+        );
+        assert_eq!(
+            answer_for(
+                br#"{"jsonrpc":"2.0","id":7,"error":{"code":-1,"message":"m"}}"#,
+                &want
+            ),
             Some(Answer::Error(json!({"code":-1,"message":"m"})))
         );
-        assert_eq!(answer_for(br#"{"jsonrpc":"2.0","method":"notifications/progress"}"#, &want), None);
+        assert_eq!(
+            answer_for(
+                br#"{"jsonrpc":"2.0","method":"notifications/progress"}"#,
+                &want
+            ),
+            None
+        );
     }
 }

@@ -1,0 +1,256 @@
+//! The command line, run as a user would: the built binary, real files.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+use serde_json::json;
+
+fn toolgate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_toolgate"));
+    c.env("TOOLGATE_AGENT_SECRET", support::SECRET)
+        .env("TOOLGATE_ADMIN_SECRET", support::ADMIN_SECRET)
+        .env("RUST_LOG", "warn");
+    c
+}
+
+fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn check_accepts_the_shipped_config_and_summarises_each_agent() {
+    let out = toolgate()
+        .args(["check", "--config"])
+        .arg(root().join("toolgate.yaml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("billing-bot: 3 tool rule(s), 1 deny rule(s)")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("ops-bot: ")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ok: 2 agent(s)"), "{stdout}");
+}
+
+#[test]
+fn check_reports_every_problem_with_file_line_column_and_key_path() {
+    let dir = support::temp_dir("check");
+    std::fs::copy(root().join("toolgate.yaml"), dir.join("toolgate.yaml")).unwrap();
+    std::fs::write(
+        dir.join("tool-manifests/a.yaml"),
+        "agent: a\nrate_limit: 5/fortnight\ntools:\n  - name: x\n    approvals: 0\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tool-manifests/b.yaml"),
+        "agent: b\ntools:\n  - name: y\n    argumets: {}\n",
+    )
+    .unwrap();
+    let out = toolgate()
+        .args(["check", "--config"])
+        .arg(dir.join("toolgate.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("a.yaml:2:13: rate_limit:"), "{err}");
+    assert!(err.contains("a.yaml:5:16: tools[0].approvals:"), "{err}");
+    assert!(
+        err.contains("b.yaml:4:5: tools[0].argumets: unknown field `argumets`"),
+        "{err}"
+    );
+    assert!(err.contains("argumets"), "{err}");
+    assert!(err.contains("3 problem(s) found"), "{err}");
+}
+
+#[test]
+fn explain_prints_decision_rule_location_and_reason_without_calling_anything() {
+    let cfg = root().join("toolgate.yaml");
+    let run = |tool: &str, args: &str| {
+        let out = toolgate()
+            .args(["explain", "--config"])
+            .arg(&cfg)
+            .args(["--agent", "billing-bot", "--tool", tool, "--args", args])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let o = run("billing__get_invoice", r#"{"invoice_id":"INV-000001"}"#);
+    assert!(
+        o.contains("decision: allow")
+            && o.contains("rule:     tools[0] (")
+            && o.contains("billing-bot.yaml:"),
+        "{o}"
+    );
+    let o = run("billing__delete_invoice", "{}");
+    assert!(
+        o.contains("decision: deny") && o.contains("deny[0]") && o.contains("never automated"),
+        "{o}"
+    );
+    let o = run("billing__get_invoice", r#"{"invoice_id":"x"}"#);
+    assert!(
+        o.contains("decision: deny") && o.contains("/invoice_id:"),
+        "{o}"
+    );
+    let o = run(
+        "billing__refund",
+        r#"{"invoice_id":"INV-000001","amount":5}"#,
+    );
+    assert!(
+        o.contains("decision: hold") && o.contains("approvals needed: 2"),
+        "{o}"
+    );
+}
+
+#[test]
+fn token_mints_verifiable_tokens_and_refuses_without_an_hs256_key() {
+    let cfg = root().join("toolgate.yaml");
+    let out = toolgate()
+        .args(["token", "--config"])
+        .arg(&cfg)
+        .args(["--agent", "billing-bot", "--ttl", "5m"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let tok = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(tok.matches('.').count(), 2);
+    // A config whose only agent key is public refuses to mint.
+    let dir = support::temp_dir("token");
+    let pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEEVs/o5+uQbTjL3chynL4wXgUg2R9\nq9UU8I5mEovUf86QZ7kOBIjJwqnzD1omageEHWwHdBO6B+dFabmdT9POxg==\n-----END PUBLIC KEY-----\n";
+    std::fs::write(dir.join("es.pem"), pem).unwrap();
+    std::fs::write(dir.join("toolgate.yaml"), "auth:\n  agents:\n    issuer: i\n    audience: a\n    keys:\n      - es256: { public_key_pem: es.pem }\n").unwrap();
+    let out = toolgate()
+        .args(["token", "--config"])
+        .arg(dir.join("toolgate.yaml"))
+        .args(["--agent", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn audit_verify_names_the_first_bad_record() {
+    let dir = support::temp_dir("verify");
+    let p = dir.join("audit.jsonl");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (a, _t) = toolgate::audit::Auditor::start(&p).unwrap();
+        for i in 0..5 {
+            a.submit(toolgate::audit::Record {
+                event: "call",
+                tool: Some(format!("t{i}")),
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        a.flush().await;
+    });
+    let out = toolgate()
+        .args(["audit", "verify"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("5 records"));
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replacen("\"t3\"", "\"tX\"", 1);
+    std::fs::write(&p, text).unwrap();
+    let out = toolgate()
+        .args(["audit", "verify"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("line 4 (seq 4)"), "{s}");
+}
+
+#[test]
+fn demo_starts_and_its_printed_calls_show_allow_deny_and_schema_error() {
+    let mut child = toolgate()
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let _guard = Kill(child);
+    let mut url = String::new();
+    let mut token = String::new();
+    let mut curls = 0;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("  agents connect to:  ") {
+            url = rest.split_whitespace().next().unwrap().to_owned();
+        }
+        if let Some(t) = line.strip_prefix("export TOKEN=") {
+            token = t.to_owned();
+        }
+        curls += usize::from(line.starts_with("curl "));
+        if line == "ready" {
+            break;
+        }
+    }
+    assert!(
+        url.starts_with("http://127.0.0.1:") && !token.is_empty() && curls == 3,
+        "{url} {curls}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = toolgate::upstream::http_client();
+        let call = |name: &'static str, args: serde_json::Value| {
+            let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":name,"arguments":args,"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}});
+            let req = http::Request::post(&url)
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .header("mcp-protocol-version", "2026-07-28")
+                .header("mcp-method", "tools/call")
+                .header("mcp-name", name)
+                .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                .unwrap();
+            let client = client.clone();
+            async move {
+                use http_body_util::BodyExt;
+                let r = client.request(req).await.unwrap();
+                serde_json::from_slice::<serde_json::Value>(&r.into_body().collect().await.unwrap().to_bytes()).unwrap()
+            }
+        };
+        let v = call("billing__get_invoice", json!({"invoice_id": "INV-000042"})).await;
+        assert_eq!(v["result"]["structuredContent"]["invoice_id"], "INV-000042", "{v}");
+        let v = call("billing__delete_invoice", json!({"invoice_id": "INV-000042"})).await;
+        assert_eq!(v["error"]["code"], -32003, "{v}");
+        let v = call("billing__get_invoice", json!({"invoice_id": "42", "extra": true})).await;
+        assert_eq!(v["error"]["code"], -32602, "{v}");
+    });
+}

@@ -1,0 +1,542 @@
+//! The data plane on real sockets: toolgate in front of a recording upstream.
+//! Every test proves what reached the upstream, and what the audit log says.
+
+mod support;
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use support::{token_with, Harness, Opts, BILLING_BOT};
+
+fn code(v: &Value) -> i64 {
+    v["error"]["code"].as_i64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn allowed_call_reaches_upstream_once_without_the_agents_token() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let v = h
+        .call(
+            &t,
+            "billing__get_invoice",
+            json!({"invoice_id": "INV-000001"}),
+        )
+        .await;
+    assert_eq!(
+        v["result"]["structuredContent"]["invoice_id"], "INV-000001",
+        "{v}"
+    );
+    assert_eq!(v["result"]["resultType"], "complete");
+    let got = h.tools.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].tool, "get_invoice", "prefix stripped");
+    assert_eq!(got[0].arguments, json!({"invoice_id": "INV-000001"}));
+    assert!(
+        got[0].headers.get("authorization").is_none(),
+        "agent token forwarded"
+    );
+    let audit = h.audit().await;
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let r = &audit[0];
+    assert_eq!(
+        (
+            r["event"].as_str(),
+            r["decision"].as_str(),
+            r["rule"].as_str()
+        ),
+        (Some("call"), Some("allow"), Some("tools[0]"))
+    );
+    assert_eq!(r["agent"], "billing-bot");
+    assert_eq!(r["tool"], "billing__get_invoice");
+    assert_eq!(r["args_sha256"].as_str().map(str::len), Some(64));
+    assert!(
+        !serde_json::to_string(&audit).unwrap().contains(&t),
+        "token in audit"
+    );
+}
+
+#[tokio::test]
+async fn refused_calls_never_reach_the_upstream_and_say_why() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let cases = [
+        (
+            "billing__delete_invoice",
+            json!({"invoice_id": "INV-000001"}),
+            -32003,
+            "deny[0]",
+        ),
+        ("billing__unlisted", json!({}), -32003, "unlisted"),
+        (
+            "billing__get_invoice",
+            json!({"invoice_id": "nope", "x": 1}),
+            -32602,
+            "tools[0].arguments",
+        ),
+        (
+            "billing__refund",
+            json!({"invoice_id": "INV-000001"}),
+            -32003,
+            "tools[2].approval",
+        ),
+        (
+            "billing__grant_role",
+            json!({"principal": "Billing-Bot", "role": "admin"}),
+            -32003,
+            "guard.self_identity",
+        ),
+    ];
+    for (tool, args, want, rule) in cases {
+        let v = h.call(&t, tool, args).await;
+        assert_eq!(code(&v), want, "{tool}: {v}");
+        assert_eq!(v["error"]["data"]["rule"], rule, "{tool}: {v}");
+        assert_eq!(v["error"]["data"]["decision"], "deny", "{tool}: {v}");
+        assert!(
+            v["error"]["data"]["request_id"]
+                .as_str()
+                .is_some_and(|s| s.len() == 32),
+            "{v}"
+        );
+    }
+    // Schema errors name every failure with its JSON pointer.
+    let v = h
+        .call(&t, "billing__get_invoice", json!({"invoice_id": 7, "x": 1}))
+        .await;
+    let ptrs: Vec<&str> = v["error"]["data"]["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap())
+        .collect();
+    assert!(ptrs.contains(&"/invoice_id") && ptrs.contains(&""), "{v}");
+    // A hold that cannot be held yet says it needs approval.
+    let v = h.call(&t, "billing__refund", json!({})).await;
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("approval"),
+        "{v}"
+    );
+    assert!(h.received().is_empty(), "upstream got {:?}", h.received());
+    let audit = h.audit().await;
+    assert_eq!(audit.len(), 7);
+    assert!(audit.iter().all(|r| r["decision"] == "deny"), "{audit:?}");
+}
+
+#[tokio::test]
+async fn agents_without_a_manifest_see_nothing_and_are_denied() {
+    let h = Harness::start().await;
+    let t = h.token("stranger");
+    let sid = h.initialize(&t).await;
+    let (s, v) = h.in_session(&t, &sid, "tools/list", json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["result"]["tools"], json!([]));
+    let (_, v) = h
+        .in_session(
+            &t,
+            &sid,
+            "tools/call",
+            json!({"name": "billing__get_invoice", "arguments": {"invoice_id": "INV-000001"}}),
+        )
+        .await;
+    assert_eq!(code(&v), -32003);
+    assert_eq!(v["error"]["data"]["rule"], "no_manifest");
+    assert!(h.received().is_empty());
+}
+
+#[tokio::test]
+async fn tools_list_shows_only_what_the_manifest_allows() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let (_, v) = h.modern(&t, "tools/list", json!({})).await;
+    let mut names: Vec<&str> = v["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "billing__echo",
+            "billing__get_invoice",
+            "billing__grant_role",
+            "billing__refund"
+        ],
+        "{v}"
+    );
+    // Definitions are passed through, renamed only.
+    let def = v["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "billing__get_invoice")
+        .unwrap();
+    assert_eq!(def["inputSchema"]["required"], json!(["invoice_id"]));
+}
+
+#[tokio::test]
+async fn bad_or_missing_tokens_get_401_with_www_authenticate_and_are_audited() {
+    let h = Harness::start().await;
+    let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string();
+    let expired =
+        token_with(json!({"sub": "billing-bot", "exp": toolgate::identity::now_unix() - 60}));
+    let wrong_aud = token_with(json!({"sub": "billing-bot", "aud": "other"}));
+    let no_sub = token_with(json!({"sub": null}));
+    for tok in [
+        None,
+        Some("garbage"),
+        Some(expired.as_str()),
+        Some(wrong_aud.as_str()),
+        Some(no_sub.as_str()),
+    ] {
+        let (s, hd, v) = h.post(tok, &[], body.clone()).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{tok:?}: {v}");
+        assert!(hd
+            .get("www-authenticate")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer"));
+        assert_eq!(v["error"]["data"]["decision"], "deny");
+    }
+    // Token in the query string is not a credential.
+    let t = h.token("billing-bot");
+    let url = format!("{}?access_token={t}", h.url);
+    let req = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    assert_eq!(
+        h.client.request(req).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let audit = h.audit().await;
+    assert_eq!(audit.len(), 6);
+    assert!(audit
+        .iter()
+        .all(|r| r["event"] == "auth_failed" && r["decision"] == "deny"));
+    assert!(!serde_json::to_string(&audit).unwrap().contains(&t));
+}
+
+#[tokio::test]
+async fn sessions_are_bound_to_the_agent_that_opened_them() {
+    let h = Harness::start().await;
+    let a = h.token("billing-bot");
+    let b = h.token("other-bot");
+    let sid = h.initialize(&a).await;
+    let (s, _) = h.in_session(&a, &sid, "ping", json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = h.in_session(&b, &sid, "tools/list", json!({})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another agent's session");
+    let (s, _, _) = h
+        .send(
+            http::Method::DELETE,
+            Some(&b),
+            &[("mcp-session-id", &sid)],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another agent cannot delete it");
+    let (s, _, _) = h
+        .send(
+            http::Method::DELETE,
+            Some(&a),
+            &[("mcp-session-id", &sid)],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = h.in_session(&a, &sid, "ping", json!({})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "deleted session");
+    // No session at all in the session family.
+    let (s, _, v) = h
+        .post(
+            Some(&a),
+            &[],
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+}
+
+#[tokio::test]
+async fn session_family_calls_work_and_answer_sse_when_only_sse_is_accepted() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let sid = h.initialize(&t).await;
+    let body = json!({"jsonrpc":"2.0","id":"x","method":"tools/call","params":{"name":"billing__echo","arguments":{"text":"hi"}}}).to_string();
+    let (s, hd, v) = h
+        .post(
+            Some(&t),
+            &[("mcp-session-id", &sid), ("accept", "text/event-stream")],
+            body,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(hd
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    assert_eq!(v["id"], "x");
+    assert_eq!(v["result"]["content"][0]["text"], "hi");
+    assert!(
+        v["result"].get("resultType").is_none(),
+        "2026 fields not leaked to 2025 clients: {v}"
+    );
+    let (s, _, _) = h
+        .post(
+            Some(&t),
+            &[("mcp-session-id", &sid)],
+            json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn malformed_requests_are_refused_before_any_decision() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let sid = h.initialize(&t).await;
+    let sess = [("mcp-session-id", sid.as_str())];
+    let deep = format!("{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{{\"name\":\"billing__echo\",\"arguments\":{{\"a\":{}1{}}}}}}}", "[".repeat(70), "]".repeat(70));
+    let cases: Vec<(String, StatusCode, i64)> = vec![
+        (r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__echo","arguments":{}}}]"#.into(), StatusCode::BAD_REQUEST, -32600),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__echo","name":"billing__delete_x","arguments":{}}}"#.into(), StatusCode::BAD_REQUEST, -32700),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__echo","arguments":{"t":1,"t":2}}}"#.into(), StatusCode::BAD_REQUEST, -32700),
+        (deep, StatusCode::BAD_REQUEST, -32700),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__echo","arguments":[1]}}"#.into(), StatusCode::OK, -32602),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"Name":"billing__echo"}}"#.into(), StatusCode::OK, -32602),
+        (r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"billing__echo","arguments":{}}}"#.into(), StatusCode::BAD_REQUEST, -32600),
+        ("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"billing__echo\",\"arguments\":{\"t\":\"\\ud800\"}}}".into(), StatusCode::BAD_REQUEST, -32700),
+    ];
+    for (body, status, want) in &cases {
+        let (s, _, v) = h.post(Some(&t), &sess, body.clone()).await;
+        assert_eq!((s, code(&v)), (*status, *want), "{body}: {v}");
+    }
+    let (s, _, v) = h
+        .post(
+            Some(&t),
+            &sess,
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\",\"params\":{\"x\":\"\xff\"}}"
+                .to_vec(),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::BAD_REQUEST, -32700),
+        "invalid UTF-8"
+    );
+    let big = format!("{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{{\"name\":\"billing__echo\",\"arguments\":{{\"text\":\"{}\"}}}}}}", "x".repeat(70 * 1024));
+    let (s, _, _) = h.post(Some(&t), &sess, big).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    let (s, _, _) = h
+        .post(
+            Some(&t),
+            &[("mcp-session-id", &sid), ("content-type", "text/plain")],
+            "{}",
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(h.received().is_empty(), "{:?}", h.received());
+    let audit = h.audit().await;
+    assert_eq!(
+        audit.len(),
+        cases.len() + 3,
+        "one record per refusal: {audit:#?}"
+    );
+    assert!(audit.iter().all(|r| r["decision"] == "deny"));
+}
+
+#[tokio::test]
+async fn stateless_header_body_disagreements_are_refused() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}});
+    let body = |name: &str| {
+        json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":name,"arguments":{"invoice_id":"INV-000001"},"_meta":meta}}).to_string()
+    };
+    let v2026 = ("mcp-protocol-version", "2026-07-28");
+    type Case<'a> = (Vec<(&'a str, &'a str)>, String, i64);
+    let cases: Vec<Case> = vec![
+        (vec![v2026, ("mcp-method", "tools/call"), ("mcp-name", "billing__get_invoice")], body("billing__delete_invoice"), -32020),
+        (vec![v2026, ("mcp-method", "tools/list"), ("mcp-name", "billing__get_invoice")], body("billing__get_invoice"), -32020),
+        (vec![v2026, ("mcp-method", "tools/call")], body("billing__get_invoice"), -32020),
+        (vec![v2026, ("mcp-method", "tools/call"), ("mcp-name", "billing__get_invoice"), ("mcp-name", "billing__get_invoice")], body("billing__get_invoice"), -32020),
+        (vec![("mcp-protocol-version", "2099-01-01"), ("mcp-method", "tools/call"), ("mcp-name", "billing__get_invoice")], body("billing__get_invoice"), -32022),
+        (vec![v2026, ("mcp-method", "tools/call"), ("mcp-name", "billing__get_invoice")], json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__get_invoice","arguments":{}}}).to_string(), -32602),
+    ];
+    for (headers, body, want) in &cases {
+        let (s, _, v) = h.post(Some(&t), headers, body.clone()).await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::BAD_REQUEST, *want),
+            "{headers:?}: {v}"
+        );
+    }
+    // base64-encoded Mcp-Name is decoded before comparing.
+    let (s, _, v) = h
+        .post(
+            Some(&t),
+            &[
+                v2026,
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "=?base64?YmlsbGluZ19fZ2V0X2ludm9pY2U=?="),
+            ],
+            body("billing__get_invoice"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(h.received().len(), 1, "only the consistent call arrived");
+}
+
+#[tokio::test]
+async fn rate_limits_answer_retry_after_and_denials_spend_no_budget() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    // Denied calls first: they must not eat the echo budget (burst 3).
+    for _ in 0..5 {
+        let v = h.call(&t, "billing__delete_x", json!({})).await;
+        assert_eq!(code(&v), -32003);
+    }
+    for i in 0..3 {
+        let v = h
+            .call(&t, "billing__echo", json!({"text": format!("{i}")}))
+            .await;
+        assert!(v.get("result").is_some(), "call {i}: {v}");
+    }
+    let v = h.call(&t, "billing__echo", json!({"text": "4"})).await;
+    assert_eq!(code(&v), -32029, "{v}");
+    assert_eq!(v["error"]["data"]["decision"], "rate_limited");
+    assert_eq!(v["error"]["data"]["rule"], "rate_limit.tool");
+    let ms = v["error"]["data"]["retry_after_ms"].as_u64().unwrap();
+    assert!(ms > 0 && ms <= 20_000, "{ms}");
+    assert_eq!(h.received().len(), 3);
+    let audit = h.audit().await;
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|r| r["decision"] == "rate_limited")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_unwritable_audit_log_fails_closed() {
+    let h = Harness::with(Opts {
+        audit: Some("/dev/full"),
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("billing-bot");
+    // A refusal's record fails to write and turns the log unhealthy.
+    let v = h.call(&t, "billing__delete_x", json!({})).await;
+    assert_eq!(code(&v), -32003);
+    h.server.gate.0.auditor.flush().await;
+    assert!(!h.server.gate.0.auditor.healthy());
+    let v = h
+        .call(
+            &t,
+            "billing__get_invoice",
+            json!({"invoice_id": "INV-000001"}),
+        )
+        .await;
+    assert_eq!(code(&v), -32005, "{v}");
+    assert!(h.received().is_empty(), "forwarded without an audit record");
+}
+
+#[tokio::test]
+async fn upstream_failures_answer_32004_and_are_audited() {
+    // Nothing listens on port 9 of loopback.
+    let h = Harness::with(Opts {
+        upstream: Some("http://127.0.0.1:9/mcp".into()),
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("billing-bot");
+    let v = h
+        .call(
+            &t,
+            "billing__get_invoice",
+            json!({"invoice_id": "INV-000001"}),
+        )
+        .await;
+    assert_eq!(code(&v), -32004, "{v}");
+    assert_eq!(v["error"]["data"]["upstream"], "billing");
+    let audit = h.audit().await;
+    let kinds: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|r| {
+            (
+                r["event"].as_str().unwrap(),
+                r["decision"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(kinds, [("call", "allow"), ("upstream_error", "error")]);
+    // Any other tool behind the same prefix fails the same way.
+    let v = h.call(&t, "billing__echo", json!({"text": "x"})).await;
+    assert_eq!(code(&v), -32004, "{v}");
+}
+
+#[tokio::test]
+async fn audit_chain_verifies_and_counts_every_decision() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    for i in 0..10 {
+        let tool = if i % 2 == 0 {
+            "billing__get_invoice"
+        } else {
+            "billing__delete_invoice"
+        };
+        h.call(
+            &t,
+            tool,
+            json!({"invoice_id": "INV-000001", "password": "hunter2"}),
+        )
+        .await;
+    }
+    let audit = h.audit().await;
+    assert_eq!(audit.len(), 10);
+    assert_eq!(toolgate::audit::verify(&h.dir.join("audit.jsonl")), Ok(10));
+    let text = std::fs::read_to_string(h.dir.join("audit.jsonl")).unwrap();
+    assert!(!text.contains("hunter2"), "secrets redacted");
+}
+
+#[tokio::test]
+async fn the_shipped_manifests_load_and_decide_as_documented() {
+    std::env::set_var("TOOLGATE_AGENT_SECRET", support::SECRET);
+    std::env::set_var("TOOLGATE_ADMIN_SECRET", support::ADMIN_SECRET);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = toolgate::config::Config::load(&root.join("toolgate.yaml")).unwrap();
+    let policy = toolgate::manifest::PolicySet::load_dir(&config.manifests).unwrap();
+    let files: Vec<_> = std::fs::read_dir(root.join("tool-manifests"))
+        .unwrap()
+        .collect();
+    assert_eq!(policy.len(), files.len(), "every shipped manifest loads");
+    let guard = toolgate::server::guard_for(&config);
+    let ops = policy.get("ops-bot").unwrap();
+    let d = toolgate::policy::decide(
+        &guard,
+        Some(ops),
+        "ops-bot",
+        "billing__grant_role",
+        &json!({"principal": "ops-bot", "role": "reader"}),
+    );
+    assert!(
+        matches!(d.verdict, toolgate::policy::Verdict::Hold { .. }),
+        "{d:?}"
+    );
+    let d = toolgate::policy::decide(
+        &guard,
+        Some(ops),
+        "ops-bot",
+        "billing__grant_role",
+        &json!({"principal": "alice", "role": "reader"}),
+    );
+    assert_eq!(d.verdict, toolgate::policy::Verdict::Allow);
+    let _ = BILLING_BOT;
+}

@@ -1,0 +1,315 @@
+//! Test support: a real toolgate on 127.0.0.1:0 in front of the recording
+//! demo tool server, token minting, and small MCP client helpers.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use toolgate::config::Config;
+use toolgate::demo::ToolServer;
+use toolgate::identity::{mint_hs256, now_unix};
+use toolgate::manifest::PolicySet;
+use toolgate::server::Server;
+
+pub const SECRET: &str = "test-agent-secret-0123456789abcdef";
+pub const ADMIN_SECRET: &str = "test-admin-secret-0123456789abcdef";
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh temporary directory.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "toolgate-test-{}-{}-{tag}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("tool-manifests")).expect("temp dir");
+    d
+}
+
+pub const BILLING_BOT: &str = r#"
+agent: billing-bot
+rate_limit: 100/min
+tools:
+  - name: billing__get_invoice
+    arguments:
+      type: object
+      properties:
+        invoice_id: { type: string, pattern: "^INV-[0-9]{6}$" }
+      required: [invoice_id]
+      additionalProperties: false
+  - name: billing__echo
+    rate_limit: { rate: 3/min, burst: 3 }
+  - name: billing__refund
+    approval: required
+  - name: billing__grant_role
+deny:
+  - name: "*__delete_*"
+    reason: deletions are never automated
+"#;
+
+pub struct Harness {
+    pub server: Server,
+    pub tools: ToolServer,
+    pub dir: PathBuf,
+    pub url: String,
+    pub client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+}
+
+pub struct Opts<'a> {
+    pub manifests: &'a [(&'a str, &'a str)],
+    /// Extra top-level config YAML.
+    pub extra: &'a str,
+    /// Audit path (default: in the temp dir).
+    pub audit: Option<&'a str>,
+    /// Upstream URL (default: the recording tool server).
+    pub upstream: Option<String>,
+}
+
+impl Default for Opts<'_> {
+    fn default() -> Self {
+        Opts {
+            manifests: &[("billing-bot.yaml", BILLING_BOT)],
+            extra: "",
+            audit: None,
+            upstream: None,
+        }
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::with(Opts::default()).await
+    }
+
+    pub async fn with(o: Opts<'_>) -> Harness {
+        std::env::set_var("TG_TEST_AGENT_SECRET", SECRET);
+        std::env::set_var("TG_TEST_ADMIN_SECRET", ADMIN_SECRET);
+        let dir = temp_dir("gate");
+        for (name, text) in o.manifests {
+            std::fs::write(dir.join("tool-manifests").join(name), text).expect("write manifest");
+        }
+        let tools = ToolServer::default();
+        let taddr = tools
+            .start("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("tool server");
+        let upstream = o.upstream.unwrap_or_else(|| format!("http://{taddr}/mcp"));
+        let audit = o.audit.map_or_else(
+            || dir.join("audit.jsonl").display().to_string(),
+            str::to_owned,
+        );
+        let yaml = format!(
+            r#"listen: 127.0.0.1:0
+manifests: tool-manifests
+state: sqlite://state.db
+audit: {{ path: "{audit}" }}
+auth:
+  agents:
+    issuer: toolgate-test
+    audience: toolgate
+    leeway: 0s
+    keys:
+      - hs256: {{ secret_env: TG_TEST_AGENT_SECRET }}
+upstreams:
+  - name: billing
+    url: {upstream}
+limits:
+  max_body: 64KiB
+  upstream_timeout: 2s
+{extra}"#,
+            extra = o.extra
+        );
+        let cfg_path = dir.join("toolgate.yaml");
+        std::fs::write(&cfg_path, &yaml).expect("write config");
+        let config = Config::load(&cfg_path).unwrap_or_else(|p| panic!("config: {p}"));
+        let policy =
+            PolicySet::load_dir(&config.manifests).unwrap_or_else(|p| panic!("manifests: {p}"));
+        let server = Server::start(config, policy).await.expect("server starts");
+        let url = format!("http://{}/mcp", server.addr);
+        Harness {
+            server,
+            tools,
+            dir,
+            url,
+            client: toolgate::upstream::http_client(),
+        }
+    }
+
+    /// A valid agent token.
+    pub fn token(&self, agent: &str) -> String {
+        token_with(json!({"sub": agent}))
+    }
+
+    /// POSTs `body` to /mcp with `headers`; returns status, headers, JSON body
+    /// (Null when empty; SSE bodies are unwrapped).
+    pub async fn post(
+        &self,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, HeaderMap, Value) {
+        self.send(http::Method::POST, token, headers, body.into())
+            .await
+    }
+
+    pub async fn send(
+        &self,
+        method: http::Method,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> (StatusCode, HeaderMap, Value) {
+        let mut req = Request::builder().method(method).uri(&self.url);
+        let mut has_ct = false;
+        for (k, v) in headers {
+            has_ct |= k.eq_ignore_ascii_case("content-type");
+            req = req.header(*k, *v);
+        }
+        if !has_ct {
+            req = req.header("content-type", "application/json");
+        }
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("accept"))
+        {
+            req = req.header("accept", "application/json, text/event-stream");
+        }
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = self
+            .client
+            .request(req.body(Full::new(body)).expect("request"))
+            .await
+            .expect("toolgate answers");
+        let status = resp.status();
+        let h = resp.headers().clone();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&bytes).to_string();
+        let json_text = if h
+            .get("content-type")
+            .is_some_and(|v| v.to_str().unwrap_or("").starts_with("text/event-stream"))
+        {
+            text.lines()
+                .rev()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap_or("")
+                .to_owned()
+        } else {
+            text
+        };
+        let v = if json_text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&json_text).unwrap_or(Value::String(json_text))
+        };
+        (status, h, v)
+    }
+
+    /// A 2026-07-28 (stateless) request with correct headers and envelope.
+    pub async fn modern(&self, token: &str, method: &str, params: Value) -> (StatusCode, Value) {
+        let mut params = params;
+        params["_meta"] = json!({
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+        });
+        let name = params
+            .get("name")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let mut headers = vec![
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", method),
+        ];
+        if let Some(n) = &name {
+            headers.push(("mcp-name", n.as_str()));
+        }
+        let body =
+            json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).to_string();
+        let (s, _, v) = self.post(Some(token), &headers, body).await;
+        (s, v)
+    }
+
+    /// A 2026-07-28 tools/call.
+    pub async fn call(&self, token: &str, tool: &str, args: Value) -> Value {
+        self.modern(
+            token,
+            "tools/call",
+            json!({"name": tool, "arguments": args}),
+        )
+        .await
+        .1
+    }
+
+    /// Opens a 2025-11-25 session; returns its id.
+    pub async fn initialize(&self, token: &str) -> String {
+        let body = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}).to_string();
+        let (s, h, v) = self.post(Some(token), &[], body).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["result"]["protocolVersion"], "2025-11-25");
+        h.get("mcp-session-id")
+            .expect("session id")
+            .to_str()
+            .expect("ascii")
+            .to_owned()
+    }
+
+    /// A request inside a session.
+    pub async fn in_session(
+        &self,
+        token: &str,
+        sid: &str,
+        method: &str,
+        params: Value,
+    ) -> (StatusCode, Value) {
+        let body = json!({"jsonrpc":"2.0","id":7,"method":method,"params":params}).to_string();
+        let (s, _, v) = self
+            .post(
+                Some(token),
+                &[
+                    ("mcp-session-id", sid),
+                    ("mcp-protocol-version", "2025-11-25"),
+                ],
+                body,
+            )
+            .await;
+        (s, v)
+    }
+
+    /// Every audit record so far.
+    pub async fn audit(&self) -> Vec<Value> {
+        self.server.gate.0.auditor.flush().await;
+        let text = std::fs::read_to_string(self.dir.join("audit.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    /// Tools the upstream received, in order.
+    pub fn received(&self) -> Vec<String> {
+        self.tools.received().into_iter().map(|r| r.tool).collect()
+    }
+}
+
+/// Mints an agent token with default claims overridden by `claims`.
+pub fn token_with(claims: Value) -> String {
+    let now = now_unix();
+    let mut c = json!({"iss": "toolgate-test", "aud": "toolgate", "exp": now + 600, "iat": now});
+    for (k, v) in claims.as_object().expect("object").iter() {
+        if v.is_null() {
+            c.as_object_mut().expect("object").remove(k);
+        } else {
+            c[k] = v.clone();
+        }
+    }
+    mint_hs256(None, SECRET.as_bytes(), &c).expect("mint")
+}
