@@ -18,6 +18,7 @@ pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod gate;
+pub mod hold;
 pub mod identity;
 pub mod manifest;
 pub mod mcp;

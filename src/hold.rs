@@ -1,0 +1,799 @@
+//! Holds, approvals and grants: the embedded SQLite state and waiting.
+//!
+//! A hold is keyed by (agent, tool, SHA-256 of the canonical arguments), so
+//! an identical retry joins the pending hold whatever its key order or number
+//! spelling. Lifecycle: pending -> approved | denied | expired.
+//!
+//! Invariants:
+//! - every read-modify-write happens in one SQLite transaction under the
+//!   connection's mutex, so a single-use approval is consumed exactly once
+//!   even when identical retries race ([`Holds::admit`], [`Holds::poll`]);
+//! - the state file uses WAL with `synchronous=FULL`: a pending hold, an
+//!   approval and a window survive a restart or a kill -9;
+//! - an approver can never decide a hold of their own identity (folded
+//!   comparison), and one approver counts once;
+//! - pending holds per agent are bounded.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::policy::fold_identity;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// RFC 3339 for a millisecond timestamp.
+pub fn rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Approved => "approved",
+            Status::Denied => "denied",
+            Status::Expired => "expired",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Status> {
+        Some(match s {
+            "pending" => Status::Pending,
+            "approved" => Status::Approved,
+            "denied" => Status::Denied,
+            "expired" => Status::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// One approver's decision on a hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Approval {
+    pub approver: String,
+    pub at: String,
+    pub reason: Option<String>,
+}
+
+/// A hold as the management API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Hold {
+    pub id: String,
+    pub agent: String,
+    pub tool: String,
+    pub upstream: Option<String>,
+    /// Redacted arguments.
+    pub arguments: Value,
+    pub args_sha256: String,
+    pub reason: String,
+    pub rule: String,
+    pub status: Status,
+    pub approvals_needed: u32,
+    pub approvals: Vec<Approval>,
+    pub created_at: String,
+    pub expires_at: String,
+    pub decided_at: Option<String>,
+    /// End of the approval window, if one was granted.
+    pub grant_until: Option<String>,
+    pub deny_reason: Option<String>,
+    #[serde(skip)]
+    pub expires_ms: i64,
+}
+
+/// What a new hold would hold.
+#[derive(Debug, Clone)]
+pub struct NewHold {
+    pub agent: String,
+    pub tool: String,
+    pub upstream: Option<String>,
+    pub arguments: Value,
+    pub args_sha256: String,
+    pub reason: String,
+    pub rule: String,
+    pub approvals_needed: u32,
+}
+
+/// What to do with a call that must be held.
+#[derive(Debug, Clone)]
+pub enum Admission {
+    /// An approval covers this call: forward it (approvers named).
+    Granted { hold: Hold, window: bool },
+    /// Denied within its ttl: refuse.
+    Denied(Hold),
+    /// A new pending hold was created.
+    Created(Hold),
+    /// The call joined an identical pending hold.
+    Joined(Hold),
+    /// Too many pending holds for this agent.
+    TooMany,
+}
+
+/// What a waiting call learns about its hold.
+#[derive(Debug, Clone)]
+pub enum Polled {
+    Pending,
+    Granted {
+        hold: Hold,
+        window: bool,
+    },
+    Refused(Hold),
+    /// Approved, but an identical call already used the single-use approval.
+    UsedByAnother(Hold),
+}
+
+/// Why a decision on a hold was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecideError {
+    #[error("no such hold")]
+    NotFound,
+    #[error("the hold is {0}, not pending")]
+    NotPending(&'static str),
+    #[error("an approver cannot decide a hold of their own identity")]
+    SelfApproval,
+    #[error("this approver has already approved the hold")]
+    AlreadyApproved,
+    #[error("state: {0}")]
+    State(String),
+}
+
+/// The state database failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("state database: {0}")]
+pub struct StateError(pub String);
+
+impl From<rusqlite::Error> for StateError {
+    fn from(e: rusqlite::Error) -> Self {
+        StateError(e.to_string())
+    }
+}
+
+/// The hold store: a cheap handle.
+#[derive(Clone)]
+pub struct Holds {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Mutex<Connection>,
+    changed: watch::Sender<u64>,
+    ttl: Duration,
+    /// Added to the wall clock: virtual time for tests ([`Holds::advance`]).
+    offset_ms: std::sync::atomic::AtomicI64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS holds (
+    id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    upstream TEXT,
+    arguments TEXT NOT NULL,
+    args_sha256 TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    approvals_needed INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    decided_at INTEGER,
+    grant_until INTEGER,
+    used INTEGER NOT NULL DEFAULT 0,
+    deny_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS holds_key ON holds(agent, tool, args_sha256, created_at);
+CREATE INDEX IF NOT EXISTS holds_status ON holds(status, created_at);
+CREATE TABLE IF NOT EXISTS approvals (
+    hold_id TEXT NOT NULL REFERENCES holds(id),
+    approver TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (hold_id, approver)
+);
+";
+
+const COLS: &str = "id, agent, tool, upstream, arguments, args_sha256, reason, rule, approvals_needed, status, created_at, expires_at, decided_at, grant_until, deny_reason, used";
+
+struct Row {
+    hold: Hold,
+    used: bool,
+    grant_until_ms: Option<i64>,
+}
+
+fn row(r: &rusqlite::Row) -> rusqlite::Result<Row> {
+    let status: String = r.get(9)?;
+    let grant_until_ms: Option<i64> = r.get(13)?;
+    let args: String = r.get(4)?;
+    Ok(Row {
+        hold: Hold {
+            id: r.get(0)?,
+            agent: r.get(1)?,
+            tool: r.get(2)?,
+            upstream: r.get(3)?,
+            arguments: serde_json::from_str(&args).unwrap_or(Value::Null),
+            args_sha256: r.get(5)?,
+            reason: r.get(6)?,
+            rule: r.get(7)?,
+            approvals_needed: r.get(8)?,
+            status: Status::parse(&status).unwrap_or(Status::Expired),
+            approvals: Vec::new(),
+            created_at: rfc3339(r.get(10)?),
+            expires_at: rfc3339(r.get(11)?),
+            decided_at: r.get::<_, Option<i64>>(12)?.map(rfc3339),
+            grant_until: grant_until_ms.map(rfc3339),
+            deny_reason: r.get(14)?,
+            expires_ms: r.get(11)?,
+        },
+        used: r.get::<_, i64>(15)? != 0,
+        grant_until_ms,
+    })
+}
+
+fn approvals_of(c: &Connection, id: &str) -> rusqlite::Result<Vec<Approval>> {
+    let mut st = c.prepare_cached(
+        "SELECT approver, at, reason FROM approvals WHERE hold_id = ?1 ORDER BY at, approver",
+    )?;
+    let rows = st.query_map([id], |r| {
+        Ok(Approval {
+            approver: r.get(0)?,
+            at: rfc3339(r.get(1)?),
+            reason: r.get(2)?,
+        })
+    })?;
+    rows.collect()
+}
+
+fn load(c: &Connection, id: &str) -> rusqlite::Result<Option<Row>> {
+    let mut r = c
+        .query_row(
+            &format!("SELECT {COLS} FROM holds WHERE id = ?1"),
+            [id],
+            row,
+        )
+        .optional()?;
+    if let Some(r) = &mut r {
+        r.hold.approvals = approvals_of(c, id)?;
+    }
+    Ok(r)
+}
+
+impl Holds {
+    /// Opens (or creates) the state database at `path`.
+    pub fn open(path: &Path, ttl: Duration) -> Result<Holds, String> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| format!("cannot open state {}: {e}", path.display()))?;
+        let setup = || -> rusqlite::Result<()> {
+            conn.busy_timeout(Duration::from_secs(5))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.execute_batch(SCHEMA)?;
+            let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+            if ok != "ok" {
+                return Err(rusqlite::Error::InvalidQuery);
+            }
+            Ok(())
+        };
+        setup().map_err(|e| {
+            format!(
+                "state {} is unusable ({e}); it may be locked by another toolgate or corrupt: stop the other process or restore the file",
+                path.display()
+            )
+        })?;
+        let (changed, _) = watch::channel(0);
+        Ok(Holds {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(conn),
+                changed,
+                ttl,
+                offset_ms: std::sync::atomic::AtomicI64::new(0),
+            }),
+        })
+    }
+
+    async fn run<T, F>(&self, f: F) -> Result<T, StateError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, i64) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = inner
+                .conn
+                .lock()
+                .map_err(|_| StateError("state lock poisoned".into()))?;
+            let now = now_ms() + inner.offset_ms.load(std::sync::atomic::Ordering::Relaxed);
+            f(&mut c, now).map_err(StateError::from)
+        })
+        .await
+        .map_err(|e| StateError(e.to_string()))?
+    }
+
+    /// Moves this store's clock forward (virtual time, for tests and drills).
+    pub fn advance(&self, d: Duration) {
+        self.inner
+            .offset_ms
+            .fetch_add(d.as_millis() as i64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn bump(&self) {
+        self.inner.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes whenever any hold is decided.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
+    /// Admits a call that must be held: uses a covering approval, refuses on
+    /// a denial, joins an identical pending hold, or creates one.
+    pub async fn admit(&self, new: NewHold, max_pending: u32) -> Result<Admission, StateError> {
+        let ttl = self.inner.ttl.as_millis() as i64;
+        let out = self
+            .run(move |c, now| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                tx.execute(
+                    "UPDATE holds SET status = 'expired', decided_at = ?1 WHERE status = 'pending' AND expires_at <= ?1 AND agent = ?2",
+                    params![now, new.agent],
+                )?;
+                let latest: Option<Row> = tx
+                    .query_row(
+                        &format!("SELECT {COLS} FROM holds WHERE agent = ?1 AND tool = ?2 AND args_sha256 = ?3 AND expires_at > ?4 AND status != 'expired' ORDER BY created_at DESC LIMIT 1"),
+                        params![new.agent, new.tool, new.args_sha256, now],
+                        row,
+                    )
+                    .optional()?;
+                let admission = match latest {
+                    Some(mut r) => {
+                        r.hold.approvals = approvals_of(&tx, &r.hold.id)?;
+                        match r.hold.status {
+                            Status::Approved if r.grant_until_ms.is_some_and(|g| g > now) => {
+                                Some(Admission::Granted { hold: r.hold, window: true })
+                            }
+                            Status::Approved if !r.used && r.grant_until_ms.is_none() => {
+                                tx.execute("UPDATE holds SET used = 1 WHERE id = ?1 AND used = 0", [&r.hold.id])?;
+                                Some(Admission::Granted { hold: r.hold, window: false })
+                            }
+                            Status::Denied => Some(Admission::Denied(r.hold)),
+                            Status::Pending => Some(Admission::Joined(r.hold)),
+                            // Used, or its window ended: a new request.
+                            _ => None,
+                        }
+                    }
+                    None => None,
+                };
+                let admission = match admission {
+                    Some(a) => a,
+                    None => {
+                        let pending: i64 = tx.query_row(
+                            "SELECT COUNT(*) FROM holds WHERE agent = ?1 AND status = 'pending'",
+                            [&new.agent],
+                            |r| r.get(0),
+                        )?;
+                        if pending >= i64::from(max_pending) {
+                            Admission::TooMany
+                        } else {
+                            let id = uuid::Uuid::now_v7().simple().to_string();
+                            tx.execute(
+                                "INSERT INTO holds (id, agent, tool, upstream, arguments, args_sha256, reason, rule, approvals_needed, status, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'pending', ?10, ?11)",
+                                params![id, new.agent, new.tool, new.upstream, new.arguments.to_string(), new.args_sha256, new.reason, new.rule, new.approvals_needed, now, now + ttl],
+                            )?;
+                            let r = load(&tx, &id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+                            Admission::Created(r.hold)
+                        }
+                    }
+                };
+                tx.commit()?;
+                Ok(admission)
+            })
+            .await?;
+        Ok(out)
+    }
+
+    /// What a call waiting on hold `id` should do now; consumes a
+    /// single-use approval for it.
+    pub async fn poll(&self, id: &str) -> Result<Polled, StateError> {
+        let id = id.to_owned();
+        self.run(move |c, now| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let Some(mut r) = load(&tx, &id)? else {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            };
+            let out = match r.hold.status {
+                Status::Pending if r.hold.expires_ms <= now => {
+                    tx.execute(
+                        "UPDATE holds SET status = 'expired', decided_at = ?1 WHERE id = ?2",
+                        params![now, id],
+                    )?;
+                    r.hold.status = Status::Expired;
+                    Polled::Refused(r.hold)
+                }
+                Status::Pending => Polled::Pending,
+                Status::Approved if r.grant_until_ms.is_some_and(|g| g > now) => Polled::Granted {
+                    hold: r.hold,
+                    window: true,
+                },
+                Status::Approved
+                    if !r.used && r.grant_until_ms.is_none() && r.hold.expires_ms > now =>
+                {
+                    tx.execute("UPDATE holds SET used = 1 WHERE id = ?1", [&id])?;
+                    Polled::Granted {
+                        hold: r.hold,
+                        window: false,
+                    }
+                }
+                Status::Approved => Polled::UsedByAnother(r.hold),
+                Status::Denied | Status::Expired => Polled::Refused(r.hold),
+            };
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    /// One hold with its approvals.
+    pub async fn get(&self, id: &str) -> Result<Option<Hold>, StateError> {
+        let id = id.to_owned();
+        self.run(move |c, _| Ok(load(c, &id)?.map(|r| r.hold)))
+            .await
+    }
+
+    /// Holds, newest first, optionally with one status.
+    pub async fn list(&self, status: Option<Status>, limit: u32) -> Result<Vec<Hold>, StateError> {
+        self.run(move |c, now| {
+            c.execute("UPDATE holds SET status = 'expired', decided_at = ?1 WHERE status = 'pending' AND expires_at <= ?1", [now])?;
+            let sql = match status {
+                Some(_) => format!("SELECT {COLS} FROM holds WHERE status = ?1 ORDER BY created_at DESC LIMIT ?2"),
+                None => format!("SELECT {COLS} FROM holds WHERE ?1 IS NULL OR 1 ORDER BY created_at DESC LIMIT ?2"),
+            };
+            let mut st = c.prepare(&sql)?;
+            let rows: Vec<Row> = st
+                .query_map(params![status.map(Status::as_str), limit], row)?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::with_capacity(rows.len());
+            for mut r in rows {
+                r.hold.approvals = approvals_of(c, &r.hold.id)?;
+                out.push(r.hold);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Records `approver`'s approval; the hold becomes approved once enough
+    /// distinct approvers agree. `window` lets identical calls pass until it
+    /// ends (else the approval is single-use).
+    pub async fn approve(
+        &self,
+        id: &str,
+        approver: &str,
+        reason: Option<String>,
+        window: Option<Duration>,
+    ) -> Result<Hold, DecideError> {
+        let (id, approver) = (id.to_owned(), approver.to_owned());
+        let res = self
+            .run(move |c, now| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let Some(r) = load(&tx, &id)? else { return Ok(Err(DecideError::NotFound)) };
+                if let Some(e) = undecidable(&r.hold, &approver, now) {
+                    if matches!(e, DecideError::NotPending("expired")) {
+                        tx.execute("UPDATE holds SET status = 'expired', decided_at = ?1 WHERE id = ?2 AND status = 'pending'", params![now, id])?;
+                        tx.commit()?;
+                    }
+                    return Ok(Err(e));
+                }
+                if r.hold.approvals.iter().any(|a| fold_identity(&a.approver) == fold_identity(&approver)) {
+                    return Ok(Err(DecideError::AlreadyApproved));
+                }
+                tx.execute(
+                    "INSERT INTO approvals (hold_id, approver, at, reason) VALUES (?1, ?2, ?3, ?4)",
+                    params![id, approver, now, reason],
+                )?;
+                let count = r.hold.approvals.len() as u32 + 1;
+                if count >= r.hold.approvals_needed {
+                    let until = window.map(|w| now + w.as_millis() as i64);
+                    tx.execute(
+                        "UPDATE holds SET status = 'approved', decided_at = ?1, grant_until = ?2 WHERE id = ?3",
+                        params![now, until, id],
+                    )?;
+                }
+                let r = load(&tx, &id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+                tx.commit()?;
+                Ok(Ok(r.hold))
+            })
+            .await
+            .map_err(|e| DecideError::State(e.0))?;
+        if res.is_ok() {
+            self.bump();
+        }
+        res
+    }
+
+    /// Denies a pending hold.
+    pub async fn deny(
+        &self,
+        id: &str,
+        approver: &str,
+        reason: Option<String>,
+    ) -> Result<Hold, DecideError> {
+        let (id, approver) = (id.to_owned(), approver.to_owned());
+        let res = self
+            .run(move |c, now| {
+                let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let Some(r) = load(&tx, &id)? else { return Ok(Err(DecideError::NotFound)) };
+                if let Some(e) = undecidable(&r.hold, &approver, now) {
+                    return Ok(Err(e));
+                }
+                tx.execute(
+                    "UPDATE holds SET status = 'denied', decided_at = ?1, deny_reason = ?2 WHERE id = ?3",
+                    params![now, reason.clone().unwrap_or_else(|| format!("denied by {approver}")), id],
+                )?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO approvals (hold_id, approver, at, reason) VALUES (?1, ?2, ?3, ?4)",
+                    params![id, approver, now, reason.map(|r| format!("denied: {r}")).unwrap_or_else(|| "denied".into())],
+                )?;
+                let r = load(&tx, &id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+                tx.commit()?;
+                Ok(Ok(r.hold))
+            })
+            .await
+            .map_err(|e| DecideError::State(e.0))?;
+        if res.is_ok() {
+            self.bump();
+        }
+        res
+    }
+
+    /// Marks pending holds past their ttl as expired; returns them.
+    pub async fn expire_due(&self) -> Result<Vec<Hold>, StateError> {
+        let out = self
+            .run(|c, now| {
+                let tx = c.transaction()?;
+                let ids: Vec<String> = {
+                    let mut st = tx.prepare(
+                        "SELECT id FROM holds WHERE status = 'pending' AND expires_at <= ?1",
+                    )?;
+                    let rows = st.query_map([now], |r| r.get(0))?;
+                    rows.collect::<rusqlite::Result<_>>()?
+                };
+                let mut out = Vec::new();
+                for id in ids {
+                    tx.execute(
+                        "UPDATE holds SET status = 'expired', decided_at = ?1 WHERE id = ?2",
+                        params![now, id],
+                    )?;
+                    if let Some(r) = load(&tx, &id)? {
+                        out.push(r.hold);
+                    }
+                }
+                tx.commit()?;
+                Ok(out)
+            })
+            .await?;
+        if !out.is_empty() {
+            self.bump();
+        }
+        Ok(out)
+    }
+
+    /// Pending holds right now (for metrics and readiness).
+    pub async fn pending_count(&self) -> Result<u64, StateError> {
+        self.run(|c, _| {
+            c.query_row(
+                "SELECT COUNT(*) FROM holds WHERE status = 'pending'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .await
+        .map(|n| n as u64)
+    }
+}
+
+/// Why `approver` may not decide `hold` now, if so.
+fn undecidable(hold: &Hold, approver: &str, now: i64) -> Option<DecideError> {
+    if fold_identity(approver) == fold_identity(&hold.agent) {
+        return Some(DecideError::SelfApproval);
+    }
+    match hold.status {
+        Status::Pending if hold.expires_ms <= now => Some(DecideError::NotPending("expired")),
+        Status::Pending => None,
+        s => Some(DecideError::NotPending(s.as_str())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn store(tag: &str, ttl: Duration) -> (Holds, std::path::PathBuf) {
+        let p = std::env::temp_dir().join(format!("tg-holds-{}-{tag}.db", std::process::id()));
+        for s in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{s}", p.display()));
+        }
+        (Holds::open(&p, ttl).unwrap(), p)
+    }
+
+    fn new(agent: &str, sha: &str, needed: u32) -> NewHold {
+        NewHold {
+            agent: agent.into(),
+            tool: "iam__grant_role".into(),
+            upstream: Some("iam".into()),
+            arguments: json!({"role": "admin"}),
+            args_sha256: sha.into(),
+            reason: "r".into(),
+            rule: "tools[0].approval".into(),
+            approvals_needed: needed,
+        }
+    }
+
+    #[tokio::test]
+    async fn identical_calls_join_then_an_approval_is_used_exactly_once() {
+        let (h, _) = store("once", Duration::from_secs(60));
+        let Admission::Created(hold) = h.admit(new("bot", "a", 1), 10).await.unwrap() else {
+            panic!()
+        };
+        assert!(
+            matches!(h.admit(new("bot", "a", 1), 10).await.unwrap(), Admission::Joined(j) if j.id == hold.id)
+        );
+        assert!(
+            matches!(
+                h.admit(new("bot", "b", 1), 10).await.unwrap(),
+                Admission::Created(_)
+            ),
+            "other args, other hold"
+        );
+        h.approve(&hold.id, "alice", Some("ok".into()), None)
+            .await
+            .unwrap();
+        // Many racing retries: exactly one is granted.
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let h = h.clone();
+            tasks.push(tokio::spawn(async move {
+                h.admit(new("bot", "a", 1), 100).await.unwrap()
+            }));
+        }
+        let mut granted = 0;
+        for t in tasks {
+            if matches!(t.await.unwrap(), Admission::Granted { window: false, .. }) {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 1);
+        assert!(matches!(
+            h.poll(&hold.id).await.unwrap(),
+            Polled::UsedByAnother(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn two_person_rule_self_approval_and_decided_holds() {
+        let (h, _) = store("two", Duration::from_secs(60));
+        let Admission::Created(hold) = h.admit(new("bot", "a", 2), 10).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            h.approve(&hold.id, "BOT", None, None).await.unwrap_err(),
+            DecideError::SelfApproval
+        );
+        let after_one = h.approve(&hold.id, "alice", None, None).await.unwrap();
+        assert_eq!(after_one.status, Status::Pending);
+        assert_eq!(
+            h.approve(&hold.id, "Alice", None, None).await.unwrap_err(),
+            DecideError::AlreadyApproved
+        );
+        let done = h.approve(&hold.id, "bob", None, None).await.unwrap();
+        assert_eq!(done.status, Status::Approved);
+        assert_eq!(done.approvals.len(), 2);
+        assert_eq!(
+            h.deny(&hold.id, "carol", None).await.unwrap_err(),
+            DecideError::NotPending("approved")
+        );
+        assert_eq!(
+            h.approve("nope", "carol", None, None).await.unwrap_err(),
+            DecideError::NotFound
+        );
+    }
+
+    #[tokio::test]
+    async fn denied_holds_refuse_identical_retries_and_windows_let_them_pass() {
+        let (h, _) = store("deny", Duration::from_secs(60));
+        let Admission::Created(d) = h.admit(new("bot", "x", 1), 10).await.unwrap() else {
+            panic!()
+        };
+        h.deny(&d.id, "alice", Some("no".into())).await.unwrap();
+        assert!(matches!(
+            h.admit(new("bot", "x", 1), 10).await.unwrap(),
+            Admission::Denied(_)
+        ));
+        let Admission::Created(w) = h.admit(new("bot", "y", 1), 10).await.unwrap() else {
+            panic!()
+        };
+        h.approve(&w.id, "alice", None, Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            assert!(matches!(
+                h.admit(new("bot", "y", 1), 10).await.unwrap(),
+                Admission::Granted { window: true, .. }
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn holds_expire_and_pending_holds_are_bounded() {
+        let (h, _) = store("exp", Duration::from_millis(30));
+        let Admission::Created(a) = h.admit(new("bot", "1", 1), 2).await.unwrap() else {
+            panic!()
+        };
+        h.admit(new("bot", "2", 1), 2).await.unwrap();
+        assert!(matches!(
+            h.admit(new("bot", "3", 1), 2).await.unwrap(),
+            Admission::TooMany
+        ));
+        h.advance(Duration::from_millis(50));
+        assert_eq!(
+            h.approve(&a.id, "alice", None, None).await.unwrap_err(),
+            DecideError::NotPending("expired")
+        );
+        let expired = h.expire_due().await.unwrap();
+        assert_eq!(expired.len(), 1, "the other one");
+        assert!(matches!(
+            h.admit(new("bot", "3", 1), 2).await.unwrap(),
+            Admission::Created(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopening() {
+        let (h, p) = store("reopen", Duration::from_secs(60));
+        let Admission::Created(a) = h.admit(new("bot", "1", 1), 10).await.unwrap() else {
+            panic!()
+        };
+        let Admission::Created(b) = h.admit(new("bot", "2", 1), 10).await.unwrap() else {
+            panic!()
+        };
+        h.approve(&b.id, "alice", None, None).await.unwrap();
+        drop(h);
+        let h = Holds::open(&p, Duration::from_secs(60)).unwrap();
+        assert_eq!(h.get(&a.id).await.unwrap().unwrap().status, Status::Pending);
+        assert!(matches!(
+            h.admit(new("bot", "2", 1), 10).await.unwrap(),
+            Admission::Granted { .. }
+        ));
+        assert_eq!(h.list(Some(Status::Pending), 10).await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_a_clear_error() {
+        let p = std::env::temp_dir().join(format!("tg-holds-{}-corrupt.db", std::process::id()));
+        std::fs::write(&p, vec![0x42u8; 8192]).unwrap();
+        let e = Holds::open(&p, Duration::from_secs(1)).err().unwrap();
+        assert!(e.contains("unusable"), "{e}");
+    }
+}
