@@ -702,7 +702,7 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
         })
     });
     if let (Some(l), Some(a)) = (listen, &admin) {
-        if l == a.listen {
+        if l == a.listen && l.port() != 0 {
             if let Some(s) = &spec.admin {
                 r.at(
                     &s.listen,

@@ -21,13 +21,17 @@ use tracing::Instrument;
 
 use crate::audit::{self, Auditor, Record};
 use crate::config::Config;
+use crate::hold::Holds;
 use crate::identity::{self, AuthError, Caller, Verifier};
 use crate::manifest::PolicySet;
 use crate::mcp::{self, code, Id, Message};
+use crate::notify::Notifier;
 use crate::policy::{self, Guard, Verdict};
 use crate::ratelimit::{Limiters, Scope};
 use crate::session::{SessionError, Sessions};
-use crate::upstream::{Answer, Catalog, Upstream};
+use crate::upstream::{Answer, Catalog, Route, Upstream};
+
+mod held;
 
 /// Response body type of both planes.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -53,6 +57,10 @@ pub struct Shared {
     pub sessions: Sessions,
     pub auditor: Auditor,
     pub guard: Guard,
+    pub holds: Holds,
+    pub notifier: Option<Notifier>,
+    /// Verifies approver tokens (management plane), if configured.
+    pub approvers: Option<Verifier>,
     refresh: tokio::sync::Mutex<()>,
 }
 
@@ -70,6 +78,8 @@ enum Reply {
     Status(StatusCode),
     /// 401 with `WWW-Authenticate: Bearer`.
     Unauthorized(AuthError),
+    /// 200 with an event stream produced by a task (a held call waiting).
+    Stream(Body),
 }
 
 /// What one request produced for the audit log, if anything.
@@ -98,7 +108,10 @@ struct Ctx {
     request_id: String,
     started: Instant,
     agent: Option<Arc<str>>,
+    /// The client accepts only an event stream: answer in SSE.
     sse: bool,
+    /// The client accepts an event stream: long waits may stream.
+    accepts_sse: bool,
 }
 
 fn rpc_error(status: StatusCode, id: Option<&Id>, code: i64, message: &str, data: Value) -> Reply {
@@ -112,7 +125,17 @@ impl Gate {
         upstreams: Vec<Arc<Upstream>>,
         auditor: Auditor,
         guard: Guard,
+        holds: Holds,
     ) -> Gate {
+        let notifier = config
+            .holds
+            .notify_url
+            .clone()
+            .map(|url| Notifier::start(url, auditor.clone()));
+        let approvers = config
+            .approvers
+            .as_ref()
+            .map(|a| Verifier::new(&a.issuer, &a.audience, a.leeway, a.keys.clone()));
         let verifier = Verifier::new(
             &config.agents.issuer,
             &config.agents.audience,
@@ -136,6 +159,9 @@ impl Gate {
             sessions,
             auditor,
             guard,
+            holds,
+            notifier,
+            approvers,
             config,
             refresh: tokio::sync::Mutex::new(()),
         }))
@@ -152,6 +178,7 @@ impl Gate {
             started: Instant::now(),
             agent: None,
             sse: false,
+            accepts_sse: false,
         };
         let span = tracing::info_span!(
             "request",
@@ -201,6 +228,7 @@ impl Gate {
                 }
             }
             Reply::Accepted => response(StatusCode::ACCEPTED, "", full(Bytes::new())),
+            Reply::Stream(body) => response(StatusCode::OK, "text/event-stream", body),
             Reply::Status(s) => {
                 let mut r = response(s, "", full(Bytes::new()));
                 if s == StatusCode::METHOD_NOT_ALLOWED {
@@ -281,7 +309,8 @@ impl Gate {
             _ => return Outcome::reply(Reply::Status(StatusCode::METHOD_NOT_ALLOWED)),
         }
         let accept = header_str(&parts.headers, http::header::ACCEPT.as_str()).unwrap_or("");
-        ctx.sse = accept.contains("text/event-stream") && !accept.contains("application/json");
+        ctx.accepts_sse = accept.contains("text/event-stream");
+        ctx.sse = ctx.accepts_sse && !accept.contains("application/json");
 
         // Read the body, bounded.
         let bytes = match self.read_body(&parts.headers, body).await {
@@ -834,20 +863,32 @@ impl Gate {
             };
             return deny(record, code::RATE_LIMITED, "rate limited", d);
         }
-        if let Verdict::Hold { .. } = decision.verdict {
-            // Holds and the management plane are not built yet: fail closed.
-            let reason = format!("needs human approval ({}); approvals are not available on this gate yet, so the call is denied", decision.reason);
-            record.decision = Some("deny");
-            record.reason = Some(reason.clone());
-            let d = data("deny", None);
-            return deny(record, code::DENIED, &reason, d);
-        }
-        // 8. Allow: route, audit, forward.
+        // Route: needed to forward, and to name the upstream of a hold.
         let mut catalog = self.catalog(false).await;
         if !catalog.routes.contains_key(&call.name) {
             catalog = self.catalog(true).await;
         }
-        let Some(route) = catalog.route(&call.name) else {
+        let route = catalog.route(&call.name);
+        if let Verdict::Hold { approvals } = decision.verdict {
+            tracing::Span::current().record("decision", "hold");
+            return self
+                .held(held::HeldCall {
+                    upstream: route
+                        .as_ref()
+                        .map(|r| self.0.upstreams[r.upstream].name.clone()),
+                    route,
+                    call,
+                    id,
+                    version,
+                    record,
+                    approvals,
+                    request_id: ctx.request_id.clone(),
+                    stream: ctx.accepts_sse,
+                })
+                .await;
+        }
+        // 8. Allow: audit, then forward.
+        let Some(route) = route else {
             let msg = format!("unknown tool {:?}: no upstream exposes it", call.name);
             record.decision = Some("deny");
             record.rule = Some("catalog".into());
@@ -856,26 +897,43 @@ impl Gate {
             d["rule"] = Value::from("catalog");
             return deny(record, code::INVALID_PARAMS, &msg, d);
         };
-        let upstream = self.0.upstreams[route.upstream].clone();
         record.decision = Some("allow");
         record.latency_us = Some(ctx.started.elapsed().as_micros() as u64);
-        record.detail = Some(json!({"upstream": upstream.name}));
-        record.request_id = Some(ctx.request_id.clone());
         tracing::Span::current().record("decision", "allow");
+        self.forward(route, call, &id, version, record, &ctx.request_id)
+            .await
+    }
+
+    /// Hands `record` to the audit writer, then forwards `call` along
+    /// `route`. Nothing is forwarded whose record could not be handed over.
+    async fn forward(
+        &self,
+        route: Route,
+        call: mcp::ToolCall,
+        id: &Id,
+        version: &'static str,
+        mut record: Record,
+        request_id: &str,
+    ) -> Outcome {
+        let upstream = self.0.upstreams[route.upstream].clone();
+        let data = |decision: &str| json!({"decision": decision, "request_id": request_id, "rule": record.rule.clone().unwrap_or_default()});
+        let d = data("deny");
+        record.detail = Some(json!({"upstream": upstream.name}));
+        record.request_id = Some(request_id.to_owned());
+        let agent = record.agent.clone();
         if self.0.auditor.submit(record).is_err() {
-            let d = data("deny", None);
             tracing::error!("audit log unavailable: refusing to forward");
             return Outcome::reply(Reply::Rpc(
                 StatusCode::OK,
                 mcp::error_response(
-                    Some(&id),
+                    Some(id),
                     code::AUDIT_UNAVAILABLE,
                     "the audit log cannot be written; nothing was forwarded",
                     Some(d),
                 ),
             ));
         }
-        tracing::info!(upstream.name = %upstream.name, "allowed; forwarding");
+        tracing::info!(upstream.name = %upstream.name, "forwarding");
         let mut params = Map::new();
         params.insert("name".into(), Value::String(route.tool));
         params.insert("arguments".into(), call.arguments);
@@ -886,11 +944,10 @@ impl Gate {
                 params.insert("_meta".into(), Value::Object(meta));
             }
         }
-        let forwarded = upstream.request("tools/call", Value::Object(params)).await;
-        match forwarded {
+        match upstream.request("tools/call", Value::Object(params)).await {
             Ok(Answer::Result(r)) => Outcome::reply(Reply::Rpc(
                 StatusCode::OK,
-                mcp::result_response(&id, shape(r, version)),
+                mcp::result_response(id, shape(r, version)),
             )),
             Ok(Answer::Error(e)) => Outcome::reply(Reply::Rpc(
                 StatusCode::OK,
@@ -898,16 +955,14 @@ impl Gate {
             )),
             Err(e) => {
                 tracing::warn!(upstream.name = %upstream.name, error = %e, "upstream failed");
-                let d = {
-                    let mut d = data("allow", None);
-                    d["upstream"] = Value::from(upstream.name.as_str());
-                    d
-                };
+                let mut d = d;
+                d["decision"] = Value::from("allow");
+                d["upstream"] = Value::from(upstream.name.as_str());
                 Outcome {
                     reply: Reply::Rpc(
                         StatusCode::OK,
                         mcp::error_response(
-                            Some(&id),
+                            Some(id),
                             code::UPSTREAM,
                             &format!("upstream failed: {e}"),
                             Some(d),
@@ -916,7 +971,7 @@ impl Gate {
                     session_id: None,
                     record: Some(Record {
                         event: "upstream_error",
-                        agent: Some(caller.agent.clone()),
+                        agent,
                         tool: Some(call.name),
                         decision: Some("error"),
                         reason: Some(e.to_string()),

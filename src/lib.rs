@@ -11,9 +11,13 @@
 //! - [`ratelimit`]: governor limiters keyed by agent and (agent, tool).
 //! - [`audit`]: hash-chained audit records, the writer task, `verify`.
 //! - [`upstream`]: MCP clients to tool servers.
+//! - [`hold`]: holds, approvals and grants in SQLite; waiting for decisions.
+//! - [`notify`]: the webhook for new holds, off the call path.
+//! - [`admin`]: the management plane: approver-authenticated API.
 //! - [`config`]: process configuration, validated with located problems.
 //! - [`demo`]: the bundled demo tool server and the `demo` command.
 
+pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod demo;
@@ -22,6 +26,7 @@ pub mod hold;
 pub mod identity;
 pub mod manifest;
 pub mod mcp;
+pub mod notify;
 pub mod policy;
 pub mod ratelimit;
 pub mod server;

@@ -10,8 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -21,7 +20,8 @@ use tokio::sync::watch;
 
 use crate::audit::Auditor;
 use crate::config::{normalize_path, Config};
-use crate::gate::{full, Body, Gate};
+use crate::gate::{Body, Gate};
+use crate::hold::Holds;
 use crate::manifest::PolicySet;
 use crate::policy::Guard;
 use crate::upstream::{http_client, Upstream};
@@ -96,7 +96,8 @@ impl Server {
         };
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
         let guard = guard_for(&config);
-        let gate = Gate::new(config, policy, upstreams, auditor, guard);
+        let holds = Holds::open(&config.state, config.holds.ttl).map_err(|e| anyhow::anyhow!(e))?;
+        let gate = Gate::new(config, policy, upstreams, auditor, guard, holds);
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = Vec::new();
 
@@ -109,7 +110,7 @@ impl Server {
             let g = gate.clone();
             tasks.push(tokio::spawn(serve(l, rx.clone(), move |req| {
                 let g = g.clone();
-                async move { admin(&g, req) }
+                async move { crate::admin::handle(&g, req).await }
             })));
         }
         // Fetch the tool catalog early so the first calls need not wait.
@@ -119,6 +120,18 @@ impl Server {
             tokio::select! {
                 _ = g.catalog(true) => {}
                 _ = stop.changed() => {}
+            }
+        }));
+        // Expire holds past their ttl, auditing each.
+        let g = gate.clone();
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => expire_holds(&g).await,
+                    _ = stop.changed() => break,
+                }
             }
         }));
         // Housekeeping: idle limiter keys and sessions.
@@ -162,6 +175,28 @@ impl Server {
         self.gate.0.auditor.flush().await;
         drop(self.gate);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.audit_task).await;
+    }
+}
+
+/// Marks due holds expired and audits each.
+pub async fn expire_holds(g: &Gate) {
+    match g.0.holds.expire_due().await {
+        Ok(expired) => {
+            for h in expired {
+                g.0.auditor.record(crate::audit::Record {
+                    event: "hold_expired",
+                    agent: Some(std::sync::Arc::from(h.agent.as_str())),
+                    tool: Some(h.tool.clone()),
+                    decision: Some("expired"),
+                    rule: Some(h.rule.clone()),
+                    reason: Some("no decision within holds.ttl".into()),
+                    args_sha256: Some(h.args_sha256.clone()),
+                    hold_id: Some(h.id.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot expire holds"),
     }
 }
 
@@ -218,36 +253,4 @@ where
         });
     }
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
-}
-
-/// The management listener. Until the management API lands it serves only
-/// the unauthenticated health endpoints.
-fn admin(gate: &Gate, req: Request<Incoming>) -> Response<Body> {
-    let (status, body) = match req.uri().path() {
-        "/healthz" => (
-            StatusCode::OK,
-            Bytes::from_static(b"{\"status\":\"alive\"}"),
-        ),
-        "/readyz" => {
-            if gate.0.auditor.healthy() {
-                (
-                    StatusCode::OK,
-                    Bytes::from_static(b"{\"status\":\"ready\"}"),
-                )
-            } else {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Bytes::from_static(b"{\"status\":\"not ready\",\"audit\":\"unwritable\"}"),
-                )
-            }
-        }
-        _ => (StatusCode::NOT_FOUND, Bytes::new()),
-    };
-    let mut r = Response::new(full(body));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    r
 }

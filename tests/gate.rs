@@ -73,18 +73,6 @@ async fn refused_calls_never_reach_the_upstream_and_say_why() {
             -32602,
             "tools[0].arguments",
         ),
-        (
-            "billing__refund",
-            json!({"invoice_id": "INV-000001"}),
-            -32003,
-            "tools[2].approval",
-        ),
-        (
-            "billing__grant_role",
-            json!({"principal": "Billing-Bot", "role": "admin"}),
-            -32003,
-            "guard.self_identity",
-        ),
     ];
     for (tool, args, want, rule) in cases {
         let v = h.call(&t, tool, args).await;
@@ -109,16 +97,31 @@ async fn refused_calls_never_reach_the_upstream_and_say_why() {
         .map(|e| e["pointer"].as_str().unwrap())
         .collect();
     assert!(ptrs.contains(&"/invoice_id") && ptrs.contains(&""), "{v}");
-    // A hold that cannot be held yet says it needs approval.
-    let v = h.call(&t, "billing__refund", json!({})).await;
-    assert!(
-        v["error"]["message"].as_str().unwrap().contains("approval"),
-        "{v}"
-    );
+    // Holds answer -32010 after holds.wait; nothing is forwarded either.
+    for (tool, args, rule) in [
+        (
+            "billing__refund",
+            json!({"invoice_id": "INV-000001"}),
+            "tools[2].approval",
+        ),
+        (
+            "billing__grant_role",
+            json!({"principal": "Billing-Bot", "role": "admin"}),
+            "guard.self_identity",
+        ),
+    ] {
+        let v = h.call(&t, tool, args).await;
+        assert_eq!(code(&v), -32010, "{tool}: {v}");
+        assert_eq!(v["error"]["data"]["decision"], "hold");
+        assert_eq!(v["error"]["data"]["rule"], rule);
+        assert!(v["error"]["data"]["hold_id"].as_str().is_some(), "{v}");
+        assert!(v["error"]["data"]["expires_at"].as_str().is_some(), "{v}");
+    }
     assert!(h.received().is_empty(), "upstream got {:?}", h.received());
     let audit = h.audit().await;
-    assert_eq!(audit.len(), 7);
-    assert!(audit.iter().all(|r| r["decision"] == "deny"), "{audit:?}");
+    assert_eq!(audit.len(), 6);
+    assert_eq!(audit.iter().filter(|r| r["decision"] == "hold").count(), 2);
+    assert_eq!(audit.iter().filter(|r| r["decision"] == "deny").count(), 4);
 }
 
 #[tokio::test]

@@ -72,6 +72,12 @@ pub struct Opts<'a> {
     pub audit: Option<&'a str>,
     /// Upstream URL (default: the recording tool server).
     pub upstream: Option<String>,
+    /// The `holds:` block.
+    pub holds: &'a str,
+    /// `auth.approvers.require_amr`, as YAML.
+    pub require_amr: &'a str,
+    /// Reuse this directory (a restart).
+    pub dir: Option<PathBuf>,
 }
 
 impl Default for Opts<'_> {
@@ -81,6 +87,9 @@ impl Default for Opts<'_> {
             extra: "",
             audit: None,
             upstream: None,
+            holds: "holds: { wait: 300ms, ttl: 1h }",
+            require_amr: "[]",
+            dir: None,
         }
     }
 }
@@ -93,7 +102,7 @@ impl Harness {
     pub async fn with(o: Opts<'_>) -> Harness {
         std::env::set_var("TG_TEST_AGENT_SECRET", SECRET);
         std::env::set_var("TG_TEST_ADMIN_SECRET", ADMIN_SECRET);
-        let dir = temp_dir("gate");
+        let dir = o.dir.clone().unwrap_or_else(|| temp_dir("gate"));
         for (name, text) in o.manifests {
             std::fs::write(dir.join("tool-manifests").join(name), text).expect("write manifest");
         }
@@ -109,6 +118,7 @@ impl Harness {
         );
         let yaml = format!(
             r#"listen: 127.0.0.1:0
+admin: {{ listen: 127.0.0.1:0 }}
 manifests: tool-manifests
 state: sqlite://state.db
 audit: {{ path: "{audit}" }}
@@ -119,14 +129,23 @@ auth:
     leeway: 0s
     keys:
       - hs256: {{ secret_env: TG_TEST_AGENT_SECRET }}
+  approvers:
+    issuer: toolgate-test
+    audience: toolgate-admin
+    require_amr: {amr}
+    keys:
+      - hs256: {{ secret_env: TG_TEST_ADMIN_SECRET }}
 upstreams:
   - name: billing
     url: {upstream}
 limits:
   max_body: 64KiB
   upstream_timeout: 2s
+{holds}
 {extra}"#,
-            extra = o.extra
+            extra = o.extra,
+            holds = o.holds,
+            amr = o.require_amr,
         );
         let cfg_path = dir.join("toolgate.yaml");
         std::fs::write(&cfg_path, &yaml).expect("write config");
@@ -285,6 +304,52 @@ limits:
         (s, v)
     }
 
+    /// The management plane's base URL.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.server.admin_addr.expect("admin listener"))
+    }
+
+    /// A management-plane request; returns status and JSON body.
+    pub async fn admin(
+        &self,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.admin_url()));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        req = req.header("content-type", "application/json");
+        let resp = self
+            .client
+            .request(req.body(Full::new(Bytes::from(body))).expect("request"))
+            .await
+            .expect("admin answers");
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Approves hold `id` as `who` (an approver with MFA).
+    pub async fn approve(&self, id: &str, who: &str, body: Value) -> (StatusCode, Value) {
+        let t = approver_token(who, &["approver"], &["pwd", "mfa"]);
+        self.admin(
+            http::Method::POST,
+            &format!("/v1/holds/{id}/approve"),
+            Some(&t),
+            Some(body),
+        )
+        .await
+    }
+
     /// Every audit record so far.
     pub async fn audit(&self) -> Vec<Value> {
         self.server.gate.0.auditor.flush().await;
@@ -312,4 +377,11 @@ pub fn token_with(claims: Value) -> String {
         }
     }
     mint_hs256(None, SECRET.as_bytes(), &c).expect("mint")
+}
+
+/// Mints an approver token.
+pub fn approver_token(sub: &str, roles: &[&str], amr: &[&str]) -> String {
+    let now = now_unix();
+    let c = json!({"iss": "toolgate-test", "aud": "toolgate-admin", "exp": now + 600, "sub": sub, "roles": roles, "amr": amr});
+    mint_hs256(None, ADMIN_SECRET.as_bytes(), &c).expect("mint")
 }

@@ -1,0 +1,298 @@
+//! The management plane: the approvers' and operators' API on
+//! `admin.listen`, a listener of its own.
+//!
+//! Invariants:
+//! - every endpoint but `/healthz` and `/readyz` needs an approver token
+//!   (`auth.approvers`: its own issuer/audience/keys), so an agent token is
+//!   refused here (401) and nothing on the data plane reaches this API;
+//! - `viewer` may read, `approver` may also decide; with `require_amr`, a
+//!   decision needs a token whose `amr` shows one of the listed methods;
+//! - nobody decides a hold of their own identity; deciding a hold that is
+//!   not pending is a conflict (409);
+//! - every authentication failure and every decision is audited.
+//!
+//! The API takes credentials only from the `Authorization` header (never
+//! cookies), so a browser cannot be tricked into a cross-site decision.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde_json::{json, Value};
+
+use crate::audit::Record;
+use crate::config::parse_duration;
+use crate::gate::{full, Body, Gate};
+use crate::hold::{DecideError, Status};
+use crate::identity::{self, Approver};
+
+/// Largest management request body.
+pub const MAX_BODY: usize = 16 * 1024;
+/// Longest approval window.
+pub const MAX_WINDOW: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(serde_json::to_vec(v).unwrap_or_default())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+fn error(status: StatusCode, msg: &str) -> Response<Body> {
+    json_response(status, &json!({"error": msg}))
+}
+
+/// Handles one management-plane request.
+pub async fn handle<B>(gate: &Gate, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/healthz") => {
+            return json_response(StatusCode::OK, &json!({"status": "alive"}))
+        }
+        (&Method::GET, "/readyz") => return readyz(gate).await,
+        _ => {}
+    }
+    let approver = match authenticate(gate, req.headers()) {
+        Ok(a) => a,
+        Err(e) => {
+            gate.0.auditor.record(Record {
+                event: "admin_auth_failed",
+                decision: Some("deny"),
+                reason: Some(e.clone()),
+                detail: Some(json!({"path": path, "method": req.method().as_str()})),
+                ..Record::default()
+            });
+            let mut r = error(StatusCode::UNAUTHORIZED, &e);
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"toolgate-admin\""),
+            );
+            return r;
+        }
+    };
+    let can_read = approver.has_role("approver") || approver.has_role("viewer");
+    if !can_read {
+        return error(
+            StatusCode::FORBIDDEN,
+            "this token has neither the viewer nor the approver role",
+        );
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["v1", "holds"]) => list_holds(gate, req.uri().query()).await,
+        (Method::GET, ["v1", "holds", id]) => match gate.0.holds.get(id).await {
+            Ok(Some(h)) => json_response(StatusCode::OK, &json!(h)),
+            Ok(None) => error(StatusCode::NOT_FOUND, "no such hold"),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        },
+        (Method::POST, ["v1", "holds", id, action @ ("approve" | "deny")]) => {
+            let id = (*id).to_owned();
+            let approve = *action == "approve";
+            decide(gate, &approver, &id, approve, req).await
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+fn authenticate(gate: &Gate, headers: &http::HeaderMap) -> Result<Approver, String> {
+    let Some(verifier) = &gate.0.approvers else {
+        return Err("the management plane has no approver keys configured".into());
+    };
+    let cfg = gate
+        .0
+        .config
+        .approvers
+        .as_ref()
+        .ok_or("no auth.approvers")?;
+    let token = identity::bearer(headers).map_err(|e| e.to_string())?;
+    let claims = verifier.verify(token).map_err(|e| e.to_string())?;
+    identity::approver_from_claims(&claims, &cfg.subject_claim, &cfg.roles_claim)
+        .map_err(|e| e.to_string())
+}
+
+async fn readyz(gate: &Gate) -> Response<Body> {
+    let audit = gate.0.auditor.healthy();
+    let state = gate.0.holds.pending_count().await.is_ok();
+    let catalog = gate.0.catalog.load();
+    let degraded: Vec<&str> = catalog
+        .unreachable
+        .iter()
+        .map(|(i, _)| gate.0.upstreams[*i].name.as_str())
+        .collect();
+    let ready = audit && state;
+    json_response(
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        &json!({
+            "status": if ready { "ready" } else { "not ready" },
+            "config": "loaded",
+            "generation": gate.0.snapshot.load().generation,
+            "audit": if audit { "writable" } else { "unwritable" },
+            "state": if state { "open" } else { "unavailable" },
+            "upstreams_degraded": degraded,
+        }),
+    )
+}
+
+fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+async fn list_holds(gate: &Gate, query: Option<&str>) -> Response<Body> {
+    let status = match query_param(query, "status") {
+        None | Some("") | Some("all") => None,
+        Some(s) => match Status::parse(s) {
+            Some(s) => Some(s),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "status must be pending, approved, denied or expired",
+                )
+            }
+        },
+    };
+    let limit = query_param(query, "limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100u32)
+        .clamp(1, 1000);
+    match gate.0.holds.list(status, limit).await {
+        Ok(holds) => json_response(StatusCode::OK, &json!({"holds": holds})),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DecisionBody {
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default, rename = "for")]
+    window: Option<String>,
+}
+
+async fn decide<B>(
+    gate: &Gate,
+    approver: &Approver,
+    id: &str,
+    approve: bool,
+    req: Request<B>,
+) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if !approver.has_role("approver") {
+        return error(
+            StatusCode::FORBIDDEN,
+            "deciding holds needs the approver role",
+        );
+    }
+    let cfg = gate.0.config.approvers.as_ref();
+    if let Some(required) = cfg.map(|c| &c.require_amr).filter(|r| !r.is_empty()) {
+        if !approver.amr.iter().any(|m| required.contains(m)) {
+            return error(
+                StatusCode::FORBIDDEN,
+                &format!("deciding holds needs a token whose amr shows one of {required:?} (sign in with MFA)"),
+            );
+        }
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
+    };
+    let parsed: DecisionBody = if body.iter().all(u8::is_ascii_whitespace) {
+        DecisionBody::default()
+    } else {
+        match crate::mcp::parse_strict(&body).and_then(|v| {
+            serde_json::from_value(v).map_err(|e| crate::mcp::ParseError::Envelope(e.to_string()))
+        }) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}")),
+        }
+    };
+    let reason = parsed
+        .reason
+        .filter(|r| !r.trim().is_empty())
+        .map(|r| r.chars().take(1000).collect::<String>());
+    let window = match parsed.window.as_deref() {
+        None | Some("") => None,
+        Some(w) if approve => match parse_duration(w) {
+            Ok(d) if d > std::time::Duration::ZERO && d <= MAX_WINDOW => Some(d),
+            Ok(_) => return error(StatusCode::BAD_REQUEST, "for must be between 1s and 7d"),
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+        },
+        Some(_) => return error(StatusCode::BAD_REQUEST, "for applies to approvals only"),
+    };
+    let result = if approve {
+        gate.0
+            .holds
+            .approve(id, &approver.subject, reason.clone(), window)
+            .await
+    } else {
+        gate.0
+            .holds
+            .deny(id, &approver.subject, reason.clone())
+            .await
+    };
+    match result {
+        Ok(hold) => {
+            gate.0.auditor.record(Record {
+                event: if approve {
+                    "hold_approved"
+                } else {
+                    "hold_denied"
+                },
+                agent: Some(Arc::from(hold.agent.as_str())),
+                tool: Some(hold.tool.clone()),
+                decision: Some(if approve { "approved" } else { "denied" }),
+                rule: Some(hold.rule.clone()),
+                reason,
+                args_sha256: Some(hold.args_sha256.clone()),
+                hold_id: Some(hold.id.clone()),
+                approver: Some(approver.subject.clone()),
+                detail: Some(json!({
+                    "status": hold.status.as_str(),
+                    "approvals": hold.approvals.len(),
+                    "approvals_needed": hold.approvals_needed,
+                    "for": parsed.window,
+                })),
+                ..Record::default()
+            });
+            tracing::info!(hold.id = %hold.id, approver = %approver.subject, approve, status = hold.status.as_str(), "hold decision");
+            json_response(StatusCode::OK, &json!(hold))
+        }
+        Err(e) => {
+            let status = match e {
+                DecideError::NotFound => StatusCode::NOT_FOUND,
+                DecideError::NotPending(_) | DecideError::AlreadyApproved => StatusCode::CONFLICT,
+                DecideError::SelfApproval => StatusCode::FORBIDDEN,
+                DecideError::State(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            error(status, &e.to_string())
+        }
+    }
+}

@@ -1,0 +1,695 @@
+//! Holds and the management plane on real sockets: escalations wait for a
+//! human on a separate, separately authenticated listener.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use support::{approver_token, Harness, Opts};
+
+const OPS_BOT: &str = r#"
+agent: ops-bot
+unlisted: hold
+tools:
+  - name: billing__grant_role
+    hold_when:
+      - { pointer: /principal, equals: "${agent}" }
+      - { pointer: /role, in: [admin, owner] }
+  - name: billing__refund
+    approval: required
+    approvals: 2
+  - name: billing__echo
+"#;
+
+fn code(v: &Value) -> i64 {
+    v["error"]["code"].as_i64().unwrap_or(0)
+}
+
+fn hold_id(v: &Value) -> String {
+    v["error"]["data"]["hold_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no hold_id: {v}"))
+        .to_owned()
+}
+
+async fn ops() -> Harness {
+    Harness::with(Opts {
+        manifests: &[("ops-bot.yaml", OPS_BOT)],
+        ..Opts::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_self_targeting_grant_is_held_and_not_forwarded() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let v = h
+        .call(
+            &t,
+            "billing__grant_role",
+            json!({"principal": "OPS-BOT", "role": "reader"}),
+        )
+        .await;
+    assert_eq!(code(&v), -32010, "{v}");
+    assert_eq!(v["error"]["data"]["rule"], "tools[0].hold_when[0]");
+    let id = hold_id(&v);
+    let (s, hold) = h
+        .admin(
+            Method::GET,
+            &format!("/v1/holds/{id}"),
+            Some(&approver_token("alice", &["viewer"], &[])),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    for k in [
+        "id",
+        "agent",
+        "tool",
+        "upstream",
+        "arguments",
+        "args_sha256",
+        "reason",
+        "rule",
+        "status",
+        "approvals",
+        "created_at",
+        "expires_at",
+        "decided_at",
+    ] {
+        assert!(hold.get(k).is_some(), "hold lacks {k}: {hold}");
+    }
+    assert_eq!(
+        (
+            hold["agent"].as_str(),
+            hold["status"].as_str(),
+            hold["upstream"].as_str()
+        ),
+        (Some("ops-bot"), Some("pending"), Some("billing"))
+    );
+    assert!(h.received().is_empty());
+    let audit = h.audit().await;
+    assert_eq!(audit[0]["event"], "hold_created");
+    assert_eq!(audit[0]["hold_id"], id.as_str());
+}
+
+#[tokio::test]
+async fn an_approval_forwards_the_identical_retry_exactly_once() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let v = h
+        .call(
+            &t,
+            "billing__grant_role",
+            json!({"principal": "alice", "role": "admin", "n": 1}),
+        )
+        .await;
+    let id = hold_id(&v);
+    // An identical retry (other key order, other number spelling) joins it.
+    let v = h
+        .call(
+            &t,
+            "billing__grant_role",
+            json!({"n": 1.0, "role": "admin", "principal": "alice"}),
+        )
+        .await;
+    assert_eq!(hold_id(&v), id);
+    let (s, a) = h
+        .approve(&id, "carol", json!({"reason": "ticket 42"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{a}");
+    assert_eq!(a["status"], "approved");
+    assert_eq!(a["approvals"][0]["approver"], "carol");
+    let v = h
+        .call(
+            &t,
+            "billing__grant_role",
+            json!({"role": "admin", "principal": "alice", "n": 1}),
+        )
+        .await;
+    assert!(v.get("result").is_some(), "{v}");
+    assert_eq!(h.received(), ["grant_role"]);
+    // Single use: the next identical call is a new request.
+    let v = h
+        .call(
+            &t,
+            "billing__grant_role",
+            json!({"principal": "alice", "role": "admin", "n": 1}),
+        )
+        .await;
+    assert_eq!(code(&v), -32010);
+    assert_ne!(hold_id(&v), id);
+    assert_eq!(h.received().len(), 1);
+    let audit = h.audit().await;
+    let used: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["event"] == "grant_used")
+        .collect();
+    assert_eq!(used.len(), 1);
+    assert_eq!(
+        (
+            used[0]["hold_id"].as_str(),
+            used[0]["approver"].as_str(),
+            used[0]["decision"].as_str()
+        ),
+        (Some(id.as_str()), Some("carol"), Some("approved"))
+    );
+    assert!(audit
+        .iter()
+        .any(|r| r["event"] == "hold_approved" && r["approver"] == "carol"));
+}
+
+#[tokio::test]
+async fn concurrent_identical_retries_still_forward_once() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let args = json!({"principal": "alice", "role": "owner"});
+    let id = hold_id(&h.call(&t, "billing__grant_role", args.clone()).await);
+    assert_eq!(h.approve(&id, "carol", json!({})).await.0, StatusCode::OK);
+    let calls = (0..8).map(|_| h.call(&t, "billing__grant_role", args.clone()));
+    let answers = futures_all(calls).await;
+    let ok = answers.iter().filter(|v| v.get("result").is_some()).count();
+    assert_eq!(ok, 1, "{answers:#?}");
+    assert_eq!(h.received().len(), 1);
+}
+
+async fn futures_all<F: std::future::Future<Output = Value>>(
+    fs: impl Iterator<Item = F>,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    let fs: Vec<_> = fs.map(Box::pin).collect();
+    let mut handles = Vec::new();
+    for f in fs {
+        handles.push(f);
+    }
+    // Drive them concurrently on this task.
+    let joined = async {
+        let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
+        let mut results: Vec<Option<Value>> = vec![None; pending.len()];
+        std::future::poll_fn(|cx| {
+            let mut done = true;
+            for (i, slot) in pending.iter_mut().enumerate() {
+                if let Some(f) = slot {
+                    match f.as_mut().poll(cx) {
+                        std::task::Poll::Ready(v) => {
+                            results[i] = Some(v);
+                            *slot = None;
+                        }
+                        std::task::Poll::Pending => done = false,
+                    }
+                }
+            }
+            if done {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        results
+    };
+    for r in joined.await {
+        out.push(r.expect("every future finished"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_management_plane_refuses_agents_self_approval_viewers_and_missing_mfa() {
+    let h = Harness::with(Opts {
+        manifests: &[("ops-bot.yaml", OPS_BOT)],
+        require_amr: "[mfa]",
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("ops-bot");
+    let id = hold_id(
+        &h.call(
+            &t,
+            "billing__grant_role",
+            json!({"principal": "x", "role": "admin"}),
+        )
+        .await,
+    );
+    let path = format!("/v1/holds/{id}/approve");
+    // An agent token is not a management credential, even for reading.
+    let (s, _) = h.admin(Method::GET, "/v1/holds", Some(&t), None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = h
+        .admin(Method::POST, &path, Some(&t), Some(json!({})))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = h.admin(Method::GET, "/v1/holds", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // The agent's own identity, as an approver: no self-approval.
+    let (s, v) = h
+        .admin(
+            Method::POST,
+            &path,
+            Some(&approver_token("Ops-Bot", &["approver"], &["mfa"])),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    // A viewer reads but cannot decide.
+    let viewer = approver_token("vera", &["viewer"], &["mfa"]);
+    let (s, v) = h
+        .admin(Method::GET, "/v1/holds?status=pending", Some(&viewer), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["holds"].as_array().unwrap().len(), 1);
+    let (s, _) = h
+        .admin(Method::POST, &path, Some(&viewer), Some(json!({})))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // No MFA in amr.
+    let (s, v) = h
+        .admin(
+            Method::POST,
+            &path,
+            Some(&approver_token("alice", &["approver"], &["pwd"])),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("mfa"));
+    // No role at all.
+    let (s, _) = h
+        .admin(
+            Method::GET,
+            "/v1/holds",
+            Some(&approver_token("nobody", &[], &[])),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // With MFA it works; deciding again is a conflict.
+    let (s, _) = h.approve(&id, "alice", json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = h.approve(&id, "bob", json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let audit = h.audit().await;
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|r| r["event"] == "admin_auth_failed")
+            .count(),
+        3
+    );
+    assert!(h.received().is_empty());
+}
+
+#[tokio::test]
+async fn two_approvals_need_two_different_approvers() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let args = json!({"invoice_id": "INV-1", "amount": 10});
+    let id = hold_id(&h.call(&t, "billing__refund", args.clone()).await);
+    let (s, v) = h.approve(&id, "alice", json!({})).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("pending")));
+    let (s, _) = h.approve(&id, "alice", json!({})).await;
+    assert_eq!(
+        s,
+        StatusCode::CONFLICT,
+        "the same approver twice does not count"
+    );
+    let v = h.call(&t, "billing__refund", args.clone()).await;
+    assert_eq!(code(&v), -32010, "still pending: {v}");
+    let (s, v) = h.approve(&id, "bob", json!({})).await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("approved"))
+    );
+    let v = h.call(&t, "billing__refund", args).await;
+    assert!(v.get("result").is_some(), "{v}");
+    assert_eq!(h.received(), ["refund"]);
+}
+
+#[tokio::test]
+async fn a_denied_hold_answers_32011_to_identical_retries() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let args = json!({"principal": "ops-bot", "role": "reader"});
+    let id = hold_id(&h.call(&t, "billing__grant_role", args.clone()).await);
+    let tok = approver_token("alice", &["approver"], &[]);
+    let (s, v) = h
+        .admin(
+            Method::POST,
+            &format!("/v1/holds/{id}/deny"),
+            Some(&tok),
+            Some(json!({"reason": "not today"})),
+        )
+        .await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("denied")));
+    for _ in 0..2 {
+        let v = h.call(&t, "billing__grant_role", args.clone()).await;
+        assert_eq!(code(&v), -32011, "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not today"));
+    }
+    let (s, _) = h
+        .admin(
+            Method::POST,
+            &format!("/v1/holds/{id}/approve"),
+            Some(&tok),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "deciding a decided hold");
+    assert!(h.received().is_empty());
+    let audit = h.audit().await;
+    assert!(audit.iter().any(|r| r["event"] == "hold_denied"
+        && r["decision"] == "denied"
+        && r["approver"] == "alice"));
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|r| r["decision"] == "denied" && r["event"] == "call")
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_window_lets_identical_calls_pass_until_it_ends() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let args = json!({"principal": "alice", "role": "admin"});
+    let id = hold_id(&h.call(&t, "billing__grant_role", args.clone()).await);
+    let (s, v) = h.approve(&id, "carol", json!({"for": "15m"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["grant_until"].as_str().is_some());
+    for _ in 0..3 {
+        let v = h.call(&t, "billing__grant_role", args.clone()).await;
+        assert!(v.get("result").is_some(), "{v}");
+    }
+    assert_eq!(h.received().len(), 3);
+    // Other arguments are not covered.
+    let v = h
+        .call(
+            &t,
+            "billing__grant_role",
+            json!({"principal": "bob", "role": "admin"}),
+        )
+        .await;
+    assert_eq!(code(&v), -32010);
+    // After the window (virtual time), a new approval is needed.
+    h.server.gate.0.holds.advance(Duration::from_secs(16 * 60));
+    let v = h.call(&t, "billing__grant_role", args).await;
+    assert_eq!(code(&v), -32010, "{v}");
+}
+
+#[tokio::test]
+async fn pending_holds_expire_and_an_expired_hold_cannot_be_approved() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let args = json!({"principal": "alice", "role": "admin"});
+    let id = hold_id(&h.call(&t, "billing__grant_role", args.clone()).await);
+    h.server.gate.0.holds.advance(Duration::from_secs(3601));
+    toolgate::server::expire_holds(&h.server.gate).await;
+    let (s, v) = h.approve(&id, "carol", json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (_, v) = h
+        .admin(
+            Method::GET,
+            "/v1/holds?status=expired",
+            Some(&approver_token("v", &["viewer"], &[])),
+            None,
+        )
+        .await;
+    assert_eq!(v["holds"][0]["id"], id.as_str());
+    let audit = h.audit().await;
+    assert!(audit.iter().any(|r| r["event"] == "hold_expired"
+        && r["decision"] == "expired"
+        && r["hold_id"] == id.as_str()));
+    // The identical call now starts a new hold.
+    let v = h.call(&t, "billing__grant_role", args).await;
+    assert_ne!(hold_id(&v), id);
+}
+
+#[tokio::test]
+async fn a_decision_during_the_wait_answers_the_waiting_call() {
+    let h = Harness::with(Opts {
+        manifests: &[("ops-bot.yaml", OPS_BOT)],
+        holds: "holds: { wait: 10s, ttl: 1h }",
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("ops-bot");
+    let args = json!({"principal": "alice", "role": "admin"});
+    let call = h.call(&t, "billing__grant_role", args.clone());
+    let approve = async {
+        // Wait until the hold exists, then approve it.
+        let viewer = approver_token("v", &["viewer"], &[]);
+        loop {
+            let (_, v) = h
+                .admin(Method::GET, "/v1/holds?status=pending", Some(&viewer), None)
+                .await;
+            if let Some(id) = v["holds"][0]["id"].as_str() {
+                return h.approve(id, "carol", json!({})).await;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    let (v, (s, _)) = tokio::join!(call, approve);
+    assert_eq!(s, StatusCode::OK);
+    assert!(v.get("result").is_some(), "{v}");
+    assert_eq!(h.received().len(), 1);
+}
+
+#[tokio::test]
+async fn event_stream_clients_wait_on_the_stream_and_get_the_answer_there() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}, "progressToken": "p1"});
+    let body = json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"billing__grant_role","arguments":{"principal":"ops-bot","role":"x"},"_meta":meta}}).to_string();
+    let (s, hd, v) = h
+        .post(
+            Some(&t),
+            &[
+                ("mcp-protocol-version", "2026-07-28"),
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "billing__grant_role"),
+                ("accept", "application/json, text/event-stream"),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(hd
+        .get("content-type")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    assert_eq!(code(&v), -32010, "{v}");
+    assert_eq!(v["id"], 3);
+}
+
+#[tokio::test]
+async fn unlisted_hold_is_an_access_request_and_holds_per_agent_are_bounded() {
+    let h = Harness::with(Opts {
+        manifests: &[("ops-bot.yaml", OPS_BOT)],
+        holds: "holds: { wait: 100ms, ttl: 1h, max_pending_per_agent: 2 }",
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("ops-bot");
+    let v = h
+        .call(&t, "billing__get_invoice", json!({"invoice_id": "INV-1"}))
+        .await;
+    assert_eq!(code(&v), -32010);
+    assert_eq!(v["error"]["data"]["rule"], "unlisted");
+    // Still absent from tools/list.
+    let (_, l) = h.modern(&t, "tools/list", json!({})).await;
+    assert!(!l.to_string().contains("billing__get_invoice"), "{l}");
+    let v = h
+        .call(&t, "billing__get_invoice", json!({"invoice_id": "INV-2"}))
+        .await;
+    assert_eq!(code(&v), -32010);
+    let v = h
+        .call(&t, "billing__get_invoice", json!({"invoice_id": "INV-3"}))
+        .await;
+    assert_eq!(code(&v), -32029, "{v}");
+    assert_eq!(v["error"]["data"]["rule"], "holds.max_pending_per_agent");
+    // Joining an existing hold is not a new one.
+    let v = h
+        .call(&t, "billing__get_invoice", json!({"invoice_id": "INV-1"}))
+        .await;
+    assert_eq!(code(&v), -32010);
+}
+
+#[tokio::test]
+async fn the_guard_sees_through_dot_dot_and_symlinks() {
+    let base = support::temp_dir("guardsock");
+    let h = Harness::with(Opts {
+        manifests: &[("ops-bot.yaml", OPS_BOT)],
+        dir: Some(base.clone()),
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("ops-bot");
+    let link = base.join("innocent-link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(base.join("tool-manifests"), &link).unwrap();
+    let b = base.display();
+    for path in [
+        format!("{b}/tool-manifests/ops-bot.yaml"),
+        format!("{b}/somewhere/../tool-manifests/ops-bot.yaml"),
+        format!("{b}//tool-manifests/./ops-bot.yaml"),
+        format!("{b}/innocent-link/ops-bot.yaml"),
+        format!("cat {b}/toolgate.yaml | sh"),
+        format!("{b}/audit.jsonl"),
+    ] {
+        let v = h.call(&t, "billing__echo", json!({"text": path})).await;
+        assert_eq!(code(&v), -32010, "{path}: {v}");
+        assert_eq!(v["error"]["data"]["rule"], "guard.policy_path", "{path}");
+    }
+    let v = h
+        .call(&t, "billing__echo", json!({"text": "/srv/data/report.txt"}))
+        .await;
+    assert!(v.get("result").is_some(), "{v}");
+    assert_eq!(h.received().len(), 1);
+}
+
+#[tokio::test]
+async fn a_pending_hold_and_an_approval_survive_a_restart() {
+    let dir = support::temp_dir("restart");
+    let opts = || Opts {
+        manifests: &[("ops-bot.yaml", OPS_BOT)],
+        dir: Some(dir.clone()),
+        ..Opts::default()
+    };
+    let h = Harness::with(opts()).await;
+    let t = h.token("ops-bot");
+    let a = json!({"principal": "alice", "role": "admin"});
+    let b = json!({"principal": "bob", "role": "admin"});
+    let id_a = hold_id(&h.call(&t, "billing__grant_role", a.clone()).await);
+    let id_b = hold_id(&h.call(&t, "billing__grant_role", b.clone()).await);
+    assert_eq!(h.approve(&id_b, "carol", json!({})).await.0, StatusCode::OK);
+    h.server.shutdown(Duration::from_secs(5)).await;
+
+    let h = Harness::with(opts()).await;
+    let (s, v) = h.approve(&id_a, "carol", json!({})).await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("approved")),
+        "pending hold survived: {v}"
+    );
+    for args in [a, b] {
+        let v = h.call(&t, "billing__grant_role", args).await;
+        assert!(v.get("result").is_some(), "{v}");
+    }
+    assert_eq!(h.received().len(), 2);
+    assert!(
+        toolgate::audit::verify(&dir.join("audit.jsonl")).is_ok(),
+        "one chain across restarts"
+    );
+}
+
+#[tokio::test]
+async fn new_holds_are_posted_to_the_webhook_with_retries_and_failures_are_audited() {
+    // A webhook that fails once, then records.
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let g = got.clone();
+    tokio::spawn(async move {
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            let (g, calls) = (g.clone(), calls.clone());
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let (g, calls) = (g.clone(), calls.clone());
+                        async move {
+                            use http_body_util::BodyExt;
+                            let b = req.into_body().collect().await.unwrap().to_bytes();
+                            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let status = if n == 0 { 500 } else { 200 };
+                            if n > 0 {
+                                g.lock().unwrap().push(serde_json::from_slice(&b).unwrap());
+                            }
+                            Ok::<_, std::convert::Infallible>(
+                                http::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let holds =
+        format!("holds: {{ wait: 100ms, ttl: 1h, notify: {{ url: \"http://{addr}/hooks\" }} }}");
+    let h = Harness::with(Opts {
+        manifests: &[("ops-bot.yaml", OPS_BOT)],
+        holds: &holds,
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("ops-bot");
+    let v = h
+        .call(
+            &t,
+            "billing__grant_role",
+            json!({"principal": "ops-bot", "role": "x", "password": "hunter2"}),
+        )
+        .await;
+    let id = hold_id(&v);
+    for _ in 0..100 {
+        if !got.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "delivered once after a retry");
+    assert_eq!(got[0]["hold"]["id"], id.as_str());
+    assert_eq!(got[0]["hold"]["agent"], "ops-bot");
+    assert_eq!(got[0]["hold"]["arguments"]["password"], "[REDACTED]");
+    assert!(got[0]["links"]["approve"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("/v1/holds/{id}/approve")));
+
+    // An unreachable webhook is audited, and the call path never waited on it.
+    let h2 = Harness::with(Opts {
+        manifests: &[("ops-bot.yaml", OPS_BOT)],
+        holds: "holds: { wait: 100ms, ttl: 1h, notify: { url: \"http://127.0.0.1:9/x\" } }",
+        ..Opts::default()
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let v = h2
+        .call(
+            &h2.token("ops-bot"),
+            "billing__grant_role",
+            json!({"principal": "ops-bot", "role": "x"}),
+        )
+        .await;
+    assert_eq!(code(&v), -32010);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    for _ in 0..200 {
+        if h2
+            .audit()
+            .await
+            .iter()
+            .any(|r| r["event"] == "notify_failed")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("notify failure was not audited");
+}
