@@ -77,6 +77,20 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         amr: Vec<String>,
     },
+    /// Approve, deny and inspect held calls on the management plane.
+    Holds {
+        #[command(subcommand)]
+        cmd: HoldsCmd,
+        /// Management plane URL, e.g. http://127.0.0.1:8081
+        #[arg(long, global = true, env = "TOOLGATE_ADMIN")]
+        admin: Option<String>,
+        /// Approver token (or env TOOLGATE_TOKEN).
+        #[arg(long, global = true, env = "TOOLGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -97,6 +111,32 @@ enum Cmd {
 enum Plane {
     Data,
     Admin,
+}
+
+#[derive(Subcommand)]
+enum HoldsCmd {
+    /// List holds (newest first).
+    List {
+        /// pending, approved, denied, expired or all.
+        #[arg(long, default_value = "pending")]
+        status: String,
+    },
+    /// Show one hold with its arguments and approvals.
+    Show { id: String },
+    /// Approve a hold; --for grants a window during which identical calls pass.
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long = "for")]
+        window: Option<String>,
+    },
+    /// Deny a hold.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +206,17 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             let ttl = parse_duration(&ttl).map_err(anyhow::Error::msg)?;
             println!("{}", token(&config, &agent, ttl, plane, &roles, &amr)?);
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Holds {
+            cmd,
+            admin,
+            token,
+            json,
+        } => {
+            let admin = admin.context("--admin URL (or TOOLGATE_ADMIN) is required")?;
+            let token =
+                token.context("--token (or TOOLGATE_TOKEN) is required: an approver token")?;
+            runtime()?.block_on(holds(cmd, admin.trim_end_matches('/'), &token, json))
         }
         Cmd::Audit {
             cmd: AuditCmd::Verify { path },
@@ -355,6 +406,133 @@ fn token(
         }
     }
     mint_hs256(kid, secret, &claims).map_err(anyhow::Error::msg)
+}
+
+async fn holds(cmd: HoldsCmd, admin: &str, token: &str, as_json: bool) -> anyhow::Result<ExitCode> {
+    use http_body_util::{BodyExt, Full};
+    let (method, path, body) = match &cmd {
+        HoldsCmd::List { status } => (
+            http::Method::GET,
+            format!("/v1/holds?status={status}"),
+            None,
+        ),
+        HoldsCmd::Show { id } => (http::Method::GET, format!("/v1/holds/{id}"), None),
+        HoldsCmd::Approve { id, reason, window } => (
+            http::Method::POST,
+            format!("/v1/holds/{id}/approve"),
+            Some(json!({"reason": reason, "for": window})),
+        ),
+        HoldsCmd::Deny { id, reason } => (
+            http::Method::POST,
+            format!("/v1/holds/{id}/deny"),
+            Some(json!({"reason": reason})),
+        ),
+    };
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("{admin}{path}"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
+        .context("invalid --admin URL")?;
+    let client = toolgate::upstream::http_client();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .context("the management plane did not answer within 30s")?
+        .with_context(|| format!("cannot reach {admin}"))?;
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .context("reading the answer")?
+        .to_bytes();
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if !status.is_success() {
+        eprintln!(
+            "toolgate: {} {}",
+            status.as_u16(),
+            v["error"]
+                .as_str()
+                .unwrap_or(status.canonical_reason().unwrap_or(""))
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match cmd {
+        HoldsCmd::List { .. } => {
+            let holds = v["holds"].as_array().cloned().unwrap_or_default();
+            if holds.is_empty() {
+                println!("no holds");
+            } else {
+                println!(
+                    "{:<32}  {:<9}  {:<16}  {:<24}  {:<9}  {:<24}  REASON",
+                    "ID", "STATUS", "AGENT", "TOOL", "APPROVALS", "EXPIRES"
+                );
+                for h in holds {
+                    println!(
+                        "{:<32}  {:<9}  {:<16}  {:<24}  {:<9}  {:<24}  {}",
+                        h["id"].as_str().unwrap_or(""),
+                        h["status"].as_str().unwrap_or(""),
+                        h["agent"].as_str().unwrap_or(""),
+                        h["tool"].as_str().unwrap_or(""),
+                        format!(
+                            "{}/{}",
+                            h["approvals"].as_array().map_or(0, Vec::len),
+                            h["approvals_needed"]
+                        ),
+                        h["expires_at"].as_str().unwrap_or(""),
+                        h["reason"].as_str().unwrap_or(""),
+                    );
+                }
+            }
+        }
+        _ => print_hold(&v),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_hold(h: &Value) {
+    let s = |k: &str| h[k].as_str().unwrap_or("-").to_owned();
+    println!("hold       {}", s("id"));
+    println!("status     {}", s("status"));
+    println!("agent      {}", s("agent"));
+    println!("tool       {}  (upstream {})", s("tool"), s("upstream"));
+    println!("rule       {}", s("rule"));
+    println!("reason     {}", s("reason"));
+    println!("arguments  {}", h["arguments"]);
+    println!(
+        "created    {}   expires {}",
+        s("created_at"),
+        s("expires_at")
+    );
+    println!(
+        "approvals  {}/{}",
+        h["approvals"].as_array().map_or(0, Vec::len),
+        h["approvals_needed"]
+    );
+    for a in h["approvals"].as_array().into_iter().flatten() {
+        println!(
+            "  - {} at {}{}",
+            a["approver"].as_str().unwrap_or(""),
+            a["at"].as_str().unwrap_or(""),
+            a["reason"]
+                .as_str()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(g) = h["grant_until"].as_str() {
+        println!("window     identical calls pass until {g}");
+    }
+    if let Some(d) = h["deny_reason"].as_str() {
+        println!("denied     {d}");
+    }
 }
 
 async fn serve(config: Config, policy: PolicySet) -> anyhow::Result<()> {

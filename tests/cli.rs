@@ -254,3 +254,118 @@ fn demo_starts_and_its_printed_calls_show_allow_deny_and_schema_error() {
         assert_eq!(v["error"]["code"], -32602, "{v}");
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_cli_lists_shows_approves_and_denies() {
+    let ops = "agent: ops-bot\ntools:\n  - name: billing__refund\n    approval: required\n";
+    let h = support::Harness::with(support::Opts {
+        manifests: &[("ops-bot.yaml", ops)],
+        ..support::Opts::default()
+    })
+    .await;
+    let t = h.token("ops-bot");
+    let a = h
+        .call(
+            &t,
+            "billing__refund",
+            json!({"invoice_id": "INV-1", "amount": 3}),
+        )
+        .await;
+    let b = h
+        .call(
+            &t,
+            "billing__refund",
+            json!({"invoice_id": "INV-2", "amount": 4}),
+        )
+        .await;
+    let (ida, idb) = (
+        a["error"]["data"]["hold_id"].as_str().unwrap().to_owned(),
+        b["error"]["data"]["hold_id"].as_str().unwrap().to_owned(),
+    );
+    let admin = h.admin_url();
+    let run = move |args: Vec<String>, token: String| {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = toolgate()
+                .arg("holds")
+                .args(&args)
+                .args(["--admin", &admin])
+                .env("TOOLGATE_TOKEN", token)
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let approver = support::approver_token("carol", &["approver"], &["mfa"]);
+    let (code, out, err) = run(vec!["list".into()], approver.clone()).await.unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.lines().next().unwrap().starts_with("ID "), "{out}");
+    assert!(
+        out.contains(&ida)
+            && out.contains(&idb)
+            && out.contains("billing__refund")
+            && out.contains("0/1"),
+        "{out}"
+    );
+    let (_, out, _) = run(vec!["show".into(), ida.clone()], approver.clone())
+        .await
+        .unwrap();
+    assert!(
+        out.contains("status     pending") && out.contains("INV-1"),
+        "{out}"
+    );
+    let (code, out, _) = run(
+        vec![
+            "approve".into(),
+            ida.clone(),
+            "--reason".into(),
+            "ok".into(),
+            "--for".into(),
+            "10m".into(),
+        ],
+        approver.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("status     approved") && out.contains("carol") && out.contains("window"),
+        "{out}"
+    );
+    let (code, out, _) = run(
+        vec![
+            "deny".into(),
+            idb.clone(),
+            "--reason".into(),
+            "no".into(),
+            "--json".into(),
+        ],
+        approver.clone(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["status"], "denied");
+    // Deciding again is refused with the API's reason; agent tokens are refused.
+    let (code, _, err) = run(vec!["approve".into(), idb.clone()], approver)
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1));
+    assert!(err.contains("409"), "{err}");
+    let (code, _, err) = run(vec!["list".into()], t.clone()).await.unwrap();
+    assert_eq!(code, Some(1));
+    assert!(err.contains("401"), "{err}");
+    let v = h
+        .call(
+            &t,
+            "billing__refund",
+            json!({"amount": 3, "invoice_id": "INV-1"}),
+        )
+        .await;
+    assert!(v.get("result").is_some(), "{v}");
+}
