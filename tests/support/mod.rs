@@ -102,6 +102,7 @@ impl Harness {
     pub async fn with(o: Opts<'_>) -> Harness {
         std::env::set_var("TG_TEST_AGENT_SECRET", SECRET);
         std::env::set_var("TG_TEST_ADMIN_SECRET", ADMIN_SECRET);
+        std::env::set_var("TG_TEST_UPSTREAM_KEY", "upstream-credential");
         let dir = o.dir.clone().unwrap_or_else(|| temp_dir("gate"));
         for (name, text) in o.manifests {
             std::fs::write(dir.join("tool-manifests").join(name), text).expect("write manifest");
@@ -138,6 +139,7 @@ auth:
 upstreams:
   - name: billing
     url: {upstream}
+    headers: {{ X-Upstream-Key: "k=${{env:TG_TEST_UPSTREAM_KEY}}" }}
 limits:
   max_body: 64KiB
   upstream_timeout: 2s
