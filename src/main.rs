@@ -325,10 +325,18 @@ fn explain(path: &Path, agent: &str, tool: &str, args: &str) -> anyhow::Result<E
         Verdict::Deny | Verdict::Invalid(_) => "deny",
         Verdict::Hold { .. } => "hold",
     };
+    let file = |m: &toolgate::manifest::Manifest| {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        m.file
+            .strip_prefix(&cwd)
+            .unwrap_or(&m.file)
+            .display()
+            .to_string()
+    };
     let location = match m {
         Some(m) => match d.rule.line(m) {
-            Some(line) => format!("{}:{line}", m.file.display()),
-            None => m.file.display().to_string(),
+            Some(line) => format!("{}:{line}", file(m)),
+            None => file(m),
         },
         None => "-".into(),
     };

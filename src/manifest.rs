@@ -148,6 +148,8 @@ pub enum Unlisted {
 #[derive(Debug, Clone)]
 pub struct Condition {
     pub pointer: String,
+    /// Line of the condition in its manifest.
+    pub line: u64,
     pub test: Test,
 }
 
@@ -346,6 +348,7 @@ pub fn compile(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<M
             match (set.next(), set.next()) {
                 (Some(test), None) => hold_when.push(Condition {
                     pointer: spec.pointer.clone(),
+                    line: c.referenced.line(),
                     test,
                 }),
                 _ => r.at(

@@ -72,9 +72,12 @@ impl Rule {
     pub fn line(&self, m: &Manifest) -> Option<u64> {
         match *self {
             Rule::Deny(i) => m.deny.get(i).map(|d| d.line),
-            Rule::Tool(i) | Rule::Schema(i) | Rule::Approval(i) | Rule::HoldWhen(i, _) => {
-                m.tools.get(i).map(|t| t.line)
-            }
+            Rule::HoldWhen(i, j) => m
+                .tools
+                .get(i)
+                .and_then(|t| t.hold_when.get(j))
+                .map(|c| c.line),
+            Rule::Tool(i) | Rule::Schema(i) | Rule::Approval(i) => m.tools.get(i).map(|t| t.line),
             _ => None,
         }
     }
