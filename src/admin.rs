@@ -67,12 +67,22 @@ where
             return json_response(StatusCode::OK, &json!({"status": "alive"}))
         }
         (&Method::GET, "/readyz") => return readyz(gate).await,
+        (&Method::GET, "/metrics")
+            if gate
+                .0
+                .config
+                .admin
+                .as_ref()
+                .is_some_and(|a| a.metrics_public) =>
+        {
+            return metrics(gate).await
+        }
         _ => {}
     }
     let approver = match authenticate(gate, req.headers()) {
         Ok(a) => a,
         Err(e) => {
-            gate.0.auditor.record(Record {
+            gate.0.audit(Record {
                 event: "admin_auth_failed",
                 decision: Some("deny"),
                 reason: Some(e.clone()),
@@ -96,6 +106,22 @@ where
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["metrics"]) => metrics(gate).await,
+        (Method::GET, ["v1", "agents"]) => agents(gate),
+        (Method::GET, ["v1", "audit"]) => audit(gate, req.uri().query()).await,
+        (Method::POST, ["v1", "reload"]) => {
+            if !approver.has_role("approver") {
+                return error(StatusCode::FORBIDDEN, "reloading needs the approver role");
+            }
+            match gate.reload(&format!("api:{}", approver.subject)).await {
+                Ok(report) => json_response(StatusCode::OK, &json!(report)),
+                Err(problems) => json_response(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"error": "the manifests are invalid; the last good set stays in force",
+                            "problems": problems.0.iter().map(|p| p.to_string()).collect::<Vec<_>>()}),
+                ),
+            }
+        }
         (Method::GET, ["v1", "holds"]) => list_holds(gate, req.uri().query()).await,
         (Method::GET, ["v1", "holds", id]) => match gate.0.holds.get(id).await {
             Ok(Some(h)) => json_response(StatusCode::OK, &json!(h)),
@@ -152,6 +178,127 @@ async fn readyz(gate: &Gate) -> Response<Body> {
             "upstreams_degraded": degraded,
         }),
     )
+}
+
+async fn metrics(gate: &Gate) -> Response<Body> {
+    let m = &gate.0.metrics;
+    if let Ok(n) = gate.0.holds.pending_count().await {
+        m.holds_pending.set(n as i64);
+    }
+    m.audit_queue.set(gate.0.auditor.queue_depth() as i64);
+    let errors = gate.0.auditor.write_errors();
+    let seen = m.audit_write_errors.get();
+    if errors > seen {
+        m.audit_write_errors.inc_by(errors - seen);
+    }
+    m.generation.set(gate.0.snapshot.load().generation as i64);
+    let mut r = Response::new(full(Bytes::from(m.encode())));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+fn agents(gate: &Gate) -> Response<Body> {
+    let snap = gate.0.snapshot.load();
+    let mut list: Vec<Value> = snap
+        .policy
+        .manifests()
+        .map(|m| {
+            json!({
+                "agent": m.agent,
+                "file": m.file_name(),
+                "sha256": m.sha256,
+                "description": m.description,
+                "unlisted": if m.unlisted == crate::manifest::Unlisted::Hold { "hold" } else { "deny" },
+                "tools": m.tools.iter().map(|t| json!({
+                    "name": t.pattern,
+                    "schema": t.schema.is_some(),
+                    "approval": if t.approval_required { "required" } else { "none" },
+                    "approvals": t.approvals,
+                    "hold_when": t.hold_when.len(),
+                })).collect::<Vec<_>>(),
+                "deny": m.deny.iter().map(|d| d.pattern.clone()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    list.sort_by(|a, b| a["agent"].as_str().cmp(&b["agent"].as_str()));
+    json_response(
+        StatusCode::OK,
+        &json!({"generation": snap.generation, "agents": list}),
+    )
+}
+
+/// Reads recent audit records, newest first, filtered.
+async fn audit(gate: &Gate, query: Option<&str>) -> Response<Body> {
+    let agent = query_param(query, "agent").map(percent_decode);
+    let decision = query_param(query, "decision").map(percent_decode);
+    let event = query_param(query, "event").map(percent_decode);
+    let limit = query_param(query, "limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100usize)
+        .clamp(1, 1000);
+    gate.0.auditor.flush().await;
+    let path = gate.0.auditor.path().to_path_buf();
+    let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Value>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&path)?;
+        let len = f.metadata()?.len();
+        // The most recent 8 MiB is plenty for an operator's view.
+        let from = len.saturating_sub(8 << 20);
+        f.seek(SeekFrom::Start(from))?;
+        let mut buf = Vec::new();
+        f.take(8 << 20).read_to_end(&mut buf)?;
+        let mut out = Vec::new();
+        for line in buf.split(|b| *b == b'\n').rev() {
+            let Ok(v) = serde_json::from_slice::<Value>(line) else {
+                continue;
+            };
+            let keep = agent.as_deref().is_none_or(|a| v["agent"] == a)
+                && decision.as_deref().is_none_or(|d| v["decision"] == d)
+                && event.as_deref().is_none_or(|e| v["event"] == e);
+            if keep {
+                out.push(v);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await;
+    match read {
+        Ok(Ok(records)) => json_response(StatusCode::OK, &json!({"records": records})),
+        Ok(Err(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cannot read the audit log: {e}"),
+        ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = (b[i] == b'%' && i + 2 < b.len())
+            .then(|| std::str::from_utf8(&b[i + 1..i + 3]).ok())
+            .flatten()
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (hex, b[i]) {
+            (Some(v), _) => {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, c) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
@@ -260,7 +407,7 @@ where
     };
     match result {
         Ok(hold) => {
-            gate.0.auditor.record(Record {
+            gate.0.audit(Record {
                 event: if approve {
                     "hold_approved"
                 } else {
@@ -283,6 +430,10 @@ where
                 ..Record::default()
             });
             tracing::info!(hold.id = %hold.id, approver = %approver.subject, approve, status = hold.status.as_str(), "hold decision");
+            if hold.status != Status::Pending {
+                let secs = (crate::hold::now_ms() - hold.created_ms).max(0) as f64 / 1000.0;
+                gate.0.metrics.hold_decision_seconds.observe(secs);
+            }
             json_response(StatusCode::OK, &json!(hold))
         }
         Err(e) => {

@@ -248,6 +248,9 @@ struct AdminSpec {
     /// Serve `/metrics` without a token.
     #[serde(default)]
     metrics_public: bool,
+    /// Label decision metrics with agent names (bounded by the manifests).
+    #[serde(default)]
+    metrics_agent_labels: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -417,6 +420,7 @@ pub struct Config {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub metrics_public: bool,
+    pub metrics_agent_labels: bool,
 }
 
 /// How agent tokens are verified.
@@ -699,6 +703,7 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
         addr(r, &a.listen, "admin.listen").map(|listen| AdminConfig {
             listen,
             metrics_public: a.metrics_public,
+            metrics_agent_labels: a.metrics_agent_labels,
         })
     });
     if let (Some(l), Some(a)) = (listen, &admin) {

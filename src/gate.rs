@@ -25,6 +25,7 @@ use crate::hold::Holds;
 use crate::identity::{self, AuthError, Caller, Verifier};
 use crate::manifest::PolicySet;
 use crate::mcp::{self, code, Id, Message};
+use crate::metrics::{AgentDecisionLabels, DecisionLabels, Metrics, ResultLabels, UpstreamLabels};
 use crate::notify::Notifier;
 use crate::policy::{self, Guard, Verdict};
 use crate::ratelimit::{Limiters, Scope};
@@ -61,7 +62,65 @@ pub struct Shared {
     pub notifier: Option<Notifier>,
     /// Verifies approver tokens (management plane), if configured.
     pub approvers: Option<Verifier>,
+    pub metrics: Metrics,
     refresh: tokio::sync::Mutex<()>,
+    pub(crate) reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Shared {
+    fn count(&self, r: &Record) {
+        if let Some(d) = r.decision {
+            self.metrics
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    event: r.event,
+                    decision: d,
+                })
+                .inc();
+            if self
+                .config
+                .admin
+                .as_ref()
+                .is_some_and(|a| a.metrics_agent_labels)
+            {
+                if let Some(agent) = &r.agent {
+                    // Only agents with a manifest: bounded by the policy set.
+                    if self.snapshot.load().policy.get(agent).is_some() {
+                        self.metrics
+                            .agent_decisions
+                            .get_or_create(&AgentDecisionLabels {
+                                agent: agent.to_string(),
+                                decision: d,
+                            })
+                            .inc();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Audits a record of something that forwards nothing (best effort,
+    /// retried by the writer), counting it in the metrics.
+    pub fn audit(&self, r: Record) {
+        self.count(&r);
+        self.auditor.record(r);
+    }
+
+    /// Hands over the record of a call about to be forwarded; an error means
+    /// the call must not be forwarded.
+    pub fn audit_submit(&self, r: Record) -> Result<(), crate::audit::Unavailable> {
+        self.count(&r);
+        self.auditor.submit(r)
+    }
+
+    pub(crate) fn metrics_reload(&self, ok: bool) {
+        self.metrics
+            .reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "accepted" } else { "rejected" },
+            })
+            .inc();
+    }
 }
 
 /// A cheap handle on the data plane.
@@ -162,8 +221,10 @@ impl Gate {
             holds,
             notifier,
             approvers,
+            metrics: Metrics::default(),
             config,
             refresh: tokio::sync::Mutex::new(()),
+            reload_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -188,7 +249,12 @@ impl Gate {
             decision = tracing::field::Empty,
         );
         let outcome = self.pipeline(req, &mut ctx).instrument(span.clone()).await;
-        self.finish(outcome, &ctx, &span)
+        let resp = self.finish(outcome, &ctx, &span);
+        self.0
+            .metrics
+            .request_seconds
+            .observe(ctx.started.elapsed().as_secs_f64());
+        resp
     }
 
     /// Emits the audit record (if any) and turns the outcome into HTTP.
@@ -212,7 +278,7 @@ impl Gate {
             );
             // Records of calls that were forwarded were submitted already;
             // these are refusals: best effort, retried by the writer.
-            self.0.auditor.record(r);
+            self.0.audit(r);
         }
         let mut resp = match outcome.reply {
             Reply::Rpc(status, body) => {
@@ -921,7 +987,7 @@ impl Gate {
         record.detail = Some(json!({"upstream": upstream.name}));
         record.request_id = Some(request_id.to_owned());
         let agent = record.agent.clone();
-        if self.0.auditor.submit(record).is_err() {
+        if self.0.audit_submit(record).is_err() {
             tracing::error!("audit log unavailable: refusing to forward");
             return Outcome::reply(Reply::Rpc(
                 StatusCode::OK,
@@ -944,7 +1010,20 @@ impl Gate {
                 params.insert("_meta".into(), Value::Object(meta));
             }
         }
-        match upstream.request("tools/call", Value::Object(params)).await {
+        let sent = std::time::Instant::now();
+        let answer = upstream.request("tools/call", Value::Object(params)).await;
+        let labels = UpstreamLabels {
+            upstream: upstream.name.clone(),
+        };
+        self.0
+            .metrics
+            .upstream_seconds
+            .get_or_create(&labels)
+            .observe(sent.elapsed().as_secs_f64());
+        if answer.is_err() {
+            self.0.metrics.upstream_errors.get_or_create(&labels).inc();
+        }
+        match answer {
             Ok(Answer::Result(r)) => Outcome::reply(Reply::Rpc(
                 StatusCode::OK,
                 mcp::result_response(id, shape(r, version)),

@@ -98,6 +98,8 @@ pub struct Hold {
     pub deny_reason: Option<String>,
     #[serde(skip)]
     pub expires_ms: i64,
+    #[serde(skip)]
+    pub created_ms: i64,
 }
 
 /// What a new hold would hold.
@@ -242,6 +244,7 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<Row> {
             grant_until: grant_until_ms.map(rfc3339),
             deny_reason: r.get(14)?,
             expires_ms: r.get(11)?,
+            created_ms: r.get(10)?,
         },
         used: r.get::<_, i64>(15)? != 0,
         grant_until_ms,

@@ -14,6 +14,8 @@
 //! - [`hold`]: holds, approvals and grants in SQLite; waiting for decisions.
 //! - [`notify`]: the webhook for new holds, off the call path.
 //! - [`admin`]: the management plane: approver-authenticated API.
+//! - [`reload`]: hot reload of the manifests, all or nothing, audited.
+//! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`config`]: process configuration, validated with located problems.
 //! - [`demo`]: the bundled demo tool server and the `demo` command.
 
@@ -26,9 +28,11 @@ pub mod hold;
 pub mod identity;
 pub mod manifest;
 pub mod mcp;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod ratelimit;
+pub mod reload;
 pub mod server;
 pub mod session;
 pub mod upstream;

@@ -122,6 +122,8 @@ impl Server {
                 _ = stop.changed() => {}
             }
         }));
+        // Reload manifests when their files change.
+        tasks.push(tokio::spawn(gate.clone().watch_manifests(rx.clone())));
         // Expire holds past their ttl, auditing each.
         let g = gate.clone();
         let mut stop = rx.clone();
@@ -183,7 +185,7 @@ pub async fn expire_holds(g: &Gate) {
     match g.0.holds.expire_due().await {
         Ok(expired) => {
             for h in expired {
-                g.0.auditor.record(crate::audit::Record {
+                g.0.audit(crate::audit::Record {
                     event: "hold_expired",
                     agent: Some(std::sync::Arc::from(h.agent.as_str())),
                     tool: Some(h.tool.clone()),

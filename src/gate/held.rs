@@ -107,7 +107,7 @@ impl Gate {
         rec.decision = Some("hold");
         rec.hold_id = Some(hold.id.clone());
         rec.request_id = Some(h.request_id.clone());
-        self.0.auditor.record(rec);
+        self.0.audit(rec);
         if created {
             if let Some(n) = &self.0.notifier {
                 n.send(self.hold_notice(&hold));
@@ -296,7 +296,7 @@ impl Gate {
         let outcome = self.after_wait(h, hold, polled).await;
         if let Some(mut r) = outcome.record {
             r.request_id.get_or_insert(ctx_record_id);
-            self.0.auditor.record(r);
+            self.0.audit(r);
         }
         let body = match outcome.reply {
             Reply::Rpc(_, v) => serde_json::to_vec(&v).unwrap_or_default(),

@@ -1,0 +1,328 @@
+//! Operating toolgate: hot reload, metrics, health and the admin reads.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use support::{approver_token, Harness, Opts, BILLING_BOT};
+
+fn code(v: &Value) -> i64 {
+    v["error"]["code"].as_i64().unwrap_or(0)
+}
+
+fn viewer() -> String {
+    approver_token("vic", &["viewer"], &[])
+}
+
+fn approver() -> String {
+    approver_token("alice", &["approver"], &[])
+}
+
+async fn generation(h: &Harness) -> u64 {
+    h.admin(Method::GET, "/v1/agents", Some(&viewer()), None)
+        .await
+        .1["generation"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn reload_via_the_api_swaps_the_set_and_audits_who_and_what() {
+    let h = Harness::start().await;
+    std::fs::write(
+        h.dir.join("tool-manifests/new-bot.yaml"),
+        "agent: new-bot\ntools: [ { name: billing__echo } ]\n",
+    )
+    .unwrap();
+    let (s, _) = h
+        .admin(Method::POST, "/v1/reload", Some(&viewer()), None)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "viewers cannot reload");
+    let (s, v) = h
+        .admin(Method::POST, "/v1/reload", Some(&approver()), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["added"], json!(["new-bot"]));
+    let v = h
+        .call(&h.token("new-bot"), "billing__echo", json!({"text": "hi"}))
+        .await;
+    assert!(v.get("result").is_some(), "{v}");
+    let audit = h.audit().await;
+    let r = audit
+        .iter()
+        .find(|r| r["event"] == "manifests_reloaded")
+        .expect("reload audited");
+    assert_eq!(r["detail"]["by"], "api:alice");
+    assert_eq!(r["detail"]["files"][0]["file"], "new-bot.yaml");
+    assert_eq!(
+        r["detail"]["files"][0]["sha256"].as_str().map(str::len),
+        Some(64)
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_set_is_rejected_whole_and_the_last_good_one_stays() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    std::fs::write(
+        h.dir.join("tool-manifests/billing-bot.yaml"),
+        "agent: billing-bot\ntools: []\n",
+    )
+    .unwrap();
+    std::fs::write(
+        h.dir.join("tool-manifests/broken.yaml"),
+        "agent: broken\nrate_limit: 5/fortnight\n",
+    )
+    .unwrap();
+    let (s, v) = h
+        .admin(Method::POST, "/v1/reload", Some(&approver()), None)
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("broken.yaml:2:13: rate_limit"),
+        "{v}"
+    );
+    // The old billing-bot manifest (with echo) is still in force.
+    let v = h.call(&t, "billing__echo", json!({"text": "still"})).await;
+    assert!(v.get("result").is_some(), "{v}");
+    let audit = h.audit().await;
+    let r = audit
+        .iter()
+        .find(|r| r["event"] == "manifests_rejected")
+        .expect("rejection audited");
+    assert!(r["detail"]["errors"][0]
+        .as_str()
+        .unwrap()
+        .contains("fortnight"));
+}
+
+#[tokio::test]
+async fn file_changes_are_picked_up_within_a_second_and_narrowing_applies_to_the_next_call() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let v = h.call(&t, "billing__echo", json!({"text": "before"})).await;
+    assert!(v.get("result").is_some());
+    let g0 = generation(&h).await;
+    let narrowed = BILLING_BOT.replace(
+        "  - name: billing__echo\n    rate_limit: { rate: 3/min, burst: 3 }\n",
+        "",
+    );
+    assert_ne!(narrowed, BILLING_BOT);
+    let written = Instant::now();
+    std::fs::write(h.dir.join("tool-manifests/billing-bot.yaml"), narrowed).unwrap();
+    while generation(&h).await == g0 {
+        assert!(written.elapsed() < Duration::from_secs(3), "not reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = written.elapsed();
+    assert!(took < Duration::from_secs(1), "reload took {took:?}");
+    let v = h.call(&t, "billing__echo", json!({"text": "after"})).await;
+    assert_eq!(code(&v), -32003, "{v}");
+    let audit = h.audit().await;
+    let r = audit
+        .iter()
+        .rev()
+        .find(|r| r["event"] == "manifests_reloaded")
+        .unwrap();
+    assert_eq!(r["detail"]["by"], "watcher");
+    let narrowed = r["detail"]["changed"][0]["narrowed"].as_array().unwrap();
+    assert!(
+        narrowed
+            .iter()
+            .any(|n| n.as_str().unwrap().starts_with("billing__echo")),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn racing_edits_end_on_the_last_good_content_and_budgets_survive() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    for i in 0..3 {
+        assert!(h
+            .call(&t, "billing__echo", json!({"text": i.to_string()}))
+            .await
+            .get("result")
+            .is_some());
+    }
+    assert_eq!(
+        code(&h.call(&t, "billing__echo", json!({"text": "x"})).await),
+        -32029
+    );
+    let path = h.dir.join("tool-manifests/billing-bot.yaml");
+    for i in 0..20 {
+        std::fs::write(&path, format!("{BILLING_BOT}description: edit {i}\n")).unwrap();
+    }
+    // An API reload racing the watcher: both serialised.
+    let (s, _) = h
+        .admin(Method::POST, "/v1/reload", Some(&approver()), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, v) = h
+        .admin(Method::GET, "/v1/agents", Some(&viewer()), None)
+        .await;
+    let want = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap()))
+    };
+    assert_eq!(
+        v["agents"][0]["sha256"],
+        want.as_str(),
+        "the last edit is in force"
+    );
+    assert_eq!(
+        code(&h.call(&t, "billing__echo", json!({"text": "y"})).await),
+        -32029,
+        "the echo budget survived the reloads"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_decisions_and_need_a_token() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    h.call(
+        &t,
+        "billing__get_invoice",
+        json!({"invoice_id": "INV-000001"}),
+    )
+    .await;
+    h.call(
+        &t,
+        "billing__get_invoice",
+        json!({"invoice_id": "INV-000002"}),
+    )
+    .await;
+    h.call(&t, "billing__delete_x", json!({})).await;
+    h.post(None, &[], "{}").await;
+    let (s, _) = h.admin(Method::GET, "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let req = http::Request::get(format!("{}/metrics", h.admin_url()))
+        .header("authorization", format!("Bearer {}", viewer()))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    use http_body_util::BodyExt;
+    let resp = h.client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    for line in [
+        "toolgate_decisions_total{event=\"call\",decision=\"allow\"} 2",
+        "toolgate_decisions_total{event=\"call\",decision=\"deny\"} 1",
+        "toolgate_decisions_total{event=\"auth_failed\",decision=\"deny\"} 1",
+        "toolgate_config_generation 1",
+        "toolgate_holds_pending 0",
+        "toolgate_audit_write_errors_total 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing {line:?} in\n{text}"
+        );
+    }
+    assert!(
+        text.contains("toolgate_upstream_request_duration_seconds_count{upstream=\"billing\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("toolgate_request_duration_seconds_bucket"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn readiness_flips_when_the_audit_log_cannot_be_written() {
+    let h = Harness::start().await;
+    let (s, v) = h.admin(Method::GET, "/readyz", None, None).await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("ready")),
+        "{v}"
+    );
+    let (s, _) = h.admin(Method::GET, "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let bad = Harness::with(Opts {
+        audit: Some("/dev/full"),
+        ..Opts::default()
+    })
+    .await;
+    bad.call(&bad.token("billing-bot"), "billing__delete_x", json!({}))
+        .await;
+    bad.server.gate.0.auditor.flush().await;
+    let (s, v) = bad.admin(Method::GET, "/readyz", None, None).await;
+    assert_eq!(
+        (s, v["audit"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("unwritable")),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn agents_and_audit_reads_for_viewers() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    h.call(
+        &t,
+        "billing__get_invoice",
+        json!({"invoice_id": "INV-000001"}),
+    )
+    .await;
+    h.call(&t, "billing__delete_x", json!({})).await;
+    h.call(&h.token("other"), "billing__echo", json!({})).await;
+    let (s, v) = h
+        .admin(Method::GET, "/v1/agents", Some(&viewer()), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let a = &v["agents"][0];
+    assert_eq!(
+        (a["agent"].as_str(), a["file"].as_str()),
+        (Some("billing-bot"), Some("billing-bot.yaml"))
+    );
+    assert_eq!(a["sha256"].as_str().map(str::len), Some(64));
+    assert!(a["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "billing__refund" && t["approval"] == "required"));
+    let (_, v) = h
+        .admin(
+            Method::GET,
+            "/v1/audit?agent=billing-bot&decision=deny",
+            Some(&viewer()),
+            None,
+        )
+        .await;
+    let recs = v["records"].as_array().unwrap();
+    assert_eq!(recs.len(), 1, "{v}");
+    assert_eq!(recs[0]["tool"], "billing__delete_x");
+    let (_, v) = h
+        .admin(Method::GET, "/v1/audit?limit=2", Some(&viewer()), None)
+        .await;
+    assert_eq!(v["records"].as_array().unwrap().len(), 2);
+    assert_eq!(v["records"][0]["agent"], "other", "newest first");
+    let (s, _) = h
+        .admin(
+            Method::GET,
+            "/v1/audit",
+            Some(&h.token("billing-bot")),
+            None,
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::UNAUTHORIZED,
+        "agents cannot read the audit log"
+    );
+}
