@@ -1,5 +1,8 @@
 //! The command line, run as a user would: the built binary, real files.
 
+// Test helpers may unwrap: a panic there is a failed assertion.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::io::{BufRead, BufReader};

@@ -1,6 +1,9 @@
 //! The data plane on real sockets: toolgate in front of a recording upstream.
 //! Every test proves what reached the upstream, and what the audit log says.
 
+// Test helpers may unwrap: a panic there is a failed assertion.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use http::StatusCode;

@@ -1,6 +1,9 @@
 //! Holds and the management plane on real sockets: escalations wait for a
 //! human on a separate, separately authenticated listener.
 
+// Test helpers may unwrap: a panic there is a failed assertion.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -1,6 +1,9 @@
 //! JWT verification with every configured key kind, through the config
 //! loader as a user would configure it, against real key files.
 
+// Test helpers may unwrap: a panic there is a failed assertion.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -15,8 +18,14 @@ fn fixtures() -> std::path::PathBuf {
 fn verifier(keys_yaml: &str) -> Verifier {
     std::env::set_var("TG_JWT_TEST_SECRET", "jwt-test-secret-0123456789abcdef");
     let yaml = format!("auth:\n  agents:\n    issuer: iss\n    audience: aud\n    leeway: 5s\n    keys:\n{keys_yaml}");
-    let c = Config::from_yaml(&fixtures().join("toolgate.yaml"), &yaml).unwrap_or_else(|p| panic!("{p}"));
-    Verifier::new(&c.agents.issuer, &c.agents.audience, c.agents.leeway, c.agents.keys.clone())
+    let c = Config::from_yaml(&fixtures().join("toolgate.yaml"), &yaml)
+        .unwrap_or_else(|p| panic!("{p}"));
+    Verifier::new(
+        &c.agents.issuer,
+        &c.agents.audience,
+        c.agents.leeway,
+        c.agents.keys.clone(),
+    )
 }
 
 fn claims() -> Value {
@@ -40,14 +49,31 @@ fn ec() -> EncodingKey {
 #[test]
 fn rs256_and_es256_public_keys_verify_their_own_tokens_only() {
     let v = verifier("      - rs256: { public_key_pem: rsa-public.pem }\n      - es256: { public_key_pem: ec-public.pem }\n");
-    let c = v.verify(&sign(Algorithm::RS256, None, &rsa(), &claims())).unwrap();
+    let c = v
+        .verify(&sign(Algorithm::RS256, None, &rsa(), &claims()))
+        .unwrap();
     assert_eq!(agent_from_claims(&c, "sub").unwrap().agent.as_ref(), "bot");
-    assert!(v.verify(&sign(Algorithm::ES256, None, &ec(), &claims())).is_ok());
+    assert!(v
+        .verify(&sign(Algorithm::ES256, None, &ec(), &claims()))
+        .is_ok());
     // Signed by another RSA key (the EC key cannot sign RS256; tamper instead).
     let good = sign(Algorithm::RS256, None, &rsa(), &claims());
     let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
-    parts[1] = sign(Algorithm::RS256, None, &rsa(), &json!({"iss":"iss","aud":"aud","sub":"admin","exp": now_unix()+60})).split('.').nth(1).unwrap().to_owned();
-    assert_eq!(v.verify(&parts.join(".")), Err(AuthError::BadSignature), "payload swapped under a valid signature");
+    parts[1] = sign(
+        Algorithm::RS256,
+        None,
+        &rsa(),
+        &json!({"iss":"iss","aud":"aud","sub":"admin","exp": now_unix()+60}),
+    )
+    .split('.')
+    .nth(1)
+    .unwrap()
+    .to_owned();
+    assert_eq!(
+        v.verify(&parts.join(".")),
+        Err(AuthError::BadSignature),
+        "payload swapped under a valid signature"
+    );
 }
 
 #[test]
@@ -55,7 +81,12 @@ fn hs256_signed_with_the_rsa_public_key_is_refused() {
     // The classic confusion attack: the public key's bytes as an HMAC secret.
     let v = verifier("      - rs256: { public_key_pem: rsa-public.pem }\n");
     let pem = std::fs::read(fixtures().join("rsa-public.pem")).unwrap();
-    let forged = sign(Algorithm::HS256, None, &EncodingKey::from_secret(&pem), &claims());
+    let forged = sign(
+        Algorithm::HS256,
+        None,
+        &EncodingKey::from_secret(&pem),
+        &claims(),
+    );
     assert_eq!(v.verify(&forged), Err(AuthError::UnknownKey));
     // Even with both an HMAC key and an RSA key configured.
     let v = verifier("      - hs256: { secret_env: TG_JWT_TEST_SECRET }\n      - rs256: { public_key_pem: rsa-public.pem }\n");
@@ -65,19 +96,31 @@ fn hs256_signed_with_the_rsa_public_key_is_refused() {
 #[test]
 fn jwks_keys_are_selected_by_kid_and_never_fetched_from_headers() {
     let v = verifier("      - jwks: { path: jwks.json }\n");
-    assert!(v.verify(&sign(Algorithm::RS256, Some("rsa-1"), &rsa(), &claims())).is_ok());
-    assert_eq!(v.verify(&sign(Algorithm::RS256, Some("other"), &rsa(), &claims())), Err(AuthError::UnknownKey));
+    assert!(v
+        .verify(&sign(Algorithm::RS256, Some("rsa-1"), &rsa(), &claims()))
+        .is_ok());
+    assert_eq!(
+        v.verify(&sign(Algorithm::RS256, Some("other"), &rsa(), &claims())),
+        Err(AuthError::UnknownKey)
+    );
     // jku / jwk / x5u headers pointing elsewhere change nothing.
     let mut h = Header::new(Algorithm::RS256);
     h.kid = Some("rsa-1".into());
     h.jku = Some("http://127.0.0.1:9/evil.json".into());
     h.x5u = Some("http://127.0.0.1:9/evil.pem".into());
     let t = jsonwebtoken::encode(&h, &claims(), &rsa()).unwrap();
-    assert!(v.verify(&t).is_ok(), "ignored, and verified against the configured key");
+    assert!(
+        v.verify(&t).is_ok(),
+        "ignored, and verified against the configured key"
+    );
     let mut h = Header::new(Algorithm::ES256);
     h.kid = Some("rsa-1".into());
     let t = jsonwebtoken::encode(&h, &claims(), &ec()).unwrap();
-    assert_eq!(v.verify(&t), Err(AuthError::UnknownKey), "the kid's key fixes the algorithm");
+    assert_eq!(
+        v.verify(&t),
+        Err(AuthError::UnknownKey),
+        "the kid's key fixes the algorithm"
+    );
 }
 
 #[test]
@@ -85,11 +128,21 @@ fn leeway_and_not_before_are_honoured() {
     let v = verifier("      - es256: { public_key_pem: ec-public.pem }\n");
     let now = now_unix();
     let within = json!({"iss":"iss","aud":"aud","sub":"bot","exp": now - 2});
-    assert!(v.verify(&sign(Algorithm::ES256, None, &ec(), &within)).is_ok(), "2s past exp is within 5s leeway");
+    assert!(
+        v.verify(&sign(Algorithm::ES256, None, &ec(), &within))
+            .is_ok(),
+        "2s past exp is within 5s leeway"
+    );
     let beyond = json!({"iss":"iss","aud":"aud","sub":"bot","exp": now - 10});
-    assert_eq!(v.verify(&sign(Algorithm::ES256, None, &ec(), &beyond)), Err(AuthError::Expired));
+    assert_eq!(
+        v.verify(&sign(Algorithm::ES256, None, &ec(), &beyond)),
+        Err(AuthError::Expired)
+    );
     let early = json!({"iss":"iss","aud":"aud","sub":"bot","exp": now + 60, "nbf": now + 60});
-    assert_eq!(v.verify(&sign(Algorithm::ES256, None, &ec(), &early)), Err(AuthError::NotYetValid));
+    assert_eq!(
+        v.verify(&sign(Algorithm::ES256, None, &ec(), &early)),
+        Err(AuthError::NotYetValid)
+    );
 }
 
 #[test]
@@ -99,7 +152,12 @@ fn bad_key_files_are_config_errors_naming_the_key() {
         "auth:\n  agents:\n    issuer: i\n    audience: a\n    keys:\n      - rs256: {{ public_key_pem: {} }}\n      - jwks: {{ path: missing.json }}\n",
         std::env::temp_dir().join("tg-not-a-key.pem").display()
     );
-    let e = Config::from_yaml(&fixtures().join("toolgate.yaml"), &yaml).unwrap_err().to_string();
-    assert!(e.contains("auth.agents.keys[0]: rs256:") && e.contains("not a PEM public key"), "{e}");
+    let e = Config::from_yaml(&fixtures().join("toolgate.yaml"), &yaml)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("auth.agents.keys[0]: rs256:") && e.contains("not a PEM public key"),
+        "{e}"
+    );
     assert!(e.contains("auth.agents.keys[1]: jwks: cannot read"), "{e}");
 }

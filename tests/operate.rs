@@ -1,5 +1,8 @@
 //! Operating toolgate: hot reload, metrics, health and the admin reads.
 
+// Test helpers may unwrap: a panic there is a failed assertion.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::time::{Duration, Instant};
