@@ -32,6 +32,38 @@ pub const MAX_BODY: usize = 16 * 1024;
 /// Longest approval window.
 pub const MAX_WINDOW: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
+/// The approver page: static, embedded, no external assets (works offline).
+const PAGE_HTML: &str = include_str!("admin/page.html");
+const PAGE_JS: &str = include_str!("admin/page.js");
+const PAGE_CSS: &str = include_str!("admin/page.css");
+
+/// Serves a page asset. The CSP allows only this origin's own script and
+/// style (no inline code, no eval), no framing, and no form posts, so
+/// attacker-controlled strings shown on the page cannot run.
+fn asset(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from_static(body.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    h.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
 fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     let mut r = Response::new(full(Bytes::from(serde_json::to_vec(v).unwrap_or_default())));
     *r.status_mut() = status;
@@ -67,6 +99,9 @@ where
             return json_response(StatusCode::OK, &json!({"status": "alive"}))
         }
         (&Method::GET, "/readyz") => return readyz(gate).await,
+        (&Method::GET, "/") => return asset(PAGE_HTML, "text/html; charset=utf-8"),
+        (&Method::GET, "/app.js") => return asset(PAGE_JS, "text/javascript; charset=utf-8"),
+        (&Method::GET, "/app.css") => return asset(PAGE_CSS, "text/css; charset=utf-8"),
         (&Method::GET, "/metrics")
             if gate
                 .0
