@@ -211,6 +211,9 @@ pub(crate) fn key_path_at(text: &str, line: usize, column: usize) -> String {
     out
 }
 
+/// The JSON Schema of the config format (`toolgate schema config`).
+pub const SCHEMA: &str = include_str!("../schemas/config.schema.json");
+
 // ---------------------------------------------------------------- specs
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +242,27 @@ struct ConfigSpec {
     escalation: Option<EscalationSpec>,
     #[serde(default)]
     limits: Option<LimitsSpec>,
+    #[serde(default)]
+    alerts: Option<AlertsSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsSpec {
+    /// Webhook receiving every alert.
+    #[serde(default)]
+    url: Option<Spanned<String>>,
+    #[serde(default)]
+    denials: Option<DenialsSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DenialsSpec {
+    #[serde(default)]
+    threshold: Option<u32>,
+    #[serde(default)]
+    window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -414,6 +438,15 @@ pub struct Config {
     pub holds: HoldsConfig,
     pub escalation: Escalation,
     pub limits: Limits,
+    pub alerts: AlertsConfig,
+}
+
+/// Where alerts go and when probing is suspected.
+#[derive(Debug, Clone)]
+pub struct AlertsConfig {
+    pub url: Option<String>,
+    pub denial_threshold: u32,
+    pub denial_window: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -873,7 +906,32 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
             .map_or(10_000, |m| m.value as usize),
     };
 
+    let alerts = {
+        let a = spec.alerts.as_ref();
+        let url = a
+            .and_then(|a| a.url.as_ref())
+            .and_then(|u| match u.value.parse::<http::Uri>() {
+                Ok(p) if matches!(p.scheme_str(), Some("http" | "https")) => Some(u.value.clone()),
+                _ => {
+                    r.at(u, "alerts.url", "must be an http(s) URL");
+                    None
+                }
+            });
+        let d = a.and_then(|a| a.denials.as_ref());
+        AlertsConfig {
+            url,
+            denial_threshold: d.and_then(|d| d.threshold).unwrap_or(20).max(1),
+            denial_window: duration_at(
+                r,
+                &d.and_then(|d| d.window.clone()),
+                "alerts.denials.window",
+                Duration::from_secs(60),
+            ),
+        }
+    };
+
     Some(Config {
+        alerts,
         path: abs,
         listen: listen?,
         admin,

@@ -19,13 +19,16 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use serde_json::{json, Map, Value};
 use tracing::Instrument;
 
+use crate::alert::{Alert, Alerts};
 use crate::audit::{self, Auditor, Record};
 use crate::config::Config;
 use crate::hold::Holds;
 use crate::identity::{self, AuthError, Caller, Verifier};
 use crate::manifest::PolicySet;
 use crate::mcp::{self, code, Id, Message};
-use crate::metrics::{AgentDecisionLabels, DecisionLabels, Metrics, ResultLabels, UpstreamLabels};
+use crate::metrics::{
+    AgentDecisionLabels, DecisionLabels, KindLabels, Metrics, ResultLabels, UpstreamLabels,
+};
 use crate::notify::Notifier;
 use crate::policy::{self, Guard, Verdict};
 use crate::ratelimit::{Limiters, Scope};
@@ -63,12 +66,18 @@ pub struct Shared {
     /// Verifies approver tokens (management plane), if configured.
     pub approvers: Option<Verifier>,
     pub metrics: Metrics,
+    pub alerts: Alerts,
+    /// Delivers alerts to `alerts.url`, if configured.
+    pub alert_sink: Option<Notifier>,
     refresh: tokio::sync::Mutex<()>,
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
-    fn count(&self, r: &Record) {
+    /// Counts `r` in the metrics; returns the alert it raises, to be raised
+    /// after `r` itself is recorded.
+    fn count(&self, r: &Record) -> Option<Alert> {
+        let alert = self.alerts.observe(r);
         if let Some(d) = r.decision {
             self.metrics
                 .decisions
@@ -97,20 +106,46 @@ impl Shared {
                 }
             }
         }
+        alert
     }
 
     /// Audits a record of something that forwards nothing (best effort,
     /// retried by the writer), counting it in the metrics.
     pub fn audit(&self, r: Record) {
-        self.count(&r);
+        let alert = self.count(&r);
         self.auditor.record(r);
+        if let Some(a) = alert {
+            self.raise(&a);
+        }
     }
 
     /// Hands over the record of a call about to be forwarded; an error means
     /// the call must not be forwarded.
     pub fn audit_submit(&self, r: Record) -> Result<(), crate::audit::Unavailable> {
-        self.count(&r);
-        self.auditor.submit(r)
+        let alert = self.count(&r);
+        let res = self.auditor.submit(r);
+        if let Some(a) = alert {
+            self.raise(&a);
+        }
+        res
+    }
+
+    /// Counts, audits and delivers an alert.
+    pub fn raise(&self, a: &Alert) {
+        tracing::warn!(
+            alert.kind = a.kind,
+            agent.id = a.agent.as_deref().unwrap_or("-"),
+            "{}",
+            a.message
+        );
+        self.metrics
+            .alerts
+            .get_or_create(&KindLabels { kind: a.kind })
+            .inc();
+        self.auditor.record(Alerts::record(a));
+        if let Some(sink) = &self.alert_sink {
+            sink.send(Alerts::payload(a));
+        }
     }
 
     pub(crate) fn metrics_reload(&self, ok: bool) {
@@ -191,6 +226,12 @@ impl Gate {
             .notify_url
             .clone()
             .map(|url| Notifier::start(url, auditor.clone()));
+        let alert_sink = config
+            .alerts
+            .url
+            .clone()
+            .map(|url| Notifier::start(url, auditor.clone()));
+        let alerts = Alerts::new(config.alerts.denial_threshold, config.alerts.denial_window);
         let approvers = config
             .approvers
             .as_ref()
@@ -222,6 +263,8 @@ impl Gate {
             notifier,
             approvers,
             metrics: Metrics::default(),
+            alerts,
+            alert_sink,
             config,
             refresh: tokio::sync::Mutex::new(()),
             reload_lock: tokio::sync::Mutex::new(()),

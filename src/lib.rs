@@ -16,10 +16,12 @@
 //! - [`admin`]: the management plane: approver-authenticated API.
 //! - [`reload`]: hot reload of the manifests, all or nothing, audited.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
+//! - [`alert`]: alerts on probing, escalations, admin auth failures, audit errors.
 //! - [`config`]: process configuration, validated with located problems.
 //! - [`demo`]: the bundled demo tool server and the `demo` command.
 
 pub mod admin;
+pub mod alert;
 pub mod audit;
 pub mod config;
 pub mod demo;

@@ -46,6 +46,27 @@ enum Cmd {
     Check {
         #[arg(long, default_value = "toolgate.yaml")]
         config: PathBuf,
+        /// Also ask each upstream for its live tools and warn about rules
+        /// that match nothing (typos, renamed tools).
+        #[arg(long)]
+        against: bool,
+    },
+    /// Print the JSON Schema of the manifest or config format (for editors).
+    Schema {
+        #[arg(value_enum, default_value_t = SchemaKind::Manifest)]
+        kind: SchemaKind,
+    },
+    /// Re-decide the calls recorded in an audit log under a new policy and
+    /// print what would change (the check to run before merging a manifest
+    /// change). Rate limits are not simulated; redacted arguments replay as
+    /// "[REDACTED]".
+    Replay {
+        audit: PathBuf,
+        #[arg(long, default_value = "toolgate.yaml")]
+        config: PathBuf,
+        /// Exit 1 when any decision would change.
+        #[arg(long)]
+        fail_on_change: bool,
     },
     /// Dry-run one call: decision, deciding rule, reason. No upstream, no audit.
     Explain {
@@ -105,6 +126,12 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:0")]
         tools_listen: String,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SchemaKind {
+    Manifest,
+    Config,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -186,7 +213,28 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(serve(config, policy))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Check { config } => Ok(check(&config)),
+        Cmd::Check { config, against } => {
+            let code = check(&config);
+            if against && code == ExitCode::SUCCESS {
+                runtime()?.block_on(check_against(&config))?;
+            }
+            Ok(code)
+        }
+        Cmd::Schema { kind } => {
+            println!(
+                "{}",
+                match kind {
+                    SchemaKind::Manifest => toolgate::manifest::SCHEMA,
+                    SchemaKind::Config => toolgate::config::SCHEMA,
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Replay {
+            audit,
+            config,
+            fail_on_change,
+        } => replay(&audit, &config, fail_on_change),
         Cmd::Explain {
             config,
             agent,
@@ -306,6 +354,151 @@ fn check(path: &Path) -> ExitCode {
         config.path.display()
     );
     ExitCode::SUCCESS
+}
+
+/// Warns about manifest rules that match none of the upstreams' live tools.
+async fn check_against(path: &Path) -> anyhow::Result<()> {
+    let (config, policy) = load(path).map_err(|_| anyhow::anyhow!("invalid config"))?;
+    let client = toolgate::upstream::http_client();
+    let mut exposed = Vec::new();
+    for u in &config.upstreams {
+        let up = toolgate::upstream::Upstream::new(
+            u,
+            client.clone(),
+            config.limits.upstream_timeout,
+            config.limits.max_upstream_body,
+        );
+        match up.list_tools().await {
+            Ok(tools) => {
+                println!(
+                    "upstream {}: {} tool(s) ({})",
+                    u.name,
+                    tools.len(),
+                    up.version().unwrap_or("?")
+                );
+                exposed.extend(
+                    tools
+                        .iter()
+                        .filter_map(|t| t.get("name").and_then(Value::as_str))
+                        .map(|n| format!("{}{n}", u.prefix)),
+                );
+            }
+            Err(e) => println!(
+                "warning: upstream {}: {e}; its rules cannot be checked",
+                u.name
+            ),
+        }
+    }
+    let mut warnings = 0;
+    let mut ms: Vec<_> = policy.manifests().collect();
+    ms.sort_by(|a, b| a.agent.cmp(&b.agent));
+    for m in ms {
+        for (i, t) in m.tools.iter().enumerate() {
+            if !exposed
+                .iter()
+                .any(|n| m.tool_rule(n) == Some(i) || glob_matches(&t.pattern, n))
+            {
+                warnings += 1;
+                println!(
+                    "warning: {}:{}: {}: tools[{i}] {:?} matches no upstream tool",
+                    m.file_name(),
+                    t.line,
+                    m.agent,
+                    &*t.pattern
+                );
+            }
+        }
+        for (i, d) in m.deny.iter().enumerate() {
+            if !exposed.iter().any(|n| glob_matches(&d.pattern, n)) {
+                warnings += 1;
+                println!(
+                    "warning: {}:{}: {}: deny[{i}] {:?} matches no upstream tool",
+                    m.file_name(),
+                    d.line,
+                    m.agent,
+                    d.pattern
+                );
+            }
+        }
+    }
+    println!("{warnings} warning(s)");
+    Ok(())
+}
+
+fn glob_matches(pattern: &str, name: &str) -> bool {
+    toolgate::config::tool_glob(pattern).is_ok_and(|g| g.compile_matcher().is_match(name))
+}
+
+/// Re-decides recorded calls under the policy of `config`.
+fn replay(audit: &Path, config: &Path, fail_on_change: bool) -> anyhow::Result<ExitCode> {
+    use std::io::BufRead;
+    let (config, policy) = match load(config) {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
+    };
+    let guard = guard_for(&config);
+    let f =
+        std::fs::File::open(audit).with_context(|| format!("cannot open {}", audit.display()))?;
+    let (mut seen, mut changed) = (0u64, 0u64);
+    let mut transitions: std::collections::BTreeMap<(String, String), u64> = Default::default();
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line?;
+        let Ok(r) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        let event = r["event"].as_str().unwrap_or("");
+        if !matches!(event, "call" | "hold_created" | "grant_used") {
+            continue;
+        }
+        let (Some(agent), Some(tool)) = (r["agent"].as_str(), r["tool"].as_str()) else {
+            continue;
+        };
+        let before = match (event, r["decision"].as_str().unwrap_or("")) {
+            (_, "rate_limited") => continue,
+            ("grant_used", _) | (_, "hold" | "denied" | "expired") => "hold",
+            (_, "allow") => "allow",
+            (_, "deny") => "deny",
+            _ => continue,
+        };
+        let args = if r["args"].is_object() {
+            r["args"].clone()
+        } else {
+            json!({})
+        };
+        let d = policy::decide(&guard, policy.get(agent).map(|m| &**m), agent, tool, &args);
+        let after = match d.verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny | Verdict::Invalid(_) => "deny",
+            Verdict::Hold { .. } => "hold",
+        };
+        seen += 1;
+        if before != after {
+            changed += 1;
+            *transitions
+                .entry((before.to_owned(), after.to_owned()))
+                .or_default() += 1;
+            println!(
+                "seq {}: {agent} {tool}: {before} -> {after} ({}: {})",
+                r["seq"],
+                d.rule.id(),
+                d.reason
+            );
+        }
+    }
+    let summary: Vec<String> = transitions
+        .iter()
+        .map(|((a, b), n)| format!("{a} -> {b}: {n}"))
+        .collect();
+    println!(
+        "{seen} call(s) replayed, {changed} would change{}{}",
+        if summary.is_empty() { "" } else { ": " },
+        summary.join(", ")
+    );
+    Ok(if fail_on_change && changed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn explain(path: &Path, agent: &str, tool: &str, args: &str) -> anyhow::Result<ExitCode> {

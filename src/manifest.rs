@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{parse_yaml, tool_glob, Problem, Problems, Report};
 
+/// The JSON Schema of the manifest format (`toolgate schema manifest`).
+pub const SCHEMA: &str = include_str!("../schemas/manifest.schema.json");
+
 // ---------------------------------------------------------------- specs
 
 #[derive(Debug, Deserialize)]

@@ -124,14 +124,28 @@ impl Server {
         }));
         // Reload manifests when their files change.
         tasks.push(tokio::spawn(gate.clone().watch_manifests(rx.clone())));
-        // Expire holds past their ttl, auditing each.
+        // Expire holds past their ttl (auditing each); alert on audit
+        // write errors.
         let g = gate.clone();
         let mut stop = rx.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut write_errors = 0;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => expire_holds(&g).await,
+                    _ = tick.tick() => {
+                        expire_holds(&g).await;
+                        let now = g.0.auditor.write_errors();
+                        if now > write_errors {
+                            g.0.raise(&crate::alert::Alert {
+                                kind: "audit_write_error",
+                                agent: None,
+                                message: format!("{} audit write error(s); calls are refused until the log is writable", now - write_errors),
+                                detail: serde_json::json!({"path": g.0.auditor.path().display().to_string(), "healthy": g.0.auditor.healthy()}),
+                            });
+                            write_errors = now;
+                        }
+                    }
                     _ = stop.changed() => break,
                 }
             }

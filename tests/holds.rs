@@ -598,43 +598,11 @@ async fn a_pending_hold_and_an_approval_survive_a_restart() {
 #[tokio::test]
 async fn new_holds_are_posted_to_the_webhook_with_retries_and_failures_are_audited() {
     // A webhook that fails once, then records.
-    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let g = got.clone();
-    tokio::spawn(async move {
-        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-        loop {
-            let (s, _) = listener.accept().await.unwrap();
-            let (g, calls) = (g.clone(), calls.clone());
-            tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (g, calls) = (g.clone(), calls.clone());
-                        async move {
-                            use http_body_util::BodyExt;
-                            let b = req.into_body().collect().await.unwrap().to_bytes();
-                            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            let status = if n == 0 { 500 } else { 200 };
-                            if n > 0 {
-                                g.lock().unwrap().push(serde_json::from_slice(&b).unwrap());
-                            }
-                            Ok::<_, std::convert::Infallible>(
-                                http::Response::builder()
-                                    .status(status)
-                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                                    .unwrap(),
-                            )
-                        }
-                    });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    let holds =
-        format!("holds: {{ wait: 100ms, ttl: 1h, notify: {{ url: \"http://{addr}/hooks\" }} }}");
+    let hook = support::Webhook::start(1).await;
+    let holds = format!(
+        "holds: {{ wait: 100ms, ttl: 1h, notify: {{ url: \"{}\" }} }}",
+        hook.url
+    );
     let h = Harness::with(Opts {
         manifests: &[("ops-bot.yaml", OPS_BOT)],
         holds: &holds,
@@ -650,13 +618,7 @@ async fn new_holds_are_posted_to_the_webhook_with_retries_and_failures_are_audit
         )
         .await;
     let id = hold_id(&v);
-    for _ in 0..100 {
-        if !got.lock().unwrap().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let got = got.lock().unwrap().clone();
+    let got = hook.wait_for(1).await;
     assert_eq!(got.len(), 1, "delivered once after a retry");
     assert_eq!(got[0]["hold"]["id"], id.as_str());
     assert_eq!(got[0]["hold"]["agent"], "ops-bot");

@@ -329,3 +329,39 @@ async fn agents_and_audit_reads_for_viewers() {
         "agents cannot read the audit log"
     );
 }
+
+#[tokio::test]
+async fn probing_and_escalations_raise_alerts_that_are_audited_counted_and_posted() {
+    let hook = support::Webhook::start(0).await;
+    let extra = format!(
+        "alerts: {{ url: \"{}\", denials: {{ threshold: 2, window: 1m }} }}",
+        hook.url
+    );
+    let h = Harness::with(Opts {
+        extra: &extra,
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("billing-bot");
+    for _ in 0..5 {
+        h.call(&t, "billing__delete_x", json!({})).await;
+    }
+    h.call(&t, "billing__refund", json!({"invoice_id": "INV-000001"}))
+        .await;
+    h.admin(Method::GET, "/v1/holds", Some("not-a-token"), None)
+        .await;
+    let got = hook.wait_for(3).await;
+    let kinds: Vec<&str> = got.iter().map(|a| a["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["probing", "escalation", "admin_auth_failed"],
+        "{got:#?}"
+    );
+    assert_eq!(got[0]["agent"], "billing-bot");
+    let audit = h.audit().await;
+    assert_eq!(audit.iter().filter(|r| r["event"] == "alert").count(), 3);
+    let (_, m) = h
+        .admin(Method::GET, "/v1/agents", Some(&viewer()), None)
+        .await;
+    assert!(m["agents"].is_array());
+}

@@ -387,3 +387,69 @@ pub fn approver_token(sub: &str, roles: &[&str], amr: &[&str]) -> String {
     let c = json!({"iss": "toolgate-test", "aud": "toolgate-admin", "exp": now + 600, "sub": sub, "roles": roles, "amr": amr});
     mint_hs256(None, ADMIN_SECRET.as_bytes(), &c).expect("mint")
 }
+
+/// A webhook receiver on loopback that answers 500 to the first `fail`
+/// requests, then 200, recording the JSON bodies it accepted.
+pub struct Webhook {
+    pub url: String,
+    pub got: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl Webhook {
+    pub async fn start(fail: u32) -> Webhook {
+        use std::sync::atomic::AtomicU32;
+        use std::sync::{Arc, Mutex};
+        let got = Arc::new(Mutex::new(Vec::<Value>::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/hooks", listener.local_addr().expect("addr"));
+        let g = got.clone();
+        let calls = Arc::new(AtomicU32::new(0));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let (g, calls) = (g.clone(), calls.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (g, calls) = (g.clone(), calls.clone());
+                            async move {
+                                let b = req.into_body().collect().await.expect("body").to_bytes();
+                                let n = calls.fetch_add(1, Ordering::SeqCst);
+                                let ok = n >= fail;
+                                if ok {
+                                    g.lock()
+                                        .expect("lock")
+                                        .push(serde_json::from_slice(&b).unwrap_or(Value::Null));
+                                }
+                                let status = if ok { 200 } else { 500 };
+                                Ok::<_, std::convert::Infallible>(
+                                    http::Response::builder()
+                                        .status(status)
+                                        .body(Full::new(Bytes::new()))
+                                        .expect("response"),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        Webhook { url, got }
+    }
+
+    /// Waits (up to 10 s of real delivery time) until `n` bodies arrived.
+    pub async fn wait_for(&self, n: usize) -> Vec<Value> {
+        for _ in 0..200 {
+            let got = self.got.lock().expect("lock").clone();
+            if got.len() >= n {
+                return got;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.got.lock().expect("lock").clone()
+    }
+}
