@@ -372,3 +372,71 @@ async fn holds_cli_lists_shows_approves_and_denies() {
         .await;
     assert!(v.get("result").is_some(), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_shuts_down_gracefully_on_sigterm_with_the_audit_log_flushed() {
+    let tools = toolgate::demo::ToolServer::default();
+    let taddr = tools.start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = support::temp_dir("sigterm");
+    std::fs::write(
+        dir.join("tool-manifests/billing-bot.yaml"),
+        support::BILLING_BOT,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("toolgate.yaml"),
+        format!("listen: 127.0.0.1:{port}\nauth:\n  agents:\n    issuer: toolgate-test\n    audience: toolgate\n    keys: [ {{ hs256: {{ secret_env: TOOLGATE_AGENT_SECRET }} }} ]\nupstreams:\n  - name: billing\n    url: http://{taddr}/mcp\n"),
+    )
+    .unwrap();
+    let mut child = toolgate()
+        .args(["serve", "--config"])
+        .arg(dir.join("toolgate.yaml"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = toolgate::upstream::http_client();
+    let token = support::token_with(json!({"sub": "billing-bot"}));
+    let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__get_invoice","arguments":{"invoice_id":"INV-000001"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}});
+    let mut answered = false;
+    for _ in 0..100 {
+        let req = http::Request::post(format!("http://127.0.0.1:{port}/mcp"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "billing__get_invoice")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap();
+        if let Ok(r) = client.request(req).await {
+            assert_eq!(r.status(), 200);
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(answered, "toolgate did not come up");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let audit = dir.join(".toolgate/audit.jsonl");
+    assert_eq!(
+        toolgate::audit::verify(&audit),
+        Ok(1),
+        "the call's record was flushed before exit"
+    );
+    assert_eq!(tools.received().len(), 1);
+}
