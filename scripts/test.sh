@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every test toolgate has, on a fresh clone: installs the pinned Python
+# MCP SDKs (1.x and 2.x) into ignored venvs for the interop tests (reused when
+# present), then lints and runs the Rust tests (unit, real-socket, CLI,
+# interop). One build profile (dev/test) for all of them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing Debian's chromium and chromium-driver (approver page test)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
+echo "== interop environments"
+eval "$(bash scripts/setup-interop.sh)"
+export TOOLGATE_PY1 TOOLGATE_PY2
+
+echo "== format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+
+echo "== tests"
+cargo test --all-targets --locked

@@ -1,0 +1,318 @@
+//! Interop with the official Python MCP SDK, both lines: 1.x (2025-11-25,
+//! sessions) and 2.x (2026-07-28, stateless), as clients of toolgate and as
+//! the upstream servers behind it, in every bridging direction. The pinned
+//! venvs come from `scripts/setup-interop.sh` (run by `scripts/test.sh`).
+
+// Test helpers may unwrap: a panic there is a failed assertion.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{json, Value};
+use support::{Harness, Opts};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn python(line: u8) -> String {
+    let var = format!("TOOLGATE_PY{line}");
+    std::env::var(&var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run `bash scripts/test.sh` (or `eval \"$(bash scripts/setup-interop.sh)\"` and export TOOLGATE_PY1 TOOLGATE_PY2) to create the pinned MCP SDK venvs")
+    })
+}
+
+fn script(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop")
+        .join(name)
+}
+
+/// Starts the SDK's MCP server (with its DNS-rebinding protection on, so
+/// toolgate must present the upstream's own Host); returns its URL.
+fn upstream(line: u8) -> (Kill, String) {
+    let mut child = Command::new(python(line))
+        .arg(script("upstream_server.py"))
+        .arg("0")
+        .env("UPSTREAM_DNS_PROTECT", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python upstream starts");
+    let out = child.stdout.take().unwrap();
+    let guard = Kill(child);
+    let mut line_buf = String::new();
+    BufReader::new(out).read_line(&mut line_buf).unwrap();
+    let port = line_buf
+        .trim()
+        .strip_prefix("READY ")
+        .unwrap_or_else(|| panic!("upstream said {line_buf:?}"));
+    (guard, format!("http://127.0.0.1:{port}/mcp"))
+}
+
+/// Runs the SDK client with `args`; returns its JSON lines by scenario.
+async fn client(
+    line: u8,
+    mode: Option<&str>,
+    url: &str,
+    token: &str,
+    args: Vec<String>,
+) -> Vec<Value> {
+    let (py, url, token, mode) = (
+        python(line),
+        url.to_owned(),
+        token.to_owned(),
+        mode.map(str::to_owned),
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut c = Command::new(py);
+        c.arg(script("client_check.py"))
+            .args(&args)
+            .env("TOOLGATE_URL", &url)
+            .env("TOOLGATE_TOKEN", &token)
+            .env("TOOLGATE_TIMEOUT", "20");
+        if let Some(m) = mode {
+            c.env("TOOLGATE_MODE", m);
+        }
+        let out = c.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+            .collect();
+        assert!(
+            out.status.success(),
+            "client exited {:?}:\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lines
+    })
+    .await
+    .unwrap()
+}
+
+fn s(v: &str) -> String {
+    v.to_owned()
+}
+
+/// One client SDK line against one server SDK line, through toolgate.
+async fn pair(client_line: u8, mode: Option<&str>, server_line: u8) {
+    let what = format!(
+        "client {client_line}.x{} -> toolgate -> server {server_line}.x",
+        mode.map(|m| format!(" ({m})")).unwrap_or_default()
+    );
+    let (_server, url) = upstream(server_line);
+    let h = Harness::with(Opts {
+        upstream: Some(url),
+        ..Opts::default()
+    })
+    .await;
+    let token = h.token("billing-bot");
+    let out = client(
+        client_line,
+        mode,
+        &h.url,
+        &token,
+        vec![
+            s("list_tools"),
+            s("call"),
+            s("billing__get_invoice"),
+            s(r#"{"invoice_id":"INV-000001"}"#),
+            s("call"),
+            s("billing__get_invoice"),
+            s(r#"{"invoice_id":"nope"}"#),
+            s("call"),
+            s("billing__unlisted"),
+            s("{}"),
+            s("call"),
+            s("billing__delete_invoice"),
+            s(r#"{"invoice_id":"INV-000001"}"#),
+            s("calls"),
+            s("5"),
+            s("billing__echo"),
+            s(r#"{"text":"hi"}"#),
+            s("call"),
+            s("billing__refund"),
+            s(r#"{"invoice_id":"INV-000001","amount":5}"#),
+        ],
+    )
+    .await;
+    let connect = &out[0];
+    assert_eq!(connect["ok"], true, "{what}: {connect}");
+    let want_era = if client_line == 2 {
+        "modern"
+    } else {
+        "handshake"
+    };
+    assert_eq!(connect["era"], want_era, "{what}: {connect}");
+    let tools: Vec<&str> = out[1]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tools,
+        ["billing__echo", "billing__get_invoice", "billing__refund"],
+        "{what}"
+    );
+    let ok = &out[2];
+    assert_eq!(
+        (ok["ok"].as_bool(), ok["is_error"].as_bool()),
+        (Some(true), Some(false)),
+        "{what}: {ok}"
+    );
+    assert_eq!(ok["result"]["invoice_id"], "INV-000001", "{what}: {ok}");
+    let bad = &out[3];
+    assert_eq!(bad["code"], -32602, "{what}: {bad}");
+    assert_eq!(
+        bad["data"]["errors"][0]["pointer"], "/invoice_id",
+        "{what}: {bad}"
+    );
+    assert_eq!(
+        (out[4]["code"].as_i64(), out[4]["data"]["rule"].as_str()),
+        (Some(-32003), Some("unlisted")),
+        "{what}: {}",
+        out[4]
+    );
+    assert_eq!(
+        (out[5]["code"].as_i64(), out[5]["data"]["rule"].as_str()),
+        (Some(-32003), Some("deny[0]")),
+        "{what}: {}",
+        out[5]
+    );
+    let calls = &out[6];
+    assert_eq!(
+        calls["codes"],
+        json!([0, 0, 0, -32029, -32029]),
+        "{what}: {calls}"
+    );
+    assert!(
+        calls["errors"][0]["data"]["retry_after_ms"]
+            .as_u64()
+            .is_some(),
+        "{what}: {calls}"
+    );
+    let held = &out[7];
+    assert_eq!(held["code"], -32010, "{what}: {held}");
+    let hold = held["data"]["hold_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: {held}"))
+        .to_owned();
+
+    // The approver approves; the same SDK client's identical retry succeeds.
+    let (status, _) = h
+        .approve(&hold, "carol", json!({"reason": "interop"}))
+        .await;
+    assert_eq!(status, http::StatusCode::OK);
+    let out = client(
+        client_line,
+        mode,
+        &h.url,
+        &token,
+        vec![
+            s("call"),
+            s("billing__refund"),
+            s(r#"{"amount":5,"invoice_id":"INV-000001"}"#),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (out[1]["ok"].as_bool(), out[1]["is_error"].as_bool()),
+        (Some(true), Some(false)),
+        "{what}: {}",
+        out[1]
+    );
+
+    // Nothing refused reached the upstream: only these were allowed.
+    let audit = h.audit().await;
+    let allowed: Vec<(&str, &str)> = audit
+        .iter()
+        .filter(|r| matches!(r["event"].as_str(), Some("call" | "grant_used")))
+        .filter(|r| matches!(r["decision"].as_str(), Some("allow" | "approved")))
+        .map(|r| (r["tool"].as_str().unwrap(), r["decision"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        allowed,
+        [
+            ("billing__get_invoice", "allow"),
+            ("billing__echo", "allow"),
+            ("billing__echo", "allow"),
+            ("billing__echo", "allow"),
+            ("billing__refund", "approved")
+        ],
+        "{what}"
+    );
+    assert!(toolgate::audit::verify(&h.dir.join("audit.jsonl")).is_ok());
+    // Each upstream is spoken to in the newest revision it supports.
+    let spoken = h.server.gate.0.upstreams[0].version();
+    assert_eq!(
+        spoken,
+        Some(if server_line == 2 {
+            "2026-07-28"
+        } else {
+            "2025-11-25"
+        }),
+        "{what}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_1x_client_through_toolgate_to_sdk_1x_server() {
+    pair(1, None, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_2x_client_through_toolgate_to_sdk_2x_server() {
+    pair(2, None, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_2x_stateless_client_bridged_to_a_2025_session_server() {
+    pair(2, Some("2026-07-28"), 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_1x_session_client_bridged_to_a_2026_server() {
+    pair(1, None, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_clients_without_a_valid_token_cannot_connect() {
+    let (_server, url) = upstream(2);
+    let h = Harness::with(Opts {
+        upstream: Some(url),
+        ..Opts::default()
+    })
+    .await;
+    for line in [1, 2] {
+        let py = python(line);
+        let hurl = h.url.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(py)
+                .arg(script("client_check.py"))
+                .arg("list_tools")
+                .env("TOOLGATE_URL", hurl)
+                .env("TOOLGATE_TOKEN", "not-a-jwt")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "SDK {line}.x connected without a valid token: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert!(h.audit().await.iter().all(|r| r["event"] == "auth_failed"));
+}
