@@ -275,8 +275,11 @@ pub fn decide(
     // 3. Deny rules win over every allow.
     if let Some(i) = m.deny_rule(tool) {
         let reason = match &m.deny[i].reason {
-            Some(r) => Cow::Owned(format!("denied by rule deny[{i}]: {r}")),
-            None => Cow::Owned(format!("denied by rule deny[{i}] ({})", m.deny[i].pattern)),
+            Some(r) => Cow::Owned(format!("{r} (deny[{i}])")),
+            None => Cow::Owned(format!(
+                "the tool matches deny[{i}] ({})",
+                m.deny[i].pattern
+            )),
         };
         return deny(Rule::Deny(i), reason, None);
     }

@@ -394,11 +394,14 @@ async fn serve_shuts_down_gracefully_on_sigterm_with_the_audit_log_flushed() {
     )
     .unwrap();
     let mut child = toolgate()
-        .args(["serve", "--config"])
+        .args(["--log-format", "json", "serve", "--config"])
         .arg(dir.join("toolgate.yaml"))
-        .stderr(Stdio::null())
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let logs = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
     let client = toolgate::upstream::http_client();
     let token = support::token_with(json!({"sub": "billing-bot"}));
     let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__get_invoice","arguments":{"invoice_id":"INV-000001"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}});
@@ -432,6 +435,26 @@ async fn serve_shuts_down_gracefully_on_sigterm_with_the_audit_log_flushed() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+    // Operator logs: JSON lines with the request's agent and decision, no token.
+    let logs = logs.join().unwrap();
+    assert!(!logs.contains(&token), "a token reached the operator log");
+    let json_lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        json_lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "toolgate serving"),
+        "{logs}"
+    );
+    assert!(
+        json_lines
+            .iter()
+            .any(|l| l["span"]["agent.id"] == "billing-bot" && l["span"]["decision"] == "allow"),
+        "{logs}"
+    );
     let audit = dir.join(".toolgate/audit.jsonl");
     assert_eq!(
         toolgate::audit::verify(&audit),

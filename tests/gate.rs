@@ -122,7 +122,9 @@ async fn refused_calls_never_reach_the_upstream_and_say_why() {
     }
     assert!(h.received().is_empty(), "upstream got {:?}", h.received());
     let audit = h.audit().await;
-    assert_eq!(audit.len(), 6);
+    // Six decisions, and an escalation alert after each of the two holds.
+    assert_eq!(audit.len(), 8, "{audit:#?}");
+    assert_eq!(audit.iter().filter(|r| r["event"] == "alert").count(), 2);
     assert_eq!(audit.iter().filter(|r| r["decision"] == "hold").count(), 2);
     assert_eq!(audit.iter().filter(|r| r["decision"] == "deny").count(), 4);
 }

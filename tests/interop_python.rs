@@ -316,3 +316,53 @@ async fn sdk_clients_without_a_valid_token_cannot_connect() {
     }
     assert!(h.audit().await.iter().all(|r| r["event"] == "auth_failed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_client_works_with_both_sdk_lines() {
+    let h = Harness::start().await;
+    let token = h.token("billing-bot");
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python_client.py");
+    for line in [1, 2] {
+        let run = |tool: &'static str, args: &'static str| {
+            let (py, url, token, example) =
+                (python(line), h.url.clone(), token.clone(), example.clone());
+            tokio::task::spawn_blocking(move || {
+                Command::new(py)
+                    .arg(example)
+                    .args([tool, args])
+                    .env("TOOLGATE_URL", url)
+                    .env("TOOLGATE_TOKEN", token)
+                    .output()
+                    .unwrap()
+            })
+        };
+        let out = run("billing__get_invoice", r#"{"invoice_id": "INV-000042"}"#)
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "SDK {line}.x: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.starts_with(
+                "tools: billing__echo, billing__get_invoice, billing__grant_role, billing__refund"
+            ),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(r#"{"ok": true, "text": "Invoice INV-000042"#),
+            "{stdout}"
+        );
+        let out = run("billing__delete_invoice", r#"{"invoice_id": "INV-000042"}"#)
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        let refusal: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(refusal["error"]["code"], -32003);
+        assert_eq!(refusal["error"]["data"]["rule"], "deny[0]");
+    }
+}

@@ -365,3 +365,58 @@ async fn probing_and_escalations_raise_alerts_that_are_audited_counted_and_poste
         .await;
     assert!(m["agents"].is_array());
 }
+
+#[tokio::test]
+async fn a_reload_from_a_git_work_tree_records_the_commit_and_author() {
+    let h = Harness::start().await;
+    let dir = h.dir.join("tool-manifests");
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "-q"]);
+    git(&[
+        "-c",
+        "user.name=Sec Team",
+        "-c",
+        "user.email=sec@example.com",
+        "add",
+        ".",
+    ]);
+    std::fs::write(dir.join("new-bot.yaml"), "agent: new-bot\n").unwrap();
+    git(&["add", "."]);
+    git(&[
+        "-c",
+        "user.name=Sec Team",
+        "-c",
+        "user.email=sec@example.com",
+        "commit",
+        "-q",
+        "-m",
+        "add new-bot",
+    ]);
+    let head = git(&["rev-parse", "HEAD"]);
+    let (s, _) = h
+        .admin(Method::POST, "/v1/reload", Some(&approver()), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let audit = h.audit().await;
+    let r = audit
+        .iter()
+        .rev()
+        .find(|r| r["event"] == "manifests_reloaded")
+        .unwrap();
+    assert_eq!(r["detail"]["git"]["commit"], head.as_str(), "{r}");
+    assert_eq!(r["detail"]["git"]["author"], "Sec Team <sec@example.com>");
+    assert_eq!(r["detail"]["git"]["uncommitted_changes"], false);
+}
