@@ -194,6 +194,14 @@ fn last_link(path: &Path) -> Result<(u64, String), String> {
     }
 }
 
+/// One chained record as its JSON line and hash (what the writer appends).
+pub fn chain_line(r: &Record, ts: SystemTime, seq: u64, prev: &str) -> (Vec<u8>, String) {
+    let (obj, hash) = chain(r, ts, seq, prev);
+    let mut line = serde_json::to_vec(&Value::Object(obj)).unwrap_or_default();
+    line.push(b'\n');
+    (line, hash)
+}
+
 /// Turns a record into its chained JSON object.
 fn chain(r: &Record, ts: SystemTime, seq: u64, prev: &str) -> (Map<String, Value>, String) {
     let mut obj = match serde_json::to_value(r) {
@@ -251,12 +259,10 @@ async fn writer(
             match cmd {
                 Cmd::Record(r, ts) => {
                     seq += 1;
-                    let (obj, hash) = chain(&r, ts, seq, &prev);
+                    let (line, hash) = chain_line(&r, ts, seq, &prev);
                     prev = hash;
-                    if serde_json::to_writer(&mut pending, &Value::Object(obj)).is_ok() {
-                        pending.push(b'\n');
-                        pending_records += 1;
-                    }
+                    pending.extend_from_slice(&line);
+                    pending_records += 1;
                 }
                 Cmd::Flush(tx) => flushes.push(tx),
             }

@@ -28,9 +28,20 @@ pub struct Received {
 }
 
 /// The demo MCP tool server.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct ToolServer {
     received: Arc<Mutex<Vec<Received>>>,
+    record: bool,
+}
+
+impl Default for ToolServer {
+    /// A recording server (tests read what it received).
+    fn default() -> Self {
+        ToolServer {
+            received: Arc::default(),
+            record: true,
+        }
+    }
 }
 
 /// The tools it offers.
@@ -65,6 +76,15 @@ pub fn tool_definitions() -> Value {
 }
 
 impl ToolServer {
+    /// A server that records nothing (the demo, benchmarks): its memory
+    /// stays flat however many calls it serves.
+    pub fn without_recording() -> Self {
+        ToolServer {
+            received: Arc::default(),
+            record: false,
+        }
+    }
+
     /// Starts serving on `addr` (port 0 for any); returns the bound address.
     pub async fn start(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
         let listener = TcpListener::bind(addr).await?;
@@ -140,7 +160,7 @@ impl ToolServer {
                     .unwrap_or("")
                     .to_owned();
                 let args = params.get("arguments").cloned().unwrap_or(json!({}));
-                if let Ok(mut r) = self.received.lock() {
+                if let Some(mut r) = self.record.then(|| self.received.lock().ok()).flatten() {
                     r.push(Received {
                         tool: tool.clone(),
                         arguments: args.clone(),

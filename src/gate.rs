@@ -23,7 +23,7 @@ use crate::alert::{Alert, Alerts};
 use crate::audit::{self, Auditor, Record};
 use crate::config::Config;
 use crate::hold::Holds;
-use crate::identity::{self, AuthError, Caller, Verifier};
+use crate::identity::{self, AuthError, Caller, TokenCache, Verifier};
 use crate::manifest::PolicySet;
 use crate::mcp::{self, code, Id, Message};
 use crate::metrics::{
@@ -36,6 +36,9 @@ use crate::session::{SessionError, Sessions};
 use crate::upstream::{Answer, Catalog, Route, Upstream};
 
 mod held;
+
+/// Verified agent tokens kept at once.
+pub const TOKEN_CACHE: usize = 100_000;
 
 /// Response body type of both planes.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -55,6 +58,8 @@ pub struct Snapshot {
 pub struct Shared {
     pub config: Config,
     pub verifier: Verifier,
+    /// Verified agent tokens (bounded; entries die with the token).
+    pub tokens: TokenCache,
     pub snapshot: ArcSwap<Snapshot>,
     pub catalog: ArcSwap<Catalog>,
     pub upstreams: Vec<Arc<Upstream>>,
@@ -249,6 +254,7 @@ impl Gate {
         );
         Gate(Arc::new(Shared {
             verifier,
+            tokens: TokenCache::new(TOKEN_CACHE),
             snapshot: ArcSwap::from_pointee(Snapshot {
                 policy,
                 limiters,
@@ -461,8 +467,16 @@ impl Gate {
 
     fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
         let token = identity::bearer(headers)?;
+        let now = identity::now_unix();
+        if let Some(c) = self.0.tokens.get(token, now) {
+            return Ok(c);
+        }
         let claims = self.0.verifier.verify(token)?;
-        identity::agent_from_claims(&claims, &self.0.config.agents.agent_claim)
+        let caller = identity::agent_from_claims(&claims, &self.0.config.agents.agent_claim)?;
+        if let Some(exp) = claims.get("exp").and_then(Value::as_u64) {
+            self.0.tokens.put(token, &caller, exp, now);
+        }
+        Ok(caller)
     }
 
     async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, Reply>

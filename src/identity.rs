@@ -202,6 +202,60 @@ pub struct Caller {
     pub agent: Arc<str>,
 }
 
+/// A bounded cache of verified agent tokens, so a signature is checked
+/// once per token rather than once per call. An entry is used only while
+/// `now < exp` (never longer than the token itself is valid) and holds only
+/// the derived identity. Keys are whole token strings (no hash collisions).
+/// The verifier's issuer, audience and keys are fixed for the process, so a
+/// cached verdict cannot outlive the configuration that produced it.
+pub struct TokenCache {
+    map: dashmap::DashMap<Box<str>, (Arc<str>, u64)>,
+    max: usize,
+}
+
+impl TokenCache {
+    pub fn new(max: usize) -> Self {
+        TokenCache {
+            map: dashmap::DashMap::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// The cached identity of `token`, if still valid at `now`.
+    pub fn get(&self, token: &str, now: u64) -> Option<Caller> {
+        let hit = self.map.get(token)?;
+        let (agent, exp) = hit.value();
+        (now < *exp).then(|| Caller {
+            agent: agent.clone(),
+        })
+    }
+
+    /// Remembers a verified token until `exp`. When full, expired entries
+    /// are dropped first, then everything (a cache miss only costs a
+    /// signature check).
+    pub fn put(&self, token: &str, caller: &Caller, exp: u64, now: u64) {
+        if exp <= now {
+            return;
+        }
+        if self.map.len() >= self.max {
+            self.map.retain(|_, (_, e)| *e > now);
+            if self.map.len() >= self.max {
+                self.map.clear();
+            }
+        }
+        self.map
+            .insert(Box::from(token), (caller.agent.clone(), exp));
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
 /// Reads the agent identity from verified claims.
 pub fn agent_from_claims(claims: &Map<String, Value>, claim: &str) -> Result<Caller, AuthError> {
     match claims.get(claim) {
@@ -365,6 +419,26 @@ mod tests {
         assert!(v.verify(&good).is_ok());
         let injected = mint_hs256(Some("../../etc/passwd"), SECRET, &claims(json!({}))).unwrap();
         assert_eq!(v.verify(&injected), Err(AuthError::UnknownKey));
+    }
+
+    #[test]
+    fn the_token_cache_never_outlives_the_token_and_is_bounded() {
+        let c = TokenCache::new(2);
+        let bot = Caller {
+            agent: Arc::from("bot"),
+        };
+        c.put("t1", &bot, 100, 10);
+        assert_eq!(c.get("t1", 99).map(|c| c.agent), Some(Arc::from("bot")));
+        assert!(c.get("t1", 100).is_none(), "expired at exp");
+        assert!(c.get("t2", 50).is_none());
+        c.put("t2", &bot, 100, 10);
+        c.put("t3", &bot, 100, 10);
+        assert!(c.len() <= 2);
+        c.put("old", &bot, 5, 10);
+        assert!(
+            c.get("old", 10).is_none(),
+            "an expired token is never cached"
+        );
     }
 
     #[test]

@@ -784,7 +784,7 @@ async fn demo(listen: &str, tools_listen: &str) -> anyhow::Result<()> {
         .map_err(|p| anyhow::anyhow!("embedded config:\n{p}"))?;
     let policy = PolicySet::load_dir(&config.manifests)
         .map_err(|p| anyhow::anyhow!("embedded manifests:\n{p}"))?;
-    let tools = ToolServer::default();
+    let tools = ToolServer::without_recording();
     let tools_addr = tools
         .start(tools_listen.parse().context("--tools-listen")?)
         .await?;
