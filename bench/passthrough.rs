@@ -4,6 +4,10 @@
 //!     cargo run --release --example passthrough -- LISTEN UPSTREAM_ADDR
 use std::convert::Infallible;
 
+// The same allocator as toolgate, so the baseline differs only in the work.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};

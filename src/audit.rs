@@ -202,21 +202,21 @@ pub fn chain_line(r: &Record, ts: SystemTime, seq: u64, prev: &str) -> (Vec<u8>,
     (line, hash)
 }
 
-/// Turns a record into its chained JSON object.
+/// Turns a record into its chained JSON object and its hash.
 fn chain(r: &Record, ts: SystemTime, seq: u64, prev: &str) -> (Map<String, Value>, String) {
-    let mut obj = match serde_json::to_value(r) {
-        Ok(Value::Object(o)) => o,
-        _ => Map::new(),
+    let mut v = serde_json::to_value(r).unwrap_or_else(|_| Value::Object(Map::new()));
+    if let Value::Object(obj) = &mut v {
+        obj.insert(
+            "ts".into(),
+            Value::String(humantime::format_rfc3339_micros(ts).to_string()),
+        );
+        obj.insert("seq".into(), Value::from(seq));
+        obj.insert("prev".into(), Value::String(prev.to_owned()));
+    }
+    let hash = hex::encode(Sha256::digest(canonical_json(&v).as_bytes()));
+    let Value::Object(mut obj) = v else {
+        return (Map::new(), hash);
     };
-    obj.insert(
-        "ts".into(),
-        Value::String(humantime::format_rfc3339_micros(ts).to_string()),
-    );
-    obj.insert("seq".into(), Value::from(seq));
-    obj.insert("prev".into(), Value::String(prev.to_owned()));
-    let hash = hex::encode(Sha256::digest(
-        canonical_json(&Value::Object(obj.clone())).as_bytes(),
-    ));
     obj.insert("hash".into(), Value::String(hash.clone()));
     (obj, hash)
 }

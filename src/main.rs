@@ -15,6 +15,11 @@ use toolgate::manifest::PolicySet;
 use toolgate::policy::{self, Verdict};
 use toolgate::server::{guard_for, Server};
 
+/// mimalloc: under load, glibc malloc's arena locks showed up as the largest
+/// user-space cost in profiles of the data plane (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "toolgate",
