@@ -115,8 +115,14 @@ fn reload(c: &mut Criterion) {
         .collect();
     let mut g = c.benchmark_group("reload");
     g.sample_size(10);
-    g.bench_function("compile 10k manifests x 20 tools", |b| {
+    g.bench_function("compile 10k manifests x 20 tools (cold start)", |b| {
         b.iter(|| PolicySet::from_texts(texts.clone(), vec![]).expect("valid"))
+    });
+    let current = PolicySet::from_texts(texts.clone(), vec![]).expect("valid");
+    let mut edited = texts.clone();
+    edited[1234].1.push_str("description: edited\n");
+    g.bench_function("reload 10k manifests, one file changed", |b| {
+        b.iter(|| PolicySet::compile_set(edited.clone(), vec![], Some(&current)).expect("valid"))
     });
     g.finish();
 }

@@ -238,8 +238,35 @@ impl Manifest {
     }
 }
 
+/// Compiled argument schemas by canonical text: identical schemas (common
+/// across agents' manifests) are compiled once per set and shared.
+#[derive(Default)]
+pub struct Schemas(HashMap<String, Arc<jsonschema::Validator>>);
+
+impl Schemas {
+    fn compile(&mut self, schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
+        let key = crate::mcp::canonical_json(schema);
+        if let Some(v) = self.0.get(&key) {
+            return Ok(v.clone());
+        }
+        let v = compile_schema(schema)?;
+        self.0.insert(key, v.clone());
+        Ok(v)
+    }
+}
+
 /// Compiles one manifest file's text.
 pub fn compile(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<Manifest> {
+    compile_with(file, text, problems, &mut Schemas::default())
+}
+
+/// Compiles one manifest, sharing compiled schemas through `schemas`.
+pub fn compile_with(
+    file: &Path,
+    text: &str,
+    problems: &mut Vec<Problem>,
+    schemas: &mut Schemas,
+) -> Option<Manifest> {
     let spec: ManifestSpec = match parse_yaml(file, text) {
         Ok(s) => s,
         Err(p) => {
@@ -296,7 +323,8 @@ pub fn compile(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<M
             );
         }
         let schema = t.value.arguments.as_ref().and_then(|s| {
-            compile_schema(&s.value)
+            schemas
+                .compile(&s.value)
                 .map_err(|e| r.at(s, format!("{key}.arguments"), e))
                 .ok()
         });
@@ -432,6 +460,9 @@ pub struct PolicySet {
     pub files: Vec<(PathBuf, String)>,
 }
 
+/// One file's compilation: its index, the manifest, its problems.
+type Compiled = (usize, Option<Manifest>, Vec<Problem>);
+
 /// The most manifest files one directory may hold.
 pub const MAX_MANIFESTS: usize = 100_000;
 
@@ -462,6 +493,16 @@ impl PolicySet {
 
     /// Loads every `*.yaml`/`*.yml` file in `dir`. All or nothing.
     pub fn load_dir(dir: &Path) -> Result<PolicySet, Problems> {
+        Self::load_dir_reusing(dir, None)
+    }
+
+    /// Like [`PolicySet::load_dir`], reusing `previous`'s compiled manifest
+    /// for every file whose content (SHA-256) is unchanged, so a reload
+    /// costs reading and hashing the files plus compiling what changed.
+    pub fn load_dir_reusing(
+        dir: &Path,
+        previous: Option<&PolicySet>,
+    ) -> Result<PolicySet, Problems> {
         let one = |msg: String| {
             Problems(vec![Problem {
                 file: dir.to_path_buf(),
@@ -499,39 +540,104 @@ impl PolicySet {
                 }),
             }
         }
-        Self::from_texts(texts, problems)
+        Self::compile_set(texts, problems, previous)
     }
 
     /// Compiles `(file, text)` pairs into a set. All or nothing.
     pub fn from_texts(
         texts: Vec<(PathBuf, String)>,
-        mut problems: Vec<Problem>,
+        problems: Vec<Problem>,
     ) -> Result<PolicySet, Problems> {
-        let mut by_agent: HashMap<Arc<str>, Arc<Manifest>> = HashMap::with_capacity(texts.len());
-        let mut files = Vec::with_capacity(texts.len());
-        for (path, text) in &texts {
-            files.push((path.clone(), hex::encode(Sha256::digest(text.as_bytes()))));
-            if let Some(m) = compile(path, text, &mut problems) {
-                if let Some(prev) = by_agent.get(&m.agent) {
-                    problems.push(Problem {
-                        file: path.clone(),
-                        line: 1,
-                        column: 1,
-                        path: "agent".into(),
-                        message: format!(
-                            "agent {:?} already has a manifest in {}",
-                            m.agent,
-                            prev.file.display()
-                        ),
-                    });
-                    continue;
-                }
-                by_agent.insert(m.agent.clone(), Arc::new(m));
+        Self::compile_set(texts, problems, None)
+    }
+
+    /// Compiles a set: unchanged files reuse `previous`'s manifests; the
+    /// others compile in parallel, one schema cache per worker.
+    pub fn compile_set(
+        texts: Vec<(PathBuf, String)>,
+        mut problems: Vec<Problem>,
+        previous: Option<&PolicySet>,
+    ) -> Result<PolicySet, Problems> {
+        let reusable: HashMap<(&Path, &str), &Arc<Manifest>> = previous
+            .map(|p| {
+                p.by_agent
+                    .values()
+                    .map(|m| ((m.file.as_path(), m.sha256.as_str()), m))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let hashed: Vec<(PathBuf, String, String)> = texts
+            .into_iter()
+            .map(|(p, t)| {
+                let sha = hex::encode(Sha256::digest(t.as_bytes()));
+                (p, t, sha)
+            })
+            .collect();
+        let files: Vec<(PathBuf, String)> = hashed
+            .iter()
+            .map(|(p, _, sha)| (p.clone(), sha.clone()))
+            .collect();
+        let mut compiled: Vec<Option<Arc<Manifest>>> = vec![None; hashed.len()];
+        let mut todo = Vec::new();
+        for (i, (p, _, sha)) in hashed.iter().enumerate() {
+            match reusable.get(&(p.as_path(), sha.as_str())) {
+                Some(m) => compiled[i] = Some(Arc::clone(m)),
+                None => todo.push(i),
             }
+        }
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(todo.len().max(1));
+        let chunk = todo.len().div_ceil(workers).max(1);
+        let results: Vec<Vec<Compiled>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = todo
+                .chunks(chunk)
+                .map(|idx| {
+                    let hashed = &hashed;
+                    scope.spawn(move || {
+                        let mut schemas = Schemas::default();
+                        idx.iter()
+                            .map(|&i| {
+                                let (path, text, _) = &hashed[i];
+                                let mut ps = Vec::new();
+                                let m = compile_with(path, text, &mut ps, &mut schemas);
+                                (i, m, ps)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        for (i, m, ps) in results.into_iter().flatten() {
+            problems.extend(ps);
+            compiled[i] = m.map(Arc::new);
+        }
+        let mut by_agent: HashMap<Arc<str>, Arc<Manifest>> = HashMap::with_capacity(compiled.len());
+        for m in compiled.into_iter().flatten() {
+            if let Some(prev) = by_agent.get(&m.agent) {
+                problems.push(Problem {
+                    file: m.file.clone(),
+                    line: 1,
+                    column: 1,
+                    path: "agent".into(),
+                    message: format!(
+                        "agent {:?} already has a manifest in {}",
+                        m.agent,
+                        prev.file.display()
+                    ),
+                });
+                continue;
+            }
+            by_agent.insert(m.agent.clone(), m);
         }
         if problems.is_empty() {
             Ok(PolicySet { by_agent, files })
         } else {
+            problems.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
             Err(Problems(problems))
         }
     }

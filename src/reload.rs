@@ -134,8 +134,9 @@ impl Gate {
         let _one_at_a_time = self.0.reload_lock.lock().await;
         let started = std::time::Instant::now();
         let dir = self.0.config.manifests.clone();
+        let previous = self.0.snapshot.load_full();
         let loaded = tokio::task::spawn_blocking(move || {
-            let set = PolicySet::load_dir(&dir);
+            let set = PolicySet::load_dir_reusing(&dir, Some(&previous.policy));
             let git = git_head(&dir);
             (set, git)
         })
