@@ -1315,6 +1315,31 @@ mod tests {
     }
 
     #[test]
+    fn hs256_secrets_can_come_from_a_file() {
+        let d = std::env::temp_dir().join(format!("tg-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("agent.key"),
+            "file-secret-0123456789abcdef0123456789\n",
+        )
+        .unwrap();
+        let text = "auth:\n  agents:\n    issuer: i\n    audience: a\n    keys:\n      - hs256: { secret_file: agent.key, kid: k1 }\n";
+        let c = Config::from_yaml(&d.join("toolgate.yaml"), text).unwrap();
+        let (kid, secret) = c.agents.keys.hmac_key().unwrap();
+        assert_eq!(
+            (kid, secret),
+            (Some("k1"), &b"file-secret-0123456789abcdef0123456789"[..]),
+            "trailing newline trimmed"
+        );
+        let e = Config::from_yaml(
+            &d.join("toolgate.yaml"),
+            &text.replace("agent.key", "missing.key"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("hs256: cannot read"), "{e}");
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(parse_size("1MiB"), Ok(1 << 20));
         assert_eq!(parse_size("512KiB"), Ok(512 << 10));
