@@ -557,52 +557,18 @@ async fn several_upstreams_are_aggregated_and_routed_by_prefix() {
     );
     let aa = a.start("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let ba = b.start("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let dir = support::temp_dir("two");
-    std::env::set_var("TG_TEST_AGENT_SECRET", support::SECRET);
-    std::fs::write(
-        dir.join("tool-manifests/bot.yaml"),
-        "agent: bot\ntools:\n  - name: \"billing__*\"\n  - name: crm_echo\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("toolgate.yaml"),
-        format!("listen: 127.0.0.1:0\nauth:\n  agents:\n    issuer: toolgate-test\n    audience: toolgate\n    keys: [ {{ hs256: {{ secret_env: TG_TEST_AGENT_SECRET }} }} ]\nupstreams:\n  - name: billing\n    url: http://{aa}/mcp\n  - name: crm\n    url: http://{ba}/mcp\n    prefix: crm_\n"),
-    )
-    .unwrap();
-    let config = toolgate::config::Config::load(&dir.join("toolgate.yaml")).unwrap();
-    let policy = toolgate::manifest::PolicySet::load_dir(&config.manifests).unwrap();
-    let server = toolgate::server::Server::start(config, policy)
-        .await
-        .unwrap();
-    let url = format!("http://{}/mcp", server.addr);
-    let client = toolgate::upstream::http_client();
-    let t = support::token_with(json!({"sub": "bot"}));
-    let post = |method: &'static str, params: Value| {
-        let mut params = params;
-        params["_meta"] = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}});
-        let name = params["name"].as_str().map(str::to_owned);
-        let mut req = http::Request::post(&url)
-            .header("authorization", format!("Bearer {t}"))
-            .header("content-type", "application/json")
-            .header("mcp-protocol-version", "2026-07-28")
-            .header("mcp-method", method);
-        if let Some(n) = name {
-            req = req.header("mcp-name", n);
-        }
-        let req = req
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                json!({"jsonrpc":"2.0","id":1,"method":method,"params":params}).to_string(),
-            )))
-            .unwrap();
-        let client = client.clone();
-        async move {
-            use http_body_util::BodyExt;
-            let r = client.request(req).await.unwrap();
-            serde_json::from_slice::<Value>(&r.into_body().collect().await.unwrap().to_bytes())
-                .unwrap()
-        }
-    };
-    let v = post("tools/list", json!({})).await;
+    let upstreams = format!("upstreams:\n  - name: billing\n    url: http://{aa}/mcp\n  - name: crm\n    url: http://{ba}/mcp\n    prefix: crm_");
+    let h = Harness::with(Opts {
+        manifests: &[(
+            "bot.yaml",
+            "agent: bot\ntools:\n  - name: \"billing__*\"\n  - name: crm_echo\n",
+        )],
+        upstreams: Some(upstreams),
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("bot");
+    let (_, v) = h.modern(&t, "tools/list", json!({})).await;
     let mut names: Vec<&str> = v["result"]["tools"]
         .as_array()
         .unwrap()
@@ -622,17 +588,11 @@ async fn several_upstreams_are_aggregated_and_routed_by_prefix() {
         ],
         "both upstreams, each under its prefix, filtered by the manifest"
     );
-    let v = post(
-        "tools/call",
-        json!({"name": "crm_echo", "arguments": {"text": "to crm"}}),
-    )
-    .await;
+    let v = h.call(&t, "crm_echo", json!({"text": "to crm"})).await;
     assert_eq!(v["result"]["content"][0]["text"], "to crm", "{v}");
-    let v = post(
-        "tools/call",
-        json!({"name": "billing__echo", "arguments": {"text": "to billing"}}),
-    )
-    .await;
+    let v = h
+        .call(&t, "billing__echo", json!({"text": "to billing"}))
+        .await;
     assert_eq!(v["result"]["content"][0]["text"], "to billing", "{v}");
     assert_eq!(
         a.received()
@@ -647,5 +607,9 @@ async fn several_upstreams_are_aggregated_and_routed_by_prefix() {
             .map(|r| r.tool.clone())
             .collect::<Vec<_>>(),
         ["echo"]
+    );
+    assert!(
+        h.received().is_empty(),
+        "the default recording server is not configured here"
     );
 }

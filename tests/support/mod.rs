@@ -78,6 +78,8 @@ pub struct Opts<'a> {
     pub require_amr: &'a str,
     /// Reuse this directory (a restart).
     pub dir: Option<PathBuf>,
+    /// A whole `upstreams:` block instead of the recording tool server.
+    pub upstreams: Option<String>,
 }
 
 impl Default for Opts<'_> {
@@ -90,6 +92,7 @@ impl Default for Opts<'_> {
             holds: "holds: { wait: 300ms, ttl: 1h }",
             require_amr: "[]",
             dir: None,
+            upstreams: None,
         }
     }
 }
@@ -136,10 +139,7 @@ auth:
     require_amr: {amr}
     keys:
       - hs256: {{ secret_env: TG_TEST_ADMIN_SECRET }}
-upstreams:
-  - name: billing
-    url: {upstream}
-    headers: {{ X-Upstream-Key: "k=${{env:TG_TEST_UPSTREAM_KEY}}" }}
+{upstreams}
 limits:
   max_body: 64KiB
   upstream_timeout: 2s
@@ -148,6 +148,9 @@ limits:
             extra = o.extra,
             holds = o.holds,
             amr = o.require_amr,
+            upstreams = o.upstreams.unwrap_or_else(|| format!(
+                "upstreams:\n  - name: billing\n    url: {upstream}\n    headers: {{ X-Upstream-Key: \"k=${{env:TG_TEST_UPSTREAM_KEY}}\" }}"
+            )),
         );
         let cfg_path = dir.join("toolgate.yaml");
         std::fs::write(&cfg_path, &yaml).expect("write config");
