@@ -94,6 +94,16 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let path = req.uri().path().to_owned();
+    if let Err(why) = gate.0.admin_hosts.check(req.headers()) {
+        gate.0.audit(Record {
+            event: "rejected",
+            decision: Some("deny"),
+            reason: Some(why.clone()),
+            detail: Some(json!({"plane": "admin", "path": path})),
+            ..Record::default()
+        });
+        return error(StatusCode::FORBIDDEN, &why);
+    }
     match (req.method(), path.as_str()) {
         (&Method::GET, "/healthz") => {
             return json_response(StatusCode::OK, &json!({"status": "alive"}))

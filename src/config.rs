@@ -244,6 +244,12 @@ struct ConfigSpec {
     limits: Option<LimitsSpec>,
     #[serde(default)]
     alerts: Option<AlertsSpec>,
+    /// Extra Host names the listeners accept (DNS-rebinding protection).
+    #[serde(default)]
+    allowed_hosts: Vec<String>,
+    /// Browser origins allowed besides loopback ones.
+    #[serde(default)]
+    allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -439,6 +445,8 @@ pub struct Config {
     pub escalation: Escalation,
     pub limits: Limits,
     pub alerts: AlertsConfig,
+    pub allowed_hosts: Vec<String>,
+    pub allowed_origins: Vec<String>,
 }
 
 /// Where alerts go and when probing is suspected.
@@ -931,6 +939,8 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
     };
 
     Some(Config {
+        allowed_hosts: spec.allowed_hosts.clone(),
+        allowed_origins: spec.allowed_origins.clone(),
         alerts,
         path: abs,
         listen: listen?,

@@ -23,6 +23,7 @@ use crate::alert::{Alert, Alerts};
 use crate::audit::{self, Auditor, Record};
 use crate::config::Config;
 use crate::hold::Holds;
+use crate::host::HostPolicy;
 use crate::identity::{self, AuthError, Caller, TokenCache, Verifier};
 use crate::manifest::PolicySet;
 use crate::mcp::{self, code, Id, Message};
@@ -71,6 +72,10 @@ pub struct Shared {
     /// Verifies approver tokens (management plane), if configured.
     pub approvers: Option<Verifier>,
     pub metrics: Metrics,
+    /// Host/Origin policy of the data-plane listener.
+    pub hosts: HostPolicy,
+    /// Host/Origin policy of the management listener.
+    pub admin_hosts: HostPolicy,
     pub alerts: Alerts,
     /// Delivers alerts to `alerts.url`, if configured.
     pub alert_sink: Option<Notifier>,
@@ -269,6 +274,16 @@ impl Gate {
             notifier,
             approvers,
             metrics: Metrics::default(),
+            hosts: HostPolicy::new(
+                config.listen,
+                &config.allowed_hosts,
+                &config.allowed_origins,
+            ),
+            admin_hosts: HostPolicy::new(
+                config.admin.as_ref().map_or(config.listen, |a| a.listen),
+                &config.allowed_hosts,
+                &config.allowed_origins,
+            ),
             alerts,
             alert_sink,
             config,
@@ -389,6 +404,19 @@ impl Gate {
         let (parts, body) = req.into_parts();
         if parts.uri.path() != "/mcp" {
             return Outcome::reply(Reply::Status(StatusCode::NOT_FOUND));
+        }
+        // DNS-rebinding protection comes before anything else is read.
+        if let Err(why) = self.0.hosts.check(&parts.headers) {
+            return refused(
+                rpc_error(
+                    StatusCode::FORBIDDEN,
+                    None,
+                    code::INVALID_REQUEST,
+                    &why,
+                    json!({"decision": "deny", "request_id": ctx.request_id}),
+                ),
+                &why,
+            );
         }
         // 1. Authenticate before anything else is read.
         let caller = match self.authenticate(&parts.headers) {

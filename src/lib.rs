@@ -2,6 +2,7 @@
 //!
 //! Layout, in the order a call flows through it:
 //! - [`server`]: listeners, wiring of shared state, graceful shutdown.
+//! - [`host`]: Host/Origin checks on both listeners (DNS-rebinding protection).
 //! - [`identity`]: JWT verification -> `Caller` (agents) or `Approver`.
 //! - [`mcp`]: JSON-RPC / MCP wire types, strict parsing, error codes; pure.
 //! - [`session`]: MCP sessions of the session-based revisions, bound to agents.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod demo;
 pub mod gate;
 pub mod hold;
+pub mod host;
 pub mod identity;
 pub mod manifest;
 pub mod mcp;

@@ -613,3 +613,44 @@ async fn several_upstreams_are_aggregated_and_routed_by_prefix() {
         "the default recording server is not configured here"
     );
 }
+
+#[tokio::test]
+async fn foreign_hosts_and_origins_are_refused_on_both_planes() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__echo","arguments":{"text":"x"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}).to_string();
+    let modern = [
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "billing__echo"),
+    ];
+    for bad in [
+        ("host", "evil.example:8080"),
+        ("origin", "http://evil.example"),
+    ] {
+        let mut headers = modern.to_vec();
+        headers.push(bad);
+        let (s, _, v) = h.post(Some(&t), &headers, body.clone()).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{bad:?}: {v}");
+    }
+    let mut ok = modern.to_vec();
+    ok.push(("origin", "http://localhost:5173"));
+    let (s, _, _) = h.post(Some(&t), &ok, body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "a loopback origin is fine");
+    assert_eq!(h.received().len(), 1, "only the allowed request arrived");
+    // The management plane too, even for the page and health.
+    let req = http::Request::get(format!("{}/", h.admin_url()))
+        .header("host", "rebound.example")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        h.client.request(req).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    let audit = h.audit().await;
+    assert_eq!(
+        audit.iter().filter(|r| r["event"] == "rejected").count(),
+        3,
+        "{audit:#?}"
+    );
+}
