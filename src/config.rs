@@ -421,6 +421,9 @@ struct LimitsSpec {
     max_upstream_body: Option<Spanned<String>>,
     #[serde(default)]
     max_sessions: Option<Spanned<u32>>,
+    /// How long a request body may take to arrive.
+    #[serde(default)]
+    body_timeout: Option<Spanned<String>>,
 }
 
 // ------------------------------------------------------------ validated
@@ -529,6 +532,7 @@ pub struct Limits {
     pub max_upstream_body: usize,
     pub upstream_timeout: Duration,
     pub max_sessions: usize,
+    pub body_timeout: Duration,
 }
 
 pub const DEFAULT_ESCALATION_TOOLS: [&str; 9] = [
@@ -912,6 +916,12 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
         max_sessions: l
             .and_then(|l| l.max_sessions.as_ref())
             .map_or(10_000, |m| m.value as usize),
+        body_timeout: duration_at(
+            r,
+            &l.and_then(|l| l.body_timeout.clone()),
+            "limits.body_timeout",
+            Duration::from_secs(10),
+        ),
     };
 
     let alerts = {

@@ -540,7 +540,22 @@ impl Gate {
                 return Err(too_large());
             }
         }
-        match Limited::new(body, max).collect().await {
+        // A client that trickles its body cannot pin a connection forever.
+        let read = tokio::time::timeout(
+            self.0.config.limits.body_timeout,
+            Limited::new(body, max).collect(),
+        )
+        .await;
+        let Ok(read) = read else {
+            return Err(rpc_error(
+                StatusCode::REQUEST_TIMEOUT,
+                None,
+                code::INVALID_REQUEST,
+                "the request body did not arrive in time",
+                json!({"decision": "deny"}),
+            ));
+        };
+        match read {
             Ok(c) => Ok(c.to_bytes()),
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()

@@ -654,3 +654,45 @@ async fn foreign_hosts_and_origins_are_refused_on_both_planes() {
         "{audit:#?}"
     );
 }
+
+/// A request body that sends one chunk and then nothing, forever.
+struct Stalled(bool);
+
+impl http_body::Body for Stalled {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.0 {
+            return std::task::Poll::Pending;
+        }
+        self.0 = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            b"{\"jsonrpc\":",
+        )))))
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_never_finishes_is_refused_with_408() {
+    use http_body_util::BodyExt;
+    // The harness sets limits.body_timeout to 500ms.
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let req = http::Request::post("/mcp")
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-type", "application/json")
+        .header("host", "127.0.0.1")
+        .body(Stalled(false))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let resp = h.server.gate.handle(req).await;
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(v["error"]["code"], -32600);
+    assert!(h.received().is_empty());
+}

@@ -143,6 +143,7 @@ auth:
 limits:
   max_body: 64KiB
   upstream_timeout: 2s
+  body_timeout: 500ms
 {holds}
 {extra}"#,
             extra = o.extra,
