@@ -53,6 +53,98 @@ pub struct Record {
     pub detail: Option<Value>,
 }
 
+/// Signs checkpoint records: every `every` records or `interval`, and at
+/// shutdown, the writer appends a record carrying an Ed25519 signature over
+/// the (seq, hash) of the record before it. Rewriting the log wholesale
+/// then needs the key; cutting its tail can only remove what came after
+/// the last checkpoint (`audit verify --key` reports that count).
+#[derive(Clone)]
+pub struct Checkpointer {
+    key: ed25519_dalek::SigningKey,
+    pub every: u64,
+    pub interval: Duration,
+}
+
+impl std::fmt::Debug for Checkpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpointer")
+            .field("key_id", &key_id(&self.key.verifying_key()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Short id of a verifying key: the first 8 bytes of its SHA-256, hex.
+pub fn key_id(k: &ed25519_dalek::VerifyingKey) -> String {
+    hex::encode(&Sha256::digest(k.as_bytes())[..8])
+}
+
+fn checkpoint_message(seq: u64, hash: &str) -> Vec<u8> {
+    format!("toolgate-audit-checkpoint:v1:{seq}:{hash}").into_bytes()
+}
+
+impl Checkpointer {
+    pub fn new(key: ed25519_dalek::SigningKey, every: u64, interval: Duration) -> Self {
+        Checkpointer {
+            key,
+            every: every.max(1),
+            interval,
+        }
+    }
+
+    /// Reads a base64 32-byte seed (as written by `toolgate audit keygen`).
+    pub fn load_key(path: &Path) -> Result<ed25519_dalek::SigningKey, String> {
+        use base64::Engine as _;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let seed = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .ok_or_else(|| format!("{} is not a base64 Ed25519 seed (32 bytes)", path.display()))?;
+        Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
+    }
+
+    fn record(&self, covers_seq: u64, covers_hash: &str) -> Record {
+        use base64::Engine as _;
+        use ed25519_dalek::Signer as _;
+        let sig = self.key.sign(&checkpoint_message(covers_seq, covers_hash));
+        Record {
+            event: "checkpoint",
+            reason: Some(format!("records 1..={covers_seq} signed")),
+            detail: Some(serde_json::json!({
+                "covers_seq": covers_seq,
+                "covers_hash": covers_hash,
+                "key_id": key_id(&self.key.verifying_key()),
+                "signature": base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()),
+            })),
+            ..Record::default()
+        }
+    }
+}
+
+/// Parses a base64 Ed25519 public key (as written by `toolgate audit keygen`).
+pub fn load_public_key(path: &Path) -> Result<ed25519_dalek::VerifyingKey, String> {
+    use base64::Engine as _;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .and_then(|b| ed25519_dalek::VerifyingKey::from_bytes(&b).ok())
+        .ok_or_else(|| format!("{} is not a base64 Ed25519 public key", path.display()))
+}
+
+/// Generates a key pair: (base64 seed, base64 public key).
+pub fn keygen() -> Result<(String, String), String> {
+    use base64::Engine as _;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| format!("no randomness: {e}"))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Ok((b64.encode(seed), b64.encode(key.verifying_key().as_bytes())))
+}
+
 /// Why a record could not be handed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the audit log cannot be written")]
@@ -82,6 +174,14 @@ impl Auditor {
     /// Refuses to start on a log whose last record cannot be read, so a
     /// damaged chain is never silently extended.
     pub fn start(path: &Path) -> Result<(Auditor, tokio::task::JoinHandle<()>), String> {
+        Self::start_signed(path, None)
+    }
+
+    /// Like [`Auditor::start`], appending signed checkpoints.
+    pub fn start_signed(
+        path: &Path,
+        checkpoints: Option<Checkpointer>,
+    ) -> Result<(Auditor, tokio::task::JoinHandle<()>), String> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
@@ -99,7 +199,7 @@ impl Auditor {
             write_errors: AtomicU64::new(0),
             path: path.to_path_buf(),
         });
-        let task = tokio::spawn(writer(rx, file, seq, prev, state.clone()));
+        let task = tokio::spawn(writer(rx, file, seq, prev, state.clone(), checkpoints));
         Ok((Auditor { tx, state }, task))
     }
 
@@ -227,16 +327,32 @@ async fn writer(
     mut seq: u64,
     mut prev: String,
     state: Arc<State>,
+    checkpoints: Option<Checkpointer>,
 ) {
+    let mut unsigned = 0u64;
+    let mut last_checkpoint = tokio::time::Instant::now();
     // Lines chained but not yet durably written, kept across failures.
     let mut pending: Vec<u8> = Vec::new();
     let mut pending_records = 0u64;
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
+        let due = checkpoints
+            .as_ref()
+            .filter(|_| unsigned > 0)
+            .map(|c| last_checkpoint + c.interval);
         let first = if pending.is_empty() {
-            match rx.recv().await {
-                Some(c) => Some(c),
-                None => break,
+            let next = match due {
+                Some(at) => tokio::select! {
+                    c = rx.recv() => Some(c),
+                    _ = tokio::time::sleep_until(at) => None,
+                },
+                None => Some(rx.recv().await),
+            };
+            match next {
+                Some(Some(c)) => Some(c),
+                Some(None) => break,
+                // The interval ran out with unsigned records: checkpoint now.
+                None => None,
             }
         } else {
             // Retry a failed batch after a pause, taking new records meanwhile.
@@ -263,8 +379,21 @@ async fn writer(
                     prev = hash;
                     pending.extend_from_slice(&line);
                     pending_records += 1;
+                    unsigned += 1;
                 }
                 Cmd::Flush(tx) => flushes.push(tx),
+            }
+        }
+        if let Some(c) = &checkpoints {
+            if unsigned > 0 && (unsigned >= c.every || last_checkpoint.elapsed() >= c.interval) {
+                let r = c.record(seq, &prev);
+                seq += 1;
+                let (line, hash) = chain_line(&r, SystemTime::now(), seq, &prev);
+                prev = hash;
+                pending.extend_from_slice(&line);
+                pending_records += 1;
+                unsigned = 0;
+                last_checkpoint = tokio::time::Instant::now();
             }
         }
         if !pending.is_empty() {
@@ -299,6 +428,12 @@ async fn writer(
         for f in flushes.drain(..) {
             let _ = f.send(());
         }
+    }
+    // Shutdown: sign what is unsigned, so a closed log ends on a checkpoint.
+    if let (Some(c), true) = (&checkpoints, unsigned > 0) {
+        let r = c.record(seq, &prev);
+        let (line, _) = chain_line(&r, SystemTime::now(), seq + 1, &prev);
+        pending.extend_from_slice(&line);
     }
     if !pending.is_empty() {
         let _ = file.write_all(&pending);
@@ -367,6 +502,86 @@ pub struct Broken {
     /// The `seq` the record carries, or the one expected if unreadable.
     pub seq: u64,
     pub why: String,
+}
+
+/// What a verification with a key found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    pub records: u64,
+    pub checkpoints: u64,
+    /// Records after the last checkpoint (not yet covered by a signature).
+    pub unsigned_tail: u64,
+    pub last_checkpoint_ts: Option<String>,
+}
+
+/// Checks the chain and every checkpoint's signature with `key`. A log with
+/// records but no valid checkpoint is broken: it could have been rewritten
+/// wholesale by someone without the key.
+pub fn verify_signed(path: &Path, key: &ed25519_dalek::VerifyingKey) -> Result<Signed, Broken> {
+    use base64::Engine as _;
+    let records = verify(path)?;
+    let f = std::fs::File::open(path).map_err(|e| Broken {
+        line: 0,
+        seq: 0,
+        why: e.to_string(),
+    })?;
+    let mut out = Signed {
+        records,
+        checkpoints: 0,
+        unsigned_tail: 0,
+        last_checkpoint_ts: None,
+    };
+    let mut prev_hash = GENESIS.to_owned();
+    let mut prev_seq = 0u64;
+    for (i, line) in std::io::BufReader::new(f).split(b'\n').enumerate() {
+        let line = line.map_err(|e| Broken {
+            line: i as u64 + 1,
+            seq: 0,
+            why: e.to_string(),
+        })?;
+        let v: Value = serde_json::from_slice(&line).unwrap_or(Value::Null);
+        let seq = v["seq"].as_u64().unwrap_or(0);
+        if v["event"] == "checkpoint" {
+            let bad = |why: &str| Broken {
+                line: i as u64 + 1,
+                seq,
+                why: why.to_owned(),
+            };
+            let d = &v["detail"];
+            let covers_seq = d["covers_seq"]
+                .as_u64()
+                .ok_or_else(|| bad("checkpoint without covers_seq"))?;
+            let covers_hash = d["covers_hash"]
+                .as_str()
+                .ok_or_else(|| bad("checkpoint without covers_hash"))?;
+            if covers_seq != prev_seq || covers_hash != prev_hash {
+                return Err(bad("checkpoint does not cover the record before it"));
+            }
+            let sig = d["signature"]
+                .as_str()
+                .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+                .and_then(|b| <[u8; 64]>::try_from(b).ok())
+                .map(|b| ed25519_dalek::Signature::from_bytes(&b))
+                .ok_or_else(|| bad("checkpoint signature is malformed"))?;
+            key.verify_strict(&checkpoint_message(covers_seq, covers_hash), &sig)
+                .map_err(|_| bad("checkpoint signature does not verify with this key"))?;
+            out.checkpoints += 1;
+            out.unsigned_tail = 0;
+            out.last_checkpoint_ts = v["ts"].as_str().map(str::to_owned);
+        } else {
+            out.unsigned_tail += 1;
+        }
+        prev_seq = seq;
+        prev_hash = v["hash"].as_str().unwrap_or("").to_owned();
+    }
+    if out.records > 0 && out.checkpoints == 0 {
+        return Err(Broken {
+            line: 1,
+            seq: 1,
+            why: "no signed checkpoint in the log: it may have been rewritten by someone without the key".into(),
+        });
+    }
+    Ok(out)
 }
 
 /// Checks the whole chain; returns the number of records.
@@ -522,6 +737,78 @@ mod tests {
         let p = tmp("torn");
         std::fs::write(&p, "{\"seq\":1,\"hash\":\"ab").unwrap();
         assert!(Auditor::start(&p).is_err());
+    }
+
+    #[tokio::test]
+    async fn signed_checkpoints_detect_wholesale_rewrites_and_count_the_unsigned_tail() {
+        use base64::Engine as _;
+        let p = tmp("signed");
+        let (seed, public) = keygen().unwrap();
+        let seed: [u8; 32] = base64::engine::general_purpose::STANDARD
+            .decode(seed)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+        let public = ed25519_dalek::VerifyingKey::from_bytes(
+            &base64::engine::general_purpose::STANDARD
+                .decode(public)
+                .unwrap()
+                .try_into()
+                .unwrap(),
+        )
+        .unwrap();
+        let (a, task) = Auditor::start_signed(
+            &p,
+            Some(Checkpointer::new(key, 3, Duration::from_secs(3600))),
+        )
+        .unwrap();
+        for i in 0..7 {
+            a.submit(rec(&format!("t{i}"))).unwrap();
+            a.flush().await;
+        }
+        let s = verify_signed(&p, &public).unwrap();
+        assert_eq!(
+            (s.records, s.checkpoints, s.unsigned_tail),
+            (9, 2, 1),
+            "{s:?}"
+        );
+        drop(a);
+        task.await.unwrap();
+        let s = verify_signed(&p, &public).unwrap();
+        assert_eq!(
+            (s.checkpoints, s.unsigned_tail),
+            (3, 0),
+            "shutdown signs the tail: {s:?}"
+        );
+        // Rewrite everything with a fresh chain but no key: detected.
+        let forged = tmp("forged");
+        let (f, ft) = Auditor::start(&forged).unwrap();
+        for i in 0..7 {
+            f.submit(rec(&format!("t{i}"))).unwrap();
+        }
+        f.flush().await;
+        drop(f);
+        ft.await.unwrap();
+        assert!(verify(&forged).is_ok(), "the chain alone cannot tell");
+        assert!(verify_signed(&forged, &public)
+            .unwrap_err()
+            .why
+            .contains("no signed checkpoint"));
+        // A checkpoint signed by another key is refused.
+        let (_, other) = keygen().unwrap();
+        let other = ed25519_dalek::VerifyingKey::from_bytes(
+            &base64::engine::general_purpose::STANDARD
+                .decode(other)
+                .unwrap()
+                .try_into()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(verify_signed(&p, &other)
+            .unwrap_err()
+            .why
+            .contains("does not verify"));
     }
 
     #[test]

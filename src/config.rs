@@ -287,6 +287,20 @@ struct AdminSpec {
 #[serde(deny_unknown_fields)]
 struct AuditSpec {
     path: Spanned<String>,
+    /// Signed checkpoints (Ed25519), so a rewritten log is detectable.
+    #[serde(default)]
+    checkpoint: Option<CheckpointSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointSpec {
+    /// Base64 Ed25519 seed, as written by `toolgate audit keygen`.
+    key_file: Spanned<String>,
+    #[serde(default)]
+    every: Option<u64>,
+    #[serde(default)]
+    interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -441,6 +455,8 @@ pub struct Config {
     pub state: PathBuf,
     /// Audit log file, absolute.
     pub audit_path: PathBuf,
+    /// Signs audit checkpoints, when configured.
+    pub checkpoints: Option<crate::audit::Checkpointer>,
     pub agents: AgentAuth,
     pub approvers: Option<ApproverAuth>,
     pub upstreams: Vec<UpstreamConfig>,
@@ -948,7 +964,29 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
         }
     };
 
+    let checkpoints = spec
+        .audit
+        .as_ref()
+        .and_then(|a| a.checkpoint.as_ref())
+        .and_then(|c| {
+            let key = crate::audit::Checkpointer::load_key(&resolve(base, &c.key_file.value))
+                .map_err(|e| r.at(&c.key_file, "audit.checkpoint.key_file", e))
+                .ok()?;
+            let interval = duration_at(
+                r,
+                &c.interval,
+                "audit.checkpoint.interval",
+                Duration::from_secs(60),
+            );
+            Some(crate::audit::Checkpointer::new(
+                key,
+                c.every.unwrap_or(1000),
+                interval,
+            ))
+        });
+
     Some(Config {
+        checkpoints,
         allowed_hosts: spec.allowed_hosts.clone(),
         allowed_origins: spec.allowed_origins.clone(),
         alerts,

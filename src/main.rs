@@ -174,7 +174,22 @@ enum HoldsCmd {
 #[derive(Subcommand)]
 enum AuditCmd {
     /// Check the hash chain; name the first bad record; exit 1 if broken.
-    Verify { path: PathBuf },
+    Verify {
+        path: PathBuf,
+        /// Also check the signed checkpoints with this public key.
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Fail when records after the last checkpoint are unsigned (for a
+        /// closed log: toolgate signs the tail when it shuts down).
+        #[arg(long, requires = "key")]
+        require_tail_signed: bool,
+    },
+    /// Generate an Ed25519 key pair for audit checkpoints: DIR/audit.key
+    /// (secret, mode 0600) and DIR/audit.pub.
+    Keygen {
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -272,17 +287,77 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(holds(cmd, admin.trim_end_matches('/'), &token, json))
         }
         Cmd::Audit {
-            cmd: AuditCmd::Verify { path },
-        } => match toolgate::audit::verify(&path) {
-            Ok(n) => {
-                println!("ok: {n} records, chain intact ({})", path.display());
-                Ok(ExitCode::SUCCESS)
+            cmd:
+                AuditCmd::Verify {
+                    path,
+                    key,
+                    require_tail_signed,
+                },
+        } => {
+            let Some(key) = key else {
+                return Ok(match toolgate::audit::verify(&path) {
+                    Ok(n) => {
+                        println!("ok: {n} records, chain intact ({})", path.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(b) => {
+                        println!("BROKEN: {}: {b}", path.display());
+                        ExitCode::from(1)
+                    }
+                });
+            };
+            let key = toolgate::audit::load_public_key(&key).map_err(anyhow::Error::msg)?;
+            match toolgate::audit::verify_signed(&path, &key) {
+                Ok(s) => {
+                    println!(
+                        "ok: {} records, chain intact, {} signed checkpoint(s), last at {} ({})",
+                        s.records,
+                        s.checkpoints,
+                        s.last_checkpoint_ts.as_deref().unwrap_or("-"),
+                        path.display()
+                    );
+                    if s.unsigned_tail > 0 {
+                        println!(
+                            "warning: {} record(s) after the last checkpoint are not signed yet",
+                            s.unsigned_tail
+                        );
+                        if require_tail_signed {
+                            return Ok(ExitCode::from(1));
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(b) => {
+                    println!("BROKEN: {}: {b}", path.display());
+                    Ok(ExitCode::from(1))
+                }
             }
-            Err(b) => {
-                println!("BROKEN: {}: {b}", path.display());
-                Ok(ExitCode::from(1))
-            }
-        },
+        }
+        Cmd::Audit {
+            cmd: AuditCmd::Keygen { out },
+        } => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let (seed, public) = toolgate::audit::keygen().map_err(anyhow::Error::msg)?;
+            std::fs::create_dir_all(&out)?;
+            let secret = out.join("audit.key");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&secret)
+                .with_context(|| {
+                    format!("cannot create {} (it must not exist yet)", secret.display())
+                })?
+                .write_all(format!("{seed}\n").as_bytes())?;
+            std::fs::write(out.join("audit.pub"), format!("{public}\n"))?;
+            println!(
+                "wrote {} (secret: configure audit.checkpoint.key_file) and {}",
+                secret.display(),
+                out.join("audit.pub").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Demo {
             listen,
             tools_listen,

@@ -68,7 +68,8 @@ impl Server {
     /// Starts serving `config` with `policy`.
     pub async fn start(config: Config, policy: PolicySet) -> anyhow::Result<Server> {
         let (auditor, audit_task) =
-            Auditor::start(&config.audit_path).map_err(|e| anyhow::anyhow!(e))?;
+            Auditor::start_signed(&config.audit_path, config.checkpoints.clone())
+                .map_err(|e| anyhow::anyhow!(e))?;
         let client = http_client();
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams

@@ -390,9 +390,19 @@ async fn serve_shuts_down_gracefully_on_sigterm_with_the_audit_log_flushed() {
     .unwrap();
     std::fs::write(
         dir.join("toolgate.yaml"),
-        format!("listen: 127.0.0.1:{port}\nauth:\n  agents:\n    issuer: toolgate-test\n    audience: toolgate\n    keys: [ {{ hs256: {{ secret_env: TOOLGATE_AGENT_SECRET }} }} ]\nupstreams:\n  - name: billing\n    url: http://{taddr}/mcp\n"),
+        format!("listen: 127.0.0.1:{port}\naudit: {{ path: .toolgate/audit.jsonl, checkpoint: {{ key_file: keys/audit.key, every: 100 }} }}\nauth:\n  agents:\n    issuer: toolgate-test\n    audience: toolgate\n    keys: [ {{ hs256: {{ secret_env: TOOLGATE_AGENT_SECRET }} }} ]\nupstreams:\n  - name: billing\n    url: http://{taddr}/mcp\n"),
     )
     .unwrap();
+    let keygen = toolgate()
+        .args(["audit", "keygen", "--out"])
+        .arg(dir.join("keys"))
+        .output()
+        .unwrap();
+    assert!(
+        keygen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keygen.stderr)
+    );
     let mut child = toolgate()
         .args(["--log-format", "json", "serve", "--config"])
         .arg(dir.join("toolgate.yaml"))
@@ -458,8 +468,36 @@ async fn serve_shuts_down_gracefully_on_sigterm_with_the_audit_log_flushed() {
     let audit = dir.join(".toolgate/audit.jsonl");
     assert_eq!(
         toolgate::audit::verify(&audit),
-        Ok(1),
-        "the call's record was flushed before exit"
+        Ok(2),
+        "the call's record, and the shutdown checkpoint, were flushed before exit"
+    );
+    // The closed log ends on a signed checkpoint; cutting it off shows.
+    let verify = |extra: &[&str]| {
+        toolgate()
+            .args(["audit", "verify"])
+            .arg(&audit)
+            .arg("--key")
+            .arg(dir.join("keys/audit.pub"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&["--require-tail-signed"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 signed checkpoint(s)"));
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let first = text.lines().next().unwrap();
+    std::fs::write(&audit, format!("{first}\n")).unwrap();
+    let out = verify(&["--require-tail-signed"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(tools.received().len(), 1);
 }
