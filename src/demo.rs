@@ -32,6 +32,7 @@ pub struct Received {
 pub struct ToolServer {
     received: Arc<Mutex<Vec<Received>>>,
     record: bool,
+    sessions: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for ToolServer {
@@ -40,6 +41,7 @@ impl Default for ToolServer {
         ToolServer {
             received: Arc::default(),
             record: true,
+            sessions: Arc::default(),
         }
     }
 }
@@ -82,6 +84,7 @@ impl ToolServer {
         ToolServer {
             received: Arc::default(),
             record: false,
+            sessions: Arc::default(),
         }
     }
 
@@ -145,10 +148,13 @@ impl ToolServer {
                     "serverInfo": {"name": "toolgate-demo-tools", "version": env!("CARGO_PKG_VERSION")},
                 }});
                 let mut r = json_response(&body);
-                r.headers_mut().insert(
-                    "mcp-session-id",
-                    http::HeaderValue::from_static("demo-session"),
-                );
+                // A fresh session id per initialize, as real servers do.
+                let n = self
+                    .sessions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Ok(v) = http::HeaderValue::from_str(&format!("demo-session-{n}")) {
+                    r.headers_mut().insert("mcp-session-id", v);
+                }
                 return r;
             }
             "ping" => json!({}),

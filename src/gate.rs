@@ -1111,7 +1111,10 @@ impl Gate {
             }
         }
         let sent = std::time::Instant::now();
-        let answer = upstream.request("tools/call", Value::Object(params)).await;
+        let who = agent.clone().unwrap_or_else(|| Arc::from(""));
+        let answer = upstream
+            .request(&who, "tools/call", Value::Object(params))
+            .await;
         let labels = UpstreamLabels {
             upstream: upstream.name.clone(),
         };

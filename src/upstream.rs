@@ -14,12 +14,16 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
 use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Map, Value};
 use tokio::sync::Mutex;
+
+/// Upstream sessions kept per upstream (one per agent).
+pub const MAX_SESSIONS: usize = 4096;
 
 use crate::config::{Transport, UpstreamConfig};
 use crate::mcp;
@@ -77,7 +81,12 @@ pub struct Upstream {
     timeout: Duration,
     max_body: usize,
     next_id: AtomicI64,
-    session: ArcSwap<Option<Session>>,
+    /// Sessions with a session-based upstream, one per agent (and one, keyed
+    /// "", for toolgate's own catalog requests): an upstream session is never
+    /// shared between agents. Bounded by [`MAX_SESSIONS`].
+    sessions: DashMap<Arc<str>, Session>,
+    /// The revision this upstream speaks, once learned.
+    version: ArcSwap<Option<&'static str>>,
     connecting: Mutex<()>,
     unsupported: Option<String>,
 }
@@ -109,7 +118,8 @@ impl Upstream {
             timeout,
             max_body,
             next_id: AtomicI64::new(1),
-            session: ArcSwap::from_pointee(None),
+            sessions: DashMap::new(),
+            version: ArcSwap::from_pointee(None),
             connecting: Mutex::new(()),
             unsupported,
         }
@@ -117,22 +127,33 @@ impl Upstream {
 
     /// The revision negotiated with this upstream, once connected.
     pub fn version(&self) -> Option<&'static str> {
-        self.session.load().as_ref().as_ref().map(|s| s.version)
+        **self.version.load()
     }
 
-    /// Sends one request and returns the upstream's answer, connecting (and
+    /// Open upstream sessions (per agent).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Sends one request on behalf of `who` (an agent, or "" for toolgate
+    /// itself) and returns the upstream's answer, connecting (and
     /// reconnecting once after a lost session) as needed.
-    pub async fn request(&self, method: &str, params: Value) -> Result<Answer, UpstreamError> {
+    pub async fn request(
+        &self,
+        who: &Arc<str>,
+        method: &str,
+        params: Value,
+    ) -> Result<Answer, UpstreamError> {
         if let Some(why) = &self.unsupported {
             return Err(UpstreamError::Unsupported(self.name.clone(), why.clone()));
         }
         let fut = async {
-            let session = self.session().await?;
+            let session = self.session(who).await?;
             match self.send(&session, method, &params).await {
                 Err(UpstreamError::Status(_, 404)) if session.id.is_some() => {
-                    // The upstream forgot our session: start a new one, once.
-                    self.session.store(Arc::new(None));
-                    let session = self.session().await?;
+                    // The upstream forgot this session: start a new one, once.
+                    self.sessions.remove(who);
+                    let session = self.session(who).await?;
                     self.send(&session, method, &params).await
                 }
                 other => other,
@@ -143,25 +164,52 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout(self.name.clone()))?
     }
 
-    async fn session(&self) -> Result<Session, UpstreamError> {
-        if let Some(s) = self.session.load().as_ref() {
-            return Ok(s.clone());
-        }
-        let _guard = self.connecting.lock().await;
-        if let Some(s) = self.session.load().as_ref() {
-            return Ok(s.clone());
-        }
-        let s = self.initialize().await?;
-        self.session.store(Arc::new(Some(s.clone())));
-        Ok(s)
-    }
-
-    async fn initialize(&self) -> Result<Session, UpstreamError> {
-        // Newest first: a 2026-07-28 server answers server/discover.
+    async fn session(&self, who: &Arc<str>) -> Result<Session, UpstreamError> {
         let modern = Session {
             version: mcp::V2026_07_28,
             id: None,
         };
+        // Stateless upstreams need no per-agent state.
+        if **self.version.load() == Some(mcp::V2026_07_28) {
+            return Ok(modern);
+        }
+        if let Some(s) = self.sessions.get(who) {
+            return Ok(s.clone());
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(s) = self.sessions.get(who) {
+            return Ok(s.clone());
+        }
+        let s = self.initialize().await?;
+        self.version.store(Arc::new(Some(s.version)));
+        if self.sessions.len() >= MAX_SESSIONS {
+            // Bounded: forget half of the sessions (in no particular order);
+            // a forgotten agent opens a new upstream session on its next call.
+            let drop: Vec<Arc<str>> = self
+                .sessions
+                .iter()
+                .take(MAX_SESSIONS / 2)
+                .map(|e| e.key().clone())
+                .collect();
+            for k in drop {
+                self.sessions.remove(&k);
+            }
+        }
+        self.sessions.insert(who.clone(), s.clone());
+        Ok(s)
+    }
+
+    async fn initialize(&self) -> Result<Session, UpstreamError> {
+        // Newest first: a 2026-07-28 server answers server/discover (not
+        // asked again once the upstream is known to speak an older revision).
+        let modern = Session {
+            version: mcp::V2026_07_28,
+            id: None,
+        };
+        let known_older = self.version.load().is_some();
+        if known_older {
+            return self.handshake().await;
+        }
         if let Ok((Some(Answer::Result(r)), _)) = self
             .send_raw(&modern, "server/discover", Some(&json!({})))
             .await
@@ -175,6 +223,11 @@ impl Upstream {
                 return Ok(modern);
             }
         }
+        self.handshake().await
+    }
+
+    /// The session-based handshake: initialize, then initialized.
+    async fn handshake(&self) -> Result<Session, UpstreamError> {
         let pre = Session {
             version: mcp::V2025_11_25,
             id: None,
@@ -379,7 +432,7 @@ impl Upstream {
                 Some(c) => json!({"cursor": c}),
                 None => json!({}),
             };
-            let result = match self.request("tools/list", params).await? {
+            let result = match self.request(&Arc::from(""), "tools/list", params).await? {
                 Answer::Result(r) => r,
                 Answer::Error(e) => {
                     return Err(UpstreamError::Protocol(

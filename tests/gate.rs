@@ -696,3 +696,54 @@ async fn a_body_that_never_finishes_is_refused_with_408() {
     assert_eq!(v["error"]["code"], -32600);
     assert!(h.received().is_empty());
 }
+
+#[tokio::test]
+async fn upstream_sessions_are_never_shared_between_agents() {
+    let h = Harness::with(Opts {
+        manifests: &[
+            (
+                "a.yaml",
+                "agent: agent-a\ntools:\n  - name: billing__echo\n",
+            ),
+            (
+                "b.yaml",
+                "agent: agent-b\ntools:\n  - name: billing__echo\n",
+            ),
+        ],
+        ..Opts::default()
+    })
+    .await;
+    let (ta, tb) = (h.token("agent-a"), h.token("agent-b"));
+    for (t, text) in [(&ta, "a1"), (&tb, "b1"), (&ta, "a2"), (&tb, "b2")] {
+        let v = h.call(t, "billing__echo", json!({ "text": text })).await;
+        assert_eq!(v["result"]["content"][0]["text"], text, "{v}");
+    }
+    let session_of = |text: &str| -> String {
+        let r = h
+            .tools
+            .received()
+            .into_iter()
+            .find(|r| r.arguments["text"] == text)
+            .unwrap_or_else(|| panic!("{text} not received"));
+        r.headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("{text} sent without an upstream session"))
+    };
+    assert_eq!(
+        session_of("a1"),
+        session_of("a2"),
+        "an agent keeps its session"
+    );
+    assert_eq!(
+        session_of("b1"),
+        session_of("b2"),
+        "an agent keeps its session"
+    );
+    assert_ne!(
+        session_of("a1"),
+        session_of("b1"),
+        "two agents must not share an upstream session"
+    );
+}
