@@ -390,7 +390,7 @@ struct UpstreamSpec {
     #[serde(default)]
     command: Option<Spanned<Vec<String>>>,
     #[serde(default)]
-    env: std::collections::BTreeMap<String, String>,
+    env: std::collections::BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     cwd: Option<String>,
     #[serde(default)]
@@ -1264,9 +1264,37 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
                     );
                     None
                 } else {
+                    if let Some((hk, hv)) = u.headers.iter().next() {
+                        r.at(
+                            hv,
+                            format!("{key}.headers.{hk}"),
+                            "headers apply to url upstreams; give a stdio server its settings with env",
+                        );
+                    }
+                    let mut env = Vec::new();
+                    for (ek, ev) in &u.env {
+                        if ek.is_empty() || ek.contains('=') || ek.contains('\0') {
+                            r.at(ev, format!("{key}.env.{ek}"), "invalid variable name");
+                            continue;
+                        }
+                        match interpolate_env(&ev.value) {
+                            Ok(v) if v.contains('\0') => {
+                                r.at(ev, format!("{key}.env.{ek}"), "a value may not contain NUL")
+                            }
+                            Ok(v) => env.push((ek.clone(), v)),
+                            Err(e) => r.at(ev, format!("{key}.env.{ek}"), e),
+                        }
+                    }
+                    let mut command = cmd.value.clone();
+                    // A program given as a relative path is relative to the
+                    // config file, like every other path in it; a bare name
+                    // is looked up in PATH.
+                    if command[0].contains('/') {
+                        command[0] = resolve(base, &command[0]).display().to_string();
+                    }
                     Some(Transport::Stdio {
-                        command: cmd.value.clone(),
-                        env: u.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                        command,
+                        env,
                         cwd: u.cwd.as_ref().map(|c| resolve(base, c)),
                     })
                 }
@@ -1335,6 +1363,41 @@ mod tests {
         assert!(all.contains("upstreams[1].prefix"), "{all}");
         assert!(all.contains(":15:13: limits.max_body"), "{all}");
         assert_eq!(e.0.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn stdio_upstreams_resolve_paths_and_check_env() {
+        let c = load(&format!("{MIN}upstreams:\n  - name: fs\n    command: [bin/server, --root, data]\n    cwd: work\n    env: {{ ROOT: \"${{env:TG_TEST_SECRET}}\" }}\n  - name: time\n    command: [mcp-server-time]\n")).unwrap();
+        let Transport::Stdio { command, env, cwd } = &c.upstreams[0].transport else {
+            panic!("not stdio");
+        };
+        assert_eq!(command[0], "/tmp/tg/bin/server", "relative to the config");
+        assert_eq!(command[2], "data", "arguments are left alone");
+        assert_eq!(cwd.as_deref(), Some(Path::new("/tmp/tg/work")));
+        assert_eq!(env[0].1, "0123456789abcdef0123456789abcdef");
+        let Transport::Stdio { command, .. } = &c.upstreams[1].transport else {
+            panic!("not stdio");
+        };
+        assert_eq!(
+            command[0], "mcp-server-time",
+            "bare names are looked up in PATH"
+        );
+        let e = load(&format!("{MIN}upstreams:\n  - name: fs\n    command: []\n  - name: t\n    command: [x]\n    headers: {{ A: b }}\n    env: {{ K: \"${{env:TG_NOT_SET_ANYWHERE}}\" }}\n  - name: both\n    command: [x]\n    url: http://127.0.0.1:1/mcp\n")).unwrap_err();
+        let all = e.to_string();
+        assert!(
+            all.contains("upstreams[0].command: command needs at least the program"),
+            "{all}"
+        );
+        assert!(
+            all.contains("upstreams[1].headers.A: headers apply to url upstreams"),
+            "{all}"
+        );
+        assert!(all.contains("upstreams[1].env.K"), "{all}");
+        assert!(
+            all.contains("upstreams[2]: an upstream needs exactly one of url or command"),
+            "{all}"
+        );
+        assert_eq!(e.0.len(), 4, "{all}");
     }
 
     #[test]

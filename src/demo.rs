@@ -185,6 +185,103 @@ impl ToolServer {
     }
 }
 
+/// Serves the demo tools as an MCP stdio server (newline-delimited JSON-RPC
+/// on stdin/stdout) until stdin closes. Besides the billing tools it offers
+/// `pid` (its process id), `sleep` (`ms`, then answers), `env` (the value of
+/// variable `name`) and `log` (sends a logging notification and writes `text`
+/// to stderr), which toolgate's tests use to observe supervision.
+pub async fn serve_stdio() -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let out = Arc::new(tokio::sync::Mutex::new(tokio::io::stdout()));
+    let write = move |msg: Value| {
+        let out = out.clone();
+        async move {
+            let mut line = serde_json::to_vec(&msg).unwrap_or_default();
+            line.push(b'\n');
+            let mut o = out.lock().await;
+            let _ = o.write_all(&line).await;
+            let _ = o.flush().await;
+        }
+    };
+    eprintln!("demo stdio tool server ready (pid {})", std::process::id());
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        let Some(id) = msg.get("id").cloned() else {
+            continue;
+        };
+        let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
+        let params = msg.get("params").cloned().unwrap_or(json!({}));
+        let reply = match method {
+            "initialize" => {
+                // Answers the revision asked for when it knows it.
+                let asked = params.get("protocolVersion").and_then(Value::as_str);
+                let v = asked
+                    .filter(|v| ["2025-06-18", "2025-11-25"].contains(v))
+                    .unwrap_or("2025-06-18");
+                json!({"protocolVersion": v, "capabilities": {"tools": {}, "logging": {}},
+                       "serverInfo": {"name": "toolgate-demo-stdio", "version": env!("CARGO_PKG_VERSION")}})
+            }
+            "ping" => json!({}),
+            "tools/list" => {
+                let mut tools = tool_definitions();
+                if let Value::Array(t) = &mut tools {
+                    t.push(json!({"name": "pid", "inputSchema": {"type": "object"}}));
+                    t.push(json!({"name": "sleep", "inputSchema": {"type": "object", "properties": {"ms": {"type": "integer"}}}}));
+                    t.push(json!({"name": "log", "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}}));
+                    t.push(json!({"name": "env", "inputSchema": {"type": "object", "properties": {"name": {"type": "string"}}}}));
+                }
+                json!({ "tools": tools })
+            }
+            "tools/call" => {
+                let tool = params.get("name").and_then(Value::as_str).unwrap_or("");
+                let args = params.get("arguments").cloned().unwrap_or(json!({}));
+                match tool {
+                    "pid" => {
+                        let pid = std::process::id();
+                        json!({"content": [{"type": "text", "text": pid.to_string()}], "structuredContent": {"pid": pid}})
+                    }
+                    "sleep" => {
+                        let ms = args
+                            .get("ms")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(0)
+                            .min(60_000);
+                        let write = write.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                            write(json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": format!("slept {ms} ms")}]}})).await;
+                        });
+                        continue;
+                    }
+                    "env" => {
+                        let name = args.get("name").and_then(Value::as_str).unwrap_or("");
+                        let value = std::env::var(name).ok();
+                        json!({"content": [{"type": "text", "text": format!("{value:?}")}], "structuredContent": {"value": value}})
+                    }
+                    "log" => {
+                        let text = args.get("text").and_then(Value::as_str).unwrap_or("");
+                        eprintln!("{text}");
+                        write(json!({"jsonrpc": "2.0", "method": "notifications/message",
+                                     "params": {"level": "info", "data": text}}))
+                        .await;
+                        json!({"content": [{"type": "text", "text": "logged"}]})
+                    }
+                    _ => call(tool, &args),
+                }
+            }
+            _ => {
+                write(json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "method not found"}})).await;
+                continue;
+            }
+        };
+        write(json!({"jsonrpc": "2.0", "id": id, "result": reply})).await;
+    }
+    Ok(())
+}
+
 fn call(tool: &str, args: &Value) -> Value {
     let s = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let (text, structured) = match tool {

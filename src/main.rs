@@ -131,6 +131,10 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:0")]
         tools_listen: String,
     },
+    /// The demo tool server alone, as an MCP stdio server (for trying a
+    /// stdio upstream, and for toolgate's own tests).
+    #[command(hide = true)]
+    DemoTools,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -363,6 +367,10 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             tools_listen,
         } => {
             runtime()?.block_on(demo(&listen, &tools_listen))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::DemoTools => {
+            runtime()?.block_on(toolgate::demo::serve_stdio())?;
             Ok(ExitCode::SUCCESS)
         }
     }

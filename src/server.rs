@@ -189,6 +189,9 @@ impl Server {
         if tokio::time::timeout(deadline, all).await.is_err() {
             tracing::warn!("in-flight requests did not finish before the deadline");
         }
+        for u in &self.gate.0.upstreams {
+            u.shutdown().await;
+        }
         self.gate.0.auditor.flush().await;
         drop(self.gate);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.audit_task).await;

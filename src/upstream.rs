@@ -28,6 +28,17 @@ pub const MAX_SESSIONS: usize = 4096;
 use crate::config::{Transport, UpstreamConfig};
 use crate::mcp;
 
+pub mod stdio;
+
+/// The session-based revisions toolgate accepts from a tool server: those
+/// agents may speak, and 2024-11-05, which many stdio servers still answer
+/// (its tools/call is the same).
+pub fn upstream_session_version(v: &str) -> Option<&'static str> {
+    std::iter::once("2024-11-05")
+        .chain(mcp::SESSION_VERSIONS)
+        .find(|s| *s == v)
+}
+
 /// Why an upstream request failed (answered with -32004).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
@@ -41,8 +52,6 @@ pub enum UpstreamError {
     Protocol(String, String),
     #[error("upstream {0} response is larger than the limit")]
     TooLarge(String),
-    #[error("upstream {0} is not supported yet: {1}")]
-    Unsupported(String, String),
 }
 
 /// A JSON-RPC answer from an upstream: a result, or its error object.
@@ -88,7 +97,8 @@ pub struct Upstream {
     /// The revision this upstream speaks, once learned.
     version: ArcSwap<Option<&'static str>>,
     connecting: Mutex<()>,
-    unsupported: Option<String>,
+    /// Set for a stdio upstream (then the HTTP fields are unused).
+    stdio: Option<stdio::Pool>,
 }
 
 impl Upstream {
@@ -98,15 +108,18 @@ impl Upstream {
         timeout: Duration,
         max_body: usize,
     ) -> Self {
-        let (url, headers, unsupported) = match &cfg.transport {
+        let (url, headers, stdio) = match &cfg.transport {
             Transport::Http { url, headers } => (url.clone(), headers.clone(), None),
-            Transport::Stdio { command, .. } => (
+            Transport::Stdio { command, env, cwd } => (
                 http::Uri::from_static("http://127.0.0.1/"),
                 Vec::new(),
-                Some(format!(
-                    "stdio upstreams ({}) are not supported yet",
-                    command.join(" ")
-                )),
+                Some(stdio::Pool::new(stdio::Spec {
+                    name: cfg.name.clone(),
+                    command: command.clone(),
+                    env: env.clone(),
+                    cwd: cwd.clone(),
+                    max_line: max_body,
+                })),
             ),
         };
         Upstream {
@@ -121,18 +134,36 @@ impl Upstream {
             sessions: DashMap::new(),
             version: ArcSwap::from_pointee(None),
             connecting: Mutex::new(()),
-            unsupported,
+            stdio,
         }
     }
 
     /// The revision negotiated with this upstream, once connected.
     pub fn version(&self) -> Option<&'static str> {
-        **self.version.load()
+        match &self.stdio {
+            Some(p) => p.version(),
+            None => **self.version.load(),
+        }
     }
 
     /// Open upstream sessions (per agent).
     pub fn session_count(&self) -> usize {
-        self.sessions.len()
+        match &self.stdio {
+            Some(p) => p.pids().len(),
+            None => self.sessions.len(),
+        }
+    }
+
+    /// A stdio upstream's processes, by agent.
+    pub fn stdio_pids(&self) -> Vec<(Arc<str>, u32)> {
+        self.stdio.as_ref().map(|p| p.pids()).unwrap_or_default()
+    }
+
+    /// Stops what this upstream runs (stdio processes).
+    pub async fn shutdown(&self) {
+        if let Some(p) = &self.stdio {
+            p.shutdown().await;
+        }
     }
 
     /// Sends one request on behalf of `who` (an agent, or "" for toolgate
@@ -144,8 +175,10 @@ impl Upstream {
         method: &str,
         params: Value,
     ) -> Result<Answer, UpstreamError> {
-        if let Some(why) = &self.unsupported {
-            return Err(UpstreamError::Unsupported(self.name.clone(), why.clone()));
+        if let Some(pool) = &self.stdio {
+            return tokio::time::timeout(self.timeout, pool.request(who, method, params))
+                .await
+                .map_err(|_| UpstreamError::Timeout(self.name.clone()))?;
         }
         let fut = async {
             let session = self.session(who).await?;
@@ -254,16 +287,12 @@ impl Upstream {
             }
         };
         let version = match result.get("protocolVersion").and_then(Value::as_str) {
-            Some(v) => mcp::SESSION_VERSIONS
-                .iter()
-                .copied()
-                .find(|s| *s == v)
-                .ok_or_else(|| {
-                    UpstreamError::Protocol(
-                        self.name.clone(),
-                        format!("unsupported protocol version {v:?}"),
-                    )
-                })?,
+            Some(v) => upstream_session_version(v).ok_or_else(|| {
+                UpstreamError::Protocol(
+                    self.name.clone(),
+                    format!("unsupported protocol version {v:?}"),
+                )
+            })?,
             None => {
                 return Err(UpstreamError::Protocol(
                     self.name.clone(),

@@ -1,0 +1,640 @@
+//! MCP tool servers reached over stdio: spawned, initialized, supervised.
+//!
+//! A stdio server is one session, so toolgate runs one child process per
+//! agent: an upstream session is never shared between agents. Processes are
+//! started on an agent's first call, bounded per upstream ([`MAX_PROCESSES`],
+//! least recently used idle one stopped first), and stopped after
+//! [`IDLE`] without calls. When one dies, its calls in flight fail at once
+//! (-32004, never a hang) and the next call restarts it, after an
+//! exponential backoff when it keeps dying. Its stderr goes to the operator
+//! log, line by line, bounded.
+//!
+//! A child gets a clean environment: only [`INHERITED`] variables plus the
+//! upstream's configured `env`. toolgate's own secrets (token keys, upstream
+//! credentials) never reach a tool server by inheritance.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{oneshot, watch, Mutex};
+
+use super::{Answer, UpstreamError};
+use crate::mcp;
+
+/// Child processes per stdio upstream (one per agent).
+pub const MAX_PROCESSES: usize = 64;
+/// A process without calls for this long is stopped.
+pub const IDLE: Duration = Duration::from_secs(600);
+/// Requests in flight per process.
+const MAX_IN_FLIGHT: usize = 1024;
+/// A process that lived this long had a healthy run: its backoff resets.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest stderr line kept (the rest of the line is dropped).
+const STDERR_LINE: usize = 4096;
+/// How long a stopping process gets after its stdin closes.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// The variables a child inherits from toolgate's environment.
+pub const INHERITED: [&str; 7] = ["PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TZ"];
+
+/// What to run.
+#[derive(Debug)]
+pub struct Spec {
+    pub name: String,
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<PathBuf>,
+    /// Longest line (one JSON-RPC message) accepted from the server.
+    pub max_line: usize,
+}
+
+#[derive(Default)]
+struct Slot {
+    proc: Option<Arc<Proc>>,
+    /// Consecutive failed starts or short runs.
+    failures: u32,
+    not_before: Option<Instant>,
+    last_used: Option<Instant>,
+}
+
+/// The processes of one stdio upstream, one per agent.
+pub struct Pool {
+    spec: Arc<Spec>,
+    slots: StdMutex<HashMap<Arc<str>, Arc<Mutex<Slot>>>>,
+    version: ArcSwap<Option<&'static str>>,
+}
+
+impl Pool {
+    pub fn new(spec: Spec) -> Pool {
+        Pool {
+            spec: Arc::new(spec),
+            slots: StdMutex::default(),
+            version: ArcSwap::from_pointee(None),
+        }
+    }
+
+    /// The revision the server answered with, once started.
+    pub fn version(&self) -> Option<&'static str> {
+        **self.version.load()
+    }
+
+    /// The process ids of running processes, by agent ("" is toolgate's own).
+    pub fn pids(&self) -> Vec<(Arc<str>, u32)> {
+        self.slots()
+            .iter()
+            .filter_map(|(k, s)| {
+                let s = s.try_lock().ok()?;
+                let p = s.proc.as_ref().filter(|p| p.alive())?;
+                Some((k.clone(), p.pid?))
+            })
+            .collect()
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Mutex<Slot>>>> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends one request to `who`'s process, starting it as needed.
+    pub async fn request(
+        &self,
+        who: &Arc<str>,
+        method: &str,
+        params: Value,
+    ) -> Result<Answer, UpstreamError> {
+        let proc = self.process(who).await?;
+        proc.request(method, Some(params)).await
+    }
+
+    async fn process(&self, who: &Arc<str>) -> Result<Arc<Proc>, UpstreamError> {
+        let slot = {
+            let mut slots = self.slots();
+            match slots.get(who) {
+                Some(s) => s.clone(),
+                None => {
+                    self.reap(&mut slots);
+                    if slots.len() >= MAX_PROCESSES {
+                        return Err(UpstreamError::Connect(
+                            self.spec.name.clone(),
+                            format!("all {MAX_PROCESSES} stdio sessions are busy"),
+                        ));
+                    }
+                    let s = Arc::new(Mutex::new(Slot::default()));
+                    slots.insert(who.clone(), s.clone());
+                    s
+                }
+            }
+        };
+        let mut slot = slot.lock().await;
+        let now = Instant::now();
+        slot.last_used = Some(now);
+        if let Some(p) = slot.proc.take() {
+            if p.alive() {
+                slot.proc = Some(p.clone());
+                return Ok(p);
+            }
+            // It died since the last call: restart, backing off when it
+            // keeps dying.
+            if p.started.elapsed() >= HEALTHY_AFTER {
+                slot.failures = 0;
+            }
+            slot.failures += 1;
+            let died = p.died.get().copied().unwrap_or(now);
+            slot.not_before = Some(died + backoff(slot.failures));
+        }
+        if let Some(t) = slot.not_before.filter(|t| *t > now) {
+            return Err(UpstreamError::Connect(
+                self.spec.name.clone(),
+                format!(
+                    "the stdio server keeps exiting; next restart in {} ms",
+                    (t - now).as_millis()
+                ),
+            ));
+        }
+        match Proc::start(&self.spec).await {
+            Ok(p) => {
+                self.version.store(Arc::new(Some(p.version())));
+                slot.not_before = None;
+                slot.proc = Some(p.clone());
+                Ok(p)
+            }
+            Err(e) => {
+                slot.failures += 1;
+                slot.not_before = Some(Instant::now() + backoff(slot.failures));
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops slots idle past [`IDLE`] and, at the bound, the least recently
+    /// used idle one, stopping their processes.
+    fn reap(&self, slots: &mut HashMap<Arc<str>, Arc<Mutex<Slot>>>) {
+        let now = Instant::now();
+        let mut idle: Vec<(Arc<str>, Instant)> = Vec::new();
+        for (k, s) in slots.iter() {
+            // Busy (locked, or with calls in flight) slots are kept.
+            let Ok(s) = s.try_lock() else { continue };
+            if s.proc.as_ref().is_some_and(|p| p.in_flight() > 0) {
+                continue;
+            }
+            idle.push((k.clone(), s.last_used.unwrap_or(now)));
+        }
+        idle.sort_by_key(|(_, t)| *t);
+        let mut over = slots.len().saturating_sub(MAX_PROCESSES - 1);
+        for (k, t) in idle {
+            let stale = now.duration_since(t) >= IDLE;
+            if !stale && over == 0 {
+                continue;
+            }
+            over = over.saturating_sub(1);
+            if let Some(s) = slots.remove(&k) {
+                if let Ok(mut s) = s.try_lock() {
+                    if let Some(p) = s.proc.take() {
+                        tokio::spawn(async move { p.stop().await });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops every process (toolgate is shutting down).
+    pub async fn shutdown(&self) {
+        let procs: Vec<Arc<Proc>> = {
+            let mut slots = self.slots();
+            slots
+                .drain()
+                .filter_map(|(_, s)| s.try_lock().ok().and_then(|mut s| s.proc.take()))
+                .collect()
+        };
+        let stops: Vec<_> = procs
+            .into_iter()
+            .map(|p| tokio::spawn(async move { p.stop().await }))
+            .collect();
+        for s in stops {
+            let _ = s.await;
+        }
+    }
+}
+
+/// Restart delay after `failures` consecutive failures: the first restart is
+/// immediate, then 100 ms doubling up to [`MAX_BACKOFF`].
+fn backoff(failures: u32) -> Duration {
+    if failures <= 1 {
+        return Duration::ZERO;
+    }
+    let ms = 100u64.saturating_mul(1 << (failures - 2).min(16));
+    Duration::from_millis(ms).min(MAX_BACKOFF)
+}
+
+/// One running server process.
+pub struct Proc {
+    name: String,
+    pid: Option<u32>,
+    stdin: Mutex<Option<ChildStdin>>,
+    pending: StdMutex<HashMap<i64, oneshot::Sender<Answer>>>,
+    next_id: AtomicI64,
+    started: Instant,
+    died: OnceLock<Instant>,
+    version: OnceLock<&'static str>,
+    kill: StdMutex<Option<oneshot::Sender<()>>>,
+    exited: watch::Receiver<bool>,
+}
+
+impl Proc {
+    /// Spawns the server and runs the initialize handshake.
+    async fn start(spec: &Spec) -> Result<Arc<Proc>, UpstreamError> {
+        let name = spec.name.clone();
+        let mut cmd = Command::new(&spec.command[0]);
+        cmd.args(&spec.command[1..]).env_clear();
+        for k in INHERITED {
+            if let Some(v) = std::env::var_os(k) {
+                cmd.env(k, v);
+            }
+        }
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        if let Some(d) = &spec.cwd {
+            cmd.current_dir(d);
+        }
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|e| {
+            UpstreamError::Connect(
+                name.clone(),
+                format!("cannot start {:?}: {e}", spec.command[0]),
+            )
+        })?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(UpstreamError::Connect(name, "no stdio pipes".into()));
+        };
+        let pid = child.id();
+        let (kill_tx, kill_rx) = oneshot::channel();
+        let (exited_tx, exited) = watch::channel(false);
+        let proc = Arc::new(Proc {
+            name: name.clone(),
+            pid,
+            stdin: Mutex::new(Some(stdin)),
+            pending: StdMutex::default(),
+            next_id: AtomicI64::new(1),
+            started: Instant::now(),
+            died: OnceLock::new(),
+            version: OnceLock::new(),
+            kill: StdMutex::new(Some(kill_tx)),
+            exited,
+        });
+        tokio::spawn(log_stderr(name.clone(), pid, stderr));
+        tokio::spawn(read_loop(
+            proc.clone(),
+            child,
+            stdout,
+            kill_rx,
+            exited_tx,
+            spec.max_line,
+        ));
+        tracing::info!(upstream.name = %name, pid, command = ?spec.command, "stdio upstream started");
+        let params = json!({
+            "protocolVersion": mcp::V2025_11_25,
+            "capabilities": {},
+            "clientInfo": {"name": "toolgate", "version": env!("CARGO_PKG_VERSION")},
+        });
+        let fail = |why: String| UpstreamError::Protocol(name.clone(), why);
+        let result = match proc.request("initialize", Some(params)).await {
+            Ok(Answer::Result(r)) => r,
+            Ok(Answer::Error(e)) => {
+                proc.stop().await;
+                return Err(fail(format!("initialize failed: {e}")));
+            }
+            Err(e) => {
+                proc.stop().await;
+                return Err(e);
+            }
+        };
+        let asked = result.get("protocolVersion").and_then(Value::as_str);
+        let Some(version) = asked.and_then(super::upstream_session_version) else {
+            proc.stop().await;
+            return Err(fail(format!(
+                "unsupported protocol version {:?}",
+                asked.unwrap_or("(none)")
+            )));
+        };
+        let _ = proc.version.set(version);
+        proc.write(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await?;
+        tracing::info!(upstream.name = %name, pid, protocol = version, "upstream connected");
+        Ok(proc)
+    }
+
+    fn alive(&self) -> bool {
+        self.died.get().is_none()
+    }
+
+    fn version(&self) -> &'static str {
+        self.version.get().copied().unwrap_or(mcp::V2025_11_25)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    fn exited_error(&self) -> UpstreamError {
+        UpstreamError::Connect(
+            self.name.clone(),
+            "the stdio server exited during the call".into(),
+        )
+    }
+
+    /// Sends a request and waits for its response. Dropping the future
+    /// (a timeout) cancels the request at the server.
+    async fn request(
+        self: &Arc<Self>,
+        method: &str,
+        params: Option<Value>,
+    ) -> Result<Answer, UpstreamError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            if pending.len() >= MAX_IN_FLIGHT {
+                return Err(UpstreamError::Connect(
+                    self.name.clone(),
+                    format!("{MAX_IN_FLIGHT} calls already in flight"),
+                ));
+            }
+            pending.insert(id, tx);
+        }
+        let mut guard = Pending {
+            proc: self.clone(),
+            id,
+            done: false,
+        };
+        // Checked after registering: the reader marks the process dead
+        // before failing what is pending, so no call can slip between.
+        if !self.alive() {
+            guard.done = true;
+            return Err(self.exited_error());
+        }
+        let mut msg = json!({"jsonrpc": "2.0", "id": id, "method": method});
+        if let Some(p) = params {
+            msg["params"] = p;
+        }
+        self.write(&msg).await?;
+        let answer = rx.await;
+        guard.done = true;
+        answer.map_err(|_| self.exited_error())
+    }
+
+    /// Writes one message as one line.
+    async fn write(&self, msg: &Value) -> Result<(), UpstreamError> {
+        let mut line = serde_json::to_vec(msg)
+            .map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
+        line.push(b'\n');
+        let mut stdin = self.stdin.lock().await;
+        let Some(w) = stdin.as_mut() else {
+            return Err(self.exited_error());
+        };
+        let r = async {
+            w.write_all(&line).await?;
+            w.flush().await
+        }
+        .await;
+        r.map_err(|e| {
+            UpstreamError::Connect(
+                self.name.clone(),
+                format!("writing to the stdio server: {e}"),
+            )
+        })
+    }
+
+    /// Handles one line from the server's stdout.
+    async fn dispatch(self: &Arc<Self>, line: &[u8]) {
+        let Ok(Value::Object(mut msg)) = serde_json::from_slice::<Value>(line) else {
+            tracing::warn!(upstream.name = %self.name, "stdio server wrote a line that is not a JSON-RPC message");
+            return;
+        };
+        let method = msg.get("method").and_then(Value::as_str).map(str::to_owned);
+        match (method, msg.get("id").cloned()) {
+            (None, Some(id)) => {
+                let Some(id) = id.as_i64() else { return };
+                let tx = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                let answer = match (msg.remove("result"), msg.remove("error")) {
+                    (Some(r), _) => Answer::Result(r),
+                    (None, Some(e)) => Answer::Error(e),
+                    (None, None) => return,
+                };
+                if let Some(tx) = tx {
+                    let _ = tx.send(answer);
+                }
+            }
+            (Some(method), Some(id)) => {
+                // A request from the server. Answered off the read loop: a
+                // server blocked on a full stdout must not deadlock us.
+                let reply = match method.as_str() {
+                    "ping" => json!({"jsonrpc": "2.0", "id": id, "result": {}}),
+                    "roots/list" => json!({"jsonrpc": "2.0", "id": id, "result": {"roots": []}}),
+                    _ => json!({"jsonrpc": "2.0", "id": id, "error": {
+                        "code": mcp::code::METHOD_NOT_FOUND,
+                        "message": format!("{method} is not offered to tool servers by toolgate"),
+                    }}),
+                };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let _ = me.write(&reply).await;
+                });
+            }
+            (Some(method), None) => {
+                if method == "notifications/message" {
+                    let data = msg.get("params").cloned().unwrap_or(Value::Null);
+                    tracing::info!(upstream.name = %self.name, pid = self.pid, %data, "stdio server log");
+                } else {
+                    tracing::debug!(upstream.name = %self.name, %method, "stdio server notification");
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Closes stdin (a well-behaved server exits), then kills after a grace
+    /// period; returns once the process is gone.
+    async fn stop(&self) {
+        drop(self.stdin.lock().await.take());
+        let mut exited = self.exited.clone();
+        let gone = tokio::time::timeout(STOP_GRACE, exited.wait_for(|e| *e))
+            .await
+            .is_ok();
+        if !gone {
+            let kill = self
+                .kill
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(k) = kill {
+                let _ = k.send(());
+            }
+            let _ = tokio::time::timeout(STOP_GRACE, exited.wait_for(|e| *e)).await;
+        }
+    }
+}
+
+/// Removes a request from the pending map when its caller goes away, and
+/// tells the server it was cancelled.
+struct Pending {
+    proc: Arc<Proc>,
+    id: i64,
+    done: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.proc
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        if !self.done && self.proc.alive() {
+            let (proc, id) = (self.proc.clone(), self.id);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = proc
+                        .write(
+                            &json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                            "params": {"requestId": id, "reason": "toolgate: upstream_timeout"}}),
+                        )
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+async fn read_loop(
+    proc: Arc<Proc>,
+    mut child: Child,
+    stdout: ChildStdout,
+    mut kill: oneshot::Receiver<()>,
+    exited: watch::Sender<bool>,
+    max_line: usize,
+) {
+    let mut reader = BufReader::new(stdout);
+    let mut line = Vec::new();
+    let why = loop {
+        tokio::select! {
+            _ = &mut kill => break "stopped by toolgate".to_owned(),
+            r = read_line(&mut reader, &mut line, max_line, false) => match r {
+                Ok(true) => proc.dispatch(&line).await,
+                Ok(false) => break "closed its stdout".to_owned(),
+                Err(e) => break e,
+            },
+        }
+    };
+    // Dead first, then fail what is pending (see `Proc::request`).
+    let _ = proc.died.set(Instant::now());
+    proc.pending
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clear();
+    drop(proc.stdin.lock().await.take());
+    let status = match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+        Ok(s) => s.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+        Err(_) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            "killed".to_owned()
+        }
+    };
+    tracing::warn!(upstream.name = %proc.name, pid = proc.pid, reason = %why, %status, "stdio upstream exited");
+    let _ = exited.send(true);
+}
+
+async fn log_stderr(name: String, pid: Option<u32>, stderr: tokio::process::ChildStderr) {
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::new();
+    while let Ok(true) = read_line(&mut reader, &mut line, STDERR_LINE, true).await {
+        let text = String::from_utf8_lossy(&line);
+        tracing::info!(upstream.name = %name, pid, stderr = %text.trim_end(), "stdio server stderr");
+    }
+}
+
+/// Reads one `\n`-terminated line into `out` (without the newline). Returns
+/// false at end of input. A line over `max` bytes is an error, or with
+/// `truncate`, cut to `max` (the rest dropped).
+async fn read_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    out: &mut Vec<u8>,
+    max: usize,
+    truncate: bool,
+) -> Result<bool, String> {
+    out.clear();
+    let mut over = false;
+    loop {
+        let buf = r.fill_buf().await.map_err(|e| e.to_string())?;
+        if buf.is_empty() {
+            return Ok(!out.is_empty());
+        }
+        let (take, done) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (i, true),
+            None => (buf.len(), false),
+        };
+        let room = max.saturating_sub(out.len());
+        if take > room {
+            if !truncate {
+                return Err(format!("the stdio server sent a message over {max} bytes"));
+            }
+            over = true;
+        }
+        out.extend_from_slice(&buf[..take.min(room)]);
+        r.consume(if done { take + 1 } else { take });
+        if done {
+            if out.last() == Some(&b'\r') && !over {
+                out.pop();
+            }
+            return Ok(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_immediate_then_doubles_to_a_cap() {
+        assert_eq!(backoff(1), Duration::ZERO);
+        assert_eq!(backoff(2), Duration::from_millis(100));
+        assert_eq!(backoff(3), Duration::from_millis(200));
+        assert_eq!(backoff(40), MAX_BACKOFF);
+    }
+
+    #[tokio::test]
+    async fn lines_are_bounded() {
+        let mut out = Vec::new();
+        let mut r = BufReader::new(&b"short\r\ntoo long a line\nend"[..]);
+        assert_eq!(read_line(&mut r, &mut out, 8, false).await, Ok(true));
+        assert_eq!(out, b"short");
+        assert!(read_line(&mut r, &mut out, 8, false).await.is_err());
+        let mut r = BufReader::new(&b"too long a line\nnext\n"[..]);
+        assert_eq!(read_line(&mut r, &mut out, 8, true).await, Ok(true));
+        assert_eq!(out, b"too long");
+        assert_eq!(read_line(&mut r, &mut out, 8, true).await, Ok(true));
+        assert_eq!(out, b"next");
+        assert_eq!(read_line(&mut r, &mut out, 8, true).await, Ok(false));
+    }
+}

@@ -1,0 +1,208 @@
+//! stdio upstreams: spawned per agent, supervised, shut down with toolgate.
+//! The server is toolgate's own demo tool server run as a real child process
+//! (`toolgate demo-tools`); the real third-party stdio servers are exercised
+//! in the interop tests.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{Harness, Opts};
+
+const MANIFEST: &str = "agent: bot\ntools:\n  - name: \"local__*\"\n";
+const OTHER: &str = "agent: other-bot\ntools:\n  - name: \"local__*\"\n";
+
+fn upstreams() -> String {
+    format!(
+        "upstreams:\n  - name: local\n    command: [\"{}\", demo-tools]\n    env: {{ DEMO_GREETING: \"hello ${{env:TG_TEST_UPSTREAM_KEY}}\" }}",
+        env!("CARGO_BIN_EXE_toolgate")
+    )
+}
+
+async fn harness() -> Harness {
+    Harness::with(Opts {
+        manifests: &[("bot.yaml", MANIFEST), ("other.yaml", OTHER)],
+        upstreams: Some(upstreams()),
+        ..Opts::default()
+    })
+    .await
+}
+
+fn text(v: &Value) -> &str {
+    v["result"]["content"][0]["text"].as_str().unwrap_or("")
+}
+
+async fn pid(h: &Harness, token: &str) -> u32 {
+    let v = h.call(token, "local__pid", json!({})).await;
+    v["result"]["structuredContent"]["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid: {v}")) as u32
+}
+
+fn running(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie would show state Z.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn kill9(pid: u32) {
+    let ok = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -9 {pid}");
+}
+
+#[tokio::test]
+async fn a_stdio_server_is_listed_called_and_audited() {
+    let h = harness().await;
+    let t = h.token("bot");
+    let (_, v) = h.modern(&t, "tools/list", json!({})).await;
+    let names: Vec<&str> = v["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(names.contains(&"local__echo"), "{names:?}");
+    assert!(names.contains(&"local__sleep"), "{names:?}");
+    let v = h
+        .call(&t, "local__echo", json!({"text": "over stdio"}))
+        .await;
+    assert_eq!(text(&v), "over stdio", "{v}");
+    let audit = h.audit().await;
+    let last = audit.last().expect("audited");
+    assert_eq!(
+        (last["decision"].as_str(), last["tool"].as_str()),
+        (Some("allow"), Some("local__echo"))
+    );
+    assert_eq!(
+        h.server.gate.0.upstreams[0].version(),
+        Some("2025-11-25"),
+        "spoken in the revision the server answered"
+    );
+}
+
+#[tokio::test]
+async fn each_agent_gets_its_own_process_with_a_clean_environment() {
+    let h = harness().await;
+    let (a, b) = (h.token("bot"), h.token("other-bot"));
+    let (pa, pb) = (pid(&h, &a).await, pid(&h, &b).await);
+    assert_ne!(pa, pb, "two agents must not share a stdio session");
+    assert_eq!(pid(&h, &a).await, pa, "an agent keeps its process");
+    // toolgate's own secrets are not inherited; configured env is passed,
+    // with ${env:...} resolved.
+    let v = h
+        .call(&a, "local__env", json!({"name": "TG_TEST_AGENT_SECRET"}))
+        .await;
+    assert_eq!(
+        v["result"]["structuredContent"]["value"],
+        Value::Null,
+        "{v}"
+    );
+    let v = h
+        .call(&a, "local__env", json!({"name": "DEMO_GREETING"}))
+        .await;
+    assert_eq!(
+        v["result"]["structuredContent"]["value"], "hello upstream-credential",
+        "{v}"
+    );
+    let v = h.call(&a, "local__env", json!({"name": "PATH"})).await;
+    assert!(v["result"]["structuredContent"]["value"].is_string(), "{v}");
+}
+
+#[tokio::test]
+async fn a_crash_mid_call_fails_that_call_at_once_and_the_next_call_restarts_it() {
+    let h = harness().await;
+    let t = h.token("bot");
+    let first = pid(&h, &t).await;
+    let call = {
+        let t = t.clone();
+        let h = &h;
+        async move {
+            let started = Instant::now();
+            let v = h.call(&t, "local__sleep", json!({"ms": 10_000})).await;
+            (v, started.elapsed())
+        }
+    };
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        kill9(first);
+    };
+    let ((v, took), ()) = tokio::join!(call, killer);
+    assert_eq!(v["error"]["code"], -32004, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exited")),
+        "the call fails because the server died, not by timing out: {v}"
+    );
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    // The next call restarts the server.
+    let second = pid(&h, &t).await;
+    assert_ne!(first, second, "a new process");
+    let v = h.call(&t, "local__echo", json!({"text": "back"})).await;
+    assert_eq!(text(&v), "back", "{v}");
+    let audit = h.audit().await;
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["event"] == "upstream_error" && r["tool"] == "local__sleep"),
+        "the failed call is audited: {audit:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_call_past_upstream_timeout_is_cancelled_and_the_server_keeps_serving() {
+    let h = harness().await;
+    let t = h.token("bot");
+    let before = pid(&h, &t).await;
+    let v = h.call(&t, "local__sleep", json!({"ms": 5_000})).await;
+    assert_eq!(v["error"]["code"], -32004, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("timed out")),
+        "{v}"
+    );
+    assert_eq!(pid(&h, &t).await, before, "same process, still serving");
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_start_fails_closed_and_backs_off() {
+    let h = Harness::with(Opts {
+        manifests: &[("bot.yaml", MANIFEST)],
+        upstreams: Some(
+            "upstreams:\n  - name: local\n    command: [/nonexistent/mcp-server]".into(),
+        ),
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("bot");
+    let v = h.call(&t, "local__echo", json!({"text": "x"})).await;
+    assert_eq!(v["error"]["code"], -32004, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("cannot start") || msg.contains("restart"),
+        "names the problem: {v}"
+    );
+    let v = h.call(&t, "local__echo", json!({"text": "x"})).await;
+    assert_eq!(v["error"]["code"], -32004, "{v}");
+    assert!(h.received().is_empty());
+}
+
+#[tokio::test]
+async fn shutdown_stops_every_stdio_process() {
+    let h = harness().await;
+    let (a, b) = (h.token("bot"), h.token("other-bot"));
+    let pids = [pid(&h, &a).await, pid(&h, &b).await];
+    assert!(pids.iter().all(|p| running(*p)));
+    let Harness { server, .. } = h;
+    server.shutdown(Duration::from_secs(5)).await;
+    for p in pids {
+        assert!(!running(p), "process {p} outlived toolgate");
+    }
+}
