@@ -216,11 +216,16 @@ pub async fn serve_stdio() -> std::io::Result<()> {
         let params = msg.get("params").cloned().unwrap_or(json!({}));
         let reply = match method {
             "initialize" => {
-                // Answers the revision asked for when it knows it.
+                // Answers the revision asked for when it knows it, or the
+                // one DEMO_PROTOCOL pins (to play an older server).
                 let asked = params.get("protocolVersion").and_then(Value::as_str);
-                let v = asked
+                let pinned = std::env::var("DEMO_PROTOCOL").ok();
+                let v = pinned
+                    .as_deref()
+                    .or(asked)
                     .filter(|v| ["2025-06-18", "2025-11-25"].contains(v))
-                    .unwrap_or("2025-06-18");
+                    .unwrap_or("2025-06-18")
+                    .to_owned();
                 json!({"protocolVersion": v, "capabilities": {"tools": {}, "logging": {}},
                        "serverInfo": {"name": "toolgate-demo-stdio", "version": env!("CARGO_PKG_VERSION")}})
             }

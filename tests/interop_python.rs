@@ -366,3 +366,78 @@ async fn the_python_example_client_works_with_both_sdk_lines() {
         assert_eq!(refusal["error"]["data"]["rule"], "deny[0]");
     }
 }
+
+/// SDK clients of both lines (and the 2.x client pinned to stateless
+/// 2026-07-28) reach stdio servers through toolgate: PyPI `mcp-server-time`
+/// (the real server, on the Python SDK 2.x, answering 2025-11-25) and a
+/// server that speaks only 2025-06-18.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_clients_reach_stdio_servers_of_older_revisions() {
+    let venv_bin = std::path::Path::new(&python(2))
+        .parent()
+        .expect("venv bin")
+        .to_path_buf();
+    let time_server = venv_bin.join("mcp-server-time");
+    let upstreams = format!(
+        "upstreams:\n  - name: time\n    command: [\"{}\", --local-timezone, Etc/UTC]\n  - name: old\n    command: [\"{}\", demo-tools]\n    env: {{ DEMO_PROTOCOL: \"2025-06-18\" }}",
+        time_server.display(),
+        env!("CARGO_BIN_EXE_toolgate"),
+    );
+    let h = Harness::with(Opts {
+        manifests: &[(
+            "bot.yaml",
+            "agent: bot\ntools:\n  - name: time__get_current_time\n    arguments: { type: object, properties: { timezone: { enum: [Europe/Paris, Etc/UTC] } } }\n  - name: old__echo\n",
+        )],
+        upstreams: Some(upstreams),
+        ..Opts::default()
+    })
+    .await;
+    let token = h.token("bot");
+    for (line, mode) in [(1, None), (2, None), (2, Some("2026-07-28"))] {
+        let what = format!("client {line}.x {mode:?}");
+        let out = client(
+            line,
+            mode,
+            &h.url,
+            &token,
+            vec![
+                s("list_tools"),
+                s("call"),
+                s("time__get_current_time"),
+                s(r#"{"timezone":"Europe/Paris"}"#),
+                s("call"),
+                s("time__get_current_time"),
+                s(r#"{"timezone":"America/New_York"}"#),
+                s("call"),
+                s("old__echo"),
+                s(r#"{"text":"from 2025-06-18"}"#),
+            ],
+        )
+        .await;
+        assert_eq!(out[0]["ok"], true, "{what}: {}", out[0]);
+        assert_eq!(
+            out[1]["tools"],
+            json!(["old__echo", "time__get_current_time"]),
+            "{what}"
+        );
+        let ok = &out[2];
+        assert_eq!(ok["ok"], true, "{what}: {ok}");
+        assert_eq!(ok["result"]["timezone"], "Europe/Paris", "{what}: {ok}");
+        assert!(
+            ok["result"]["datetime"]
+                .as_str()
+                .is_some_and(|d| d.len() >= 19),
+            "{what}: {ok}"
+        );
+        assert_eq!(out[3]["code"], -32602, "{what}: {}", out[3]);
+        assert_eq!(
+            out[3]["data"]["errors"][0]["pointer"], "/timezone",
+            "{what}: {}",
+            out[3]
+        );
+        assert_eq!(out[4]["text"], "from 2025-06-18", "{what}: {}", out[4]);
+    }
+    let ups = &h.server.gate.0.upstreams;
+    assert_eq!(ups[0].version(), Some("2025-11-25"));
+    assert_eq!(ups[1].version(), Some("2025-06-18"));
+}
