@@ -173,7 +173,19 @@ impl ToolServer {
                         headers: parts.headers.clone(),
                     });
                 }
-                call(&tool, &args)
+                let result = call(&tool, &args);
+                if let Some(token) = params.pointer("/_meta/progressToken") {
+                    // Asked for progress: answer as a stream that reports
+                    // progress and logs a line before the result.
+                    return sse_response(&[
+                        json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                               "params": {"progressToken": token, "progress": 1, "total": 2, "message": format!("working on {tool}")}}),
+                        json!({"jsonrpc": "2.0", "method": "notifications/message",
+                               "params": {"level": "info", "logger": "demo", "data": format!("{tool} called")}}),
+                        json!({"jsonrpc": "2.0", "id": id, "result": result}),
+                    ]);
+                }
+                result
             }
             _ => {
                 return json_response(
@@ -254,6 +266,15 @@ pub async fn serve_stdio() -> std::io::Result<()> {
                             .and_then(Value::as_u64)
                             .unwrap_or(0)
                             .min(60_000);
+                        if let Some(token) = params.pointer("/_meta/progressToken") {
+                            write(json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                                         "params": {"progressToken": token, "progress": 0, "total": ms, "message": "sleeping"}}))
+                            .await;
+                            // Progress for a token nobody asked for: not relayed.
+                            write(json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                                         "params": {"progressToken": "someone-else", "progress": 1}}))
+                            .await;
+                        }
                         let write = write.clone();
                         tokio::spawn(async move {
                             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
@@ -322,6 +343,21 @@ fn json_response(v: &Value) -> Response<Body> {
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn sse_response(messages: &[Value]) -> Response<Body> {
+    let mut body = Vec::new();
+    for m in messages {
+        body.extend_from_slice(b"event: message\ndata: ");
+        body.extend_from_slice(&serde_json::to_vec(m).unwrap_or_default());
+        body.extend_from_slice(b"\n\n");
+    }
+    let mut r = Response::new(full(Bytes::from(body)));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
     );
     r
 }

@@ -1066,7 +1066,8 @@ impl Gate {
         record.decision = Some("allow");
         record.latency_us = Some(ctx.started.elapsed().as_micros() as u64);
         tracing::Span::current().record("decision", "allow");
-        self.forward(route, call, &id, version, record, &ctx.request_id)
+        record.request_id = Some(ctx.request_id.clone());
+        self.forward(route, call, &id, version, record, ctx.accepts_sse)
             .await
     }
 
@@ -1079,13 +1080,13 @@ impl Gate {
         id: &Id,
         version: &'static str,
         mut record: Record,
-        request_id: &str,
+        relay: bool,
     ) -> Outcome {
+        let request_id = record.request_id.clone().unwrap_or_default();
         let upstream = self.0.upstreams[route.upstream].clone();
         let data = |decision: &str| json!({"decision": decision, "request_id": request_id, "rule": record.rule.clone().unwrap_or_default()});
         let d = data("deny");
         record.detail = Some(json!({"upstream": upstream.name}));
-        record.request_id = Some(request_id.to_owned());
         let agent = record.agent.clone();
         if self.0.audit_submit(record).is_err() {
             tracing::error!("audit log unavailable: refusing to forward");
@@ -1112,9 +1113,94 @@ impl Gate {
         }
         let sent = std::time::Instant::now();
         let who = agent.clone().unwrap_or_else(|| Arc::from(""));
-        let answer = upstream
-            .request(&who, "tools/call", Value::Object(params))
-            .await;
+        let after = Settle {
+            upstream: upstream.clone(),
+            sent,
+            id: id.clone(),
+            version,
+            agent,
+            tool: call.name,
+            data: d,
+        };
+        if !relay {
+            let answer = upstream
+                .request(&who, "tools/call", Value::Object(params))
+                .await;
+            return self.settle(answer, after);
+        }
+        // The client accepts an event stream: when the upstream reports
+        // progress or logs before its result, answer with a stream that
+        // relays them, then the result. A result that comes first is
+        // answered as plain JSON, as without relaying.
+        let (tx, mut notes) = tokio::sync::mpsc::channel::<Value>(64);
+        let mut answer = Box::pin(async move {
+            upstream
+                .request_relay(&who, "tools/call", Value::Object(params), Some(tx))
+                .await
+        });
+        let (early, done) = tokio::select! {
+            biased;
+            a = &mut answer => {
+                // Notifications may have come in the same read as the result.
+                let mut early = Vec::new();
+                while let Ok(n) = notes.try_recv() {
+                    early.push(n);
+                }
+                (early, Some(a))
+            }
+            Some(n) = notes.recv() => (vec![n], None),
+        };
+        let done = match (early.is_empty(), done) {
+            (true, Some(a)) => return self.settle(a, after),
+            (_, d) => d,
+        };
+        let (body, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+        let me = self.clone();
+        tokio::spawn(async move {
+            for n in &early {
+                let _ = body.try_send(sse_frame(n));
+            }
+            let a = match done {
+                Some(a) => a,
+                None => loop {
+                    tokio::select! {
+                        biased;
+                        Some(n) = notes.recv() => {
+                            // A slow client loses notifications, never the result.
+                            let _ = body.try_send(sse_frame(&n));
+                        }
+                        a = &mut answer => break a,
+                    }
+                },
+            };
+            while let Ok(n) = notes.try_recv() {
+                let _ = body.try_send(sse_frame(&n));
+            }
+            let outcome = me.settle(a, after);
+            if let Some(mut r) = outcome.record {
+                r.request_id = Some(request_id);
+                me.0.audit(r);
+            }
+            if let Reply::Rpc(_, v) = outcome.reply {
+                let _ = body.send(sse_frame(&v)).await;
+            }
+        });
+        Outcome::reply(Reply::Stream(held::ChannelBody { rx }.boxed()))
+    }
+
+    /// Turns an upstream's answer into the agent's reply (and, for a
+    /// failure, its audit record), counting upstream metrics.
+    fn settle(&self, answer: Result<Answer, crate::upstream::UpstreamError>, s: Settle) -> Outcome {
+        let Settle {
+            upstream,
+            sent,
+            id,
+            version,
+            agent,
+            tool,
+            data: d,
+        } = s;
+        let id = &id;
         let labels = UpstreamLabels {
             upstream: upstream.name.clone(),
         };
@@ -1154,7 +1240,7 @@ impl Gate {
                     record: Some(Record {
                         event: "upstream_error",
                         agent,
-                        tool: Some(call.name),
+                        tool: Some(tool),
                         decision: Some("error"),
                         reason: Some(e.to_string()),
                         detail: Some(json!({"upstream": upstream.name})),
@@ -1164,6 +1250,25 @@ impl Gate {
             }
         }
     }
+}
+
+/// What [`Gate::settle`] needs to know about a forwarded call.
+struct Settle {
+    upstream: Arc<Upstream>,
+    sent: Instant,
+    id: Id,
+    version: &'static str,
+    agent: Option<Arc<str>>,
+    tool: String,
+    data: Value,
+}
+
+/// One JSON-RPC message as an SSE event.
+fn sse_frame(v: &Value) -> Bytes {
+    let mut framed = b"event: message\ndata: ".to_vec();
+    framed.extend_from_slice(&serde_json::to_vec(v).unwrap_or_default());
+    framed.extend_from_slice(b"\n\n");
+    Bytes::from(framed)
 }
 
 async fn futures_join(upstreams: &[Arc<Upstream>]) -> Vec<Option<Vec<Map<String, Value>>>> {

@@ -175,19 +175,33 @@ impl Upstream {
         method: &str,
         params: Value,
     ) -> Result<Answer, UpstreamError> {
+        self.request_relay(who, method, params, None).await
+    }
+
+    /// Like [`Upstream::request`], and the progress and logging
+    /// notifications the server sends about this request while it runs go
+    /// to `relay` (best effort: dropped when the channel is full).
+    pub async fn request_relay(
+        &self,
+        who: &Arc<str>,
+        method: &str,
+        params: Value,
+        relay: Option<Relay>,
+    ) -> Result<Answer, UpstreamError> {
         if let Some(pool) = &self.stdio {
-            return tokio::time::timeout(self.timeout, pool.request(who, method, params))
+            return tokio::time::timeout(self.timeout, pool.request(who, method, params, relay))
                 .await
                 .map_err(|_| UpstreamError::Timeout(self.name.clone()))?;
         }
+        let relay = relay.as_ref();
         let fut = async {
             let session = self.session(who).await?;
-            match self.send(&session, method, &params).await {
+            match self.send(&session, method, &params, relay).await {
                 Err(UpstreamError::Status(_, 404)) if session.id.is_some() => {
                     // The upstream forgot this session: start a new one, once.
                     self.sessions.remove(who);
                     let session = self.session(who).await?;
-                    self.send(&session, method, &params).await
+                    self.send(&session, method, &params, relay).await
                 }
                 other => other,
             }
@@ -244,7 +258,7 @@ impl Upstream {
             return self.handshake().await;
         }
         if let Ok((Some(Answer::Result(r)), _)) = self
-            .send_raw(&modern, "server/discover", Some(&json!({})))
+            .send_raw(&modern, "server/discover", Some(&json!({})), None)
             .await
         {
             let speaks = r
@@ -270,7 +284,9 @@ impl Upstream {
             "capabilities": {},
             "clientInfo": {"name": "toolgate", "version": env!("CARGO_PKG_VERSION")},
         });
-        let (answer, sid) = self.send_raw(&pre, "initialize", Some(&params)).await?;
+        let (answer, sid) = self
+            .send_raw(&pre, "initialize", Some(&params), None)
+            .await?;
         let result = match answer {
             Some(Answer::Result(r)) => r,
             Some(Answer::Error(e)) => {
@@ -301,7 +317,7 @@ impl Upstream {
             }
         };
         let session = Session { version, id: sid };
-        self.send_raw(&session, "notifications/initialized", None)
+        self.send_raw(&session, "notifications/initialized", None, None)
             .await?;
         tracing::info!(upstream.name = %self.name, protocol = version, "upstream connected");
         Ok(session)
@@ -312,8 +328,9 @@ impl Upstream {
         s: &Session,
         method: &str,
         params: &Value,
+        relay: Option<&Relay>,
     ) -> Result<Answer, UpstreamError> {
-        match self.send_raw(s, method, Some(params)).await? {
+        match self.send_raw(s, method, Some(params), relay).await? {
             (Some(a), _) => Ok(a),
             (None, _) => Err(UpstreamError::Protocol(
                 self.name.clone(),
@@ -329,6 +346,7 @@ impl Upstream {
         s: &Session,
         method: &str,
         params: Option<&Value>,
+        relay: Option<&Relay>,
     ) -> Result<(Option<Answer>, Option<HeaderValue>), UpstreamError> {
         let notification = method.starts_with("notifications/");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -429,6 +447,9 @@ impl Upstream {
                     if let Some(a) = answer_for(&event, &want) {
                         return Ok((Some(a), sid));
                     }
+                    if let Some(r) = relay {
+                        relay_notification(&event, r);
+                    }
                 }
             }
             Err(UpstreamError::Protocol(
@@ -508,6 +529,28 @@ fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// Where notifications about a request in flight go.
+pub type Relay = tokio::sync::mpsc::Sender<Value>;
+
+/// The notifications relayed to the agent while its call runs.
+pub const RELAYED: [&str; 2] = ["notifications/progress", "notifications/message"];
+
+/// Passes `bytes` to `relay` when it is a notification of a relayed kind.
+fn relay_notification(bytes: &[u8], relay: &Relay) {
+    let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(bytes) else {
+        return;
+    };
+    if o.contains_key("id") {
+        return;
+    }
+    if o.get("method")
+        .and_then(Value::as_str)
+        .is_some_and(|m| RELAYED.contains(&m))
+    {
+        let _ = relay.try_send(Value::Object(o));
+    }
 }
 
 /// Reads a JSON-RPC response with id `want` from `bytes`.

@@ -747,3 +747,60 @@ async fn upstream_sessions_are_never_shared_between_agents() {
         "two agents must not share an upstream session"
     );
 }
+
+#[tokio::test]
+async fn progress_and_log_notifications_are_relayed_before_the_result() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let args = json!({"invoice_id": "INV-000001"});
+    let (ct, msgs) = h
+        .call_messages(
+            &t,
+            "application/json, text/event-stream",
+            "billing__get_invoice",
+            args.clone(),
+            json!({"progressToken": "p-1"}),
+        )
+        .await;
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let methods: Vec<&str> = msgs
+        .iter()
+        .map(|m| m["method"].as_str().unwrap_or("(response)"))
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "notifications/progress",
+            "notifications/message",
+            "(response)"
+        ],
+        "{msgs:?}"
+    );
+    assert_eq!(msgs[0]["params"]["progressToken"], "p-1");
+    assert_eq!(msgs[1]["params"]["data"], "get_invoice called");
+    assert_eq!(
+        msgs[2]["result"]["structuredContent"]["invoice_id"],
+        "INV-000001"
+    );
+    assert_eq!(msgs[2]["id"], 1);
+    // A client that takes only JSON gets the result alone.
+    let (ct, msgs) = h
+        .call_messages(
+            &t,
+            "application/json",
+            "billing__get_invoice",
+            args,
+            json!({"progressToken": "p-2"}),
+        )
+        .await;
+    assert!(ct.starts_with("application/json"), "{ct}");
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(
+        msgs[0]["result"]["structuredContent"]["invoice_id"],
+        "INV-000001"
+    );
+    // Both calls were audited once each, as allowed.
+    let audit = h.audit().await;
+    assert_eq!(audit.len(), 2, "{audit:?}");
+    assert!(audit.iter().all(|r| r["decision"] == "allow"));
+}

@@ -206,3 +206,27 @@ async fn shutdown_stops_every_stdio_process() {
         assert!(!running(p), "process {p} outlived toolgate");
     }
 }
+
+#[tokio::test]
+async fn progress_of_a_stdio_call_reaches_the_agent_that_asked_for_it() {
+    let h = harness().await;
+    let t = h.token("bot");
+    let (ct, msgs) = h
+        .call_messages(
+            &t,
+            "application/json, text/event-stream",
+            "local__sleep",
+            json!({"ms": 200}),
+            json!({"progressToken": 42}),
+        )
+        .await;
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    assert_eq!(
+        msgs.len(),
+        2,
+        "only this call's progress, then the result: {msgs:?}"
+    );
+    assert_eq!(msgs[0]["method"], "notifications/progress");
+    assert_eq!(msgs[0]["params"]["progressToken"], 42);
+    assert_eq!(msgs[1]["result"]["content"][0]["text"], "slept 200 ms");
+}

@@ -262,7 +262,9 @@ impl Gate {
             };
         };
         tracing::info!(hold.id = %hold.id, "approved; forwarding");
-        self.forward(route, h.call, &h.id, h.version, h.record, &h.request_id)
+        // Not relayed: a held call may already be answering in a stream.
+        h.record.request_id = Some(h.request_id.clone());
+        self.forward(route, h.call, &h.id, h.version, h.record, false)
             .await
     }
 
@@ -311,7 +313,7 @@ impl Gate {
 
 /// A response body fed by a channel (the held call's event stream).
 pub(super) struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
+    pub(super) rx: mpsc::Receiver<Bytes>,
 }
 
 impl http_body::Body for ChannelBody {

@@ -26,7 +26,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{oneshot, watch, Mutex};
 
-use super::{Answer, UpstreamError};
+use super::{Answer, Relay, UpstreamError};
 use crate::mcp;
 
 /// Child processes per stdio upstream (one per agent).
@@ -108,9 +108,10 @@ impl Pool {
         who: &Arc<str>,
         method: &str,
         params: Value,
+        relay: Option<Relay>,
     ) -> Result<Answer, UpstreamError> {
         let proc = self.process(who).await?;
-        proc.request(method, Some(params)).await
+        proc.request(method, Some(params), relay).await
     }
 
     async fn process(&self, who: &Arc<str>) -> Result<Arc<Proc>, UpstreamError> {
@@ -239,6 +240,9 @@ pub struct Proc {
     pid: Option<u32>,
     stdin: Mutex<Option<ChildStdin>>,
     pending: StdMutex<HashMap<i64, oneshot::Sender<Answer>>>,
+    /// Calls in flight that relay notifications: request id → (the
+    /// call's progress token, where to send).
+    relays: StdMutex<HashMap<i64, (Option<Value>, Relay)>>,
     next_id: AtomicI64,
     started: Instant,
     died: OnceLock<Instant>,
@@ -287,6 +291,7 @@ impl Proc {
             pid,
             stdin: Mutex::new(Some(stdin)),
             pending: StdMutex::default(),
+            relays: StdMutex::default(),
             next_id: AtomicI64::new(1),
             started: Instant::now(),
             died: OnceLock::new(),
@@ -310,7 +315,7 @@ impl Proc {
             "clientInfo": {"name": "toolgate", "version": env!("CARGO_PKG_VERSION")},
         });
         let fail = |why: String| UpstreamError::Protocol(name.clone(), why);
-        let result = match proc.request("initialize", Some(params)).await {
+        let result = match proc.request("initialize", Some(params), None).await {
             Ok(Answer::Result(r)) => r,
             Ok(Answer::Error(e)) => {
                 proc.stop().await;
@@ -364,8 +369,19 @@ impl Proc {
         self: &Arc<Self>,
         method: &str,
         params: Option<Value>,
+        relay: Option<Relay>,
     ) -> Result<Answer, UpstreamError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(r) = relay {
+            let token = params
+                .as_ref()
+                .and_then(|p| p.pointer("/_meta/progressToken"))
+                .cloned();
+            self.relays
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, (token, r));
+        }
         let (tx, rx) = oneshot::channel();
         {
             let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -461,6 +477,26 @@ impl Proc {
                 });
             }
             (Some(method), None) => {
+                // Progress goes to the call that asked for it (by token);
+                // log messages to this agent's calls in flight.
+                let token = msg.get("params").and_then(|p| p.get("progressToken"));
+                let relayed = super::RELAYED.contains(&method.as_str()) && {
+                    let relays = self.relays.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut sent = false;
+                    for (t, r) in relays.values() {
+                        let mine = match token {
+                            Some(tok) => t.as_ref() == Some(tok),
+                            None => method == "notifications/message",
+                        };
+                        if mine {
+                            sent |= r.try_send(Value::Object(msg.clone())).is_ok();
+                        }
+                    }
+                    sent
+                };
+                if relayed {
+                    return;
+                }
                 if method == "notifications/message" {
                     let data = msg.get("params").cloned().unwrap_or(Value::Null);
                     tracing::info!(upstream.name = %self.name, pid = self.pid, %data, "stdio server log");
@@ -506,6 +542,11 @@ impl Drop for Pending {
     fn drop(&mut self) {
         self.proc
             .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+        self.proc
+            .relays
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.id);

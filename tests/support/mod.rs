@@ -240,6 +240,57 @@ limits:
         (status, h, v)
     }
 
+    /// A 2026-07-28 tools/call with `_meta` extras, sent with `accept`;
+    /// returns the content type and every message of the answer (each
+    /// event's data for a stream).
+    pub async fn call_messages(
+        &self,
+        token: &str,
+        accept: &str,
+        tool: &str,
+        args: Value,
+        meta: Value,
+    ) -> (String, Vec<Value>) {
+        let mut m = json!({
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+        });
+        if let (Value::Object(m), Value::Object(extra)) = (&mut m, meta) {
+            m.extend(extra);
+        }
+        let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": tool, "arguments": args, "_meta": m}});
+        let req = Request::builder()
+            .method(http::Method::POST)
+            .uri(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", accept)
+            .header("authorization", format!("Bearer {token}"))
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", tool)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        let resp = self.client.request(req).await.expect("toolgate answers");
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8_lossy(&bytes);
+        let msgs = if ct.starts_with("text/event-stream") {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .map(|d| serde_json::from_str(d).expect("event data is JSON"))
+                .collect()
+        } else {
+            vec![serde_json::from_str(&text).expect("JSON answer")]
+        };
+        (ct, msgs)
+    }
+
     /// A 2026-07-28 (stateless) request with correct headers and envelope.
     pub async fn modern(&self, token: &str, method: &str, params: Value) -> (StatusCode, Value) {
         let mut params = params;
