@@ -1008,6 +1008,16 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
 /// Compiles a tool-name glob: `*` and `?` over exposed names, nothing else
 /// special (no character classes, no alternation, `/` is an ordinary char).
 pub fn tool_glob(pattern: &str) -> Result<Glob, String> {
+    literal_glob(pattern, false)
+}
+
+/// A resource URI pattern: like [`tool_glob`], but `*` and `?` stay within
+/// one `/`-separated segment and `**` spans segments.
+pub fn uri_glob(pattern: &str) -> Result<Glob, String> {
+    literal_glob(pattern, true)
+}
+
+fn literal_glob(pattern: &str, segments: bool) -> Result<Glob, String> {
     if pattern.is_empty() {
         return Err("an empty pattern matches nothing".into());
     }
@@ -1024,7 +1034,7 @@ pub fn tool_glob(pattern: &str) -> Result<Glob, String> {
         }
     }
     globset::GlobBuilder::new(&escaped)
-        .literal_separator(false)
+        .literal_separator(segments)
         .backslash_escape(false)
         .build()
         .map_err(|e| format!("invalid pattern {pattern:?}: {e}"))

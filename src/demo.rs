@@ -159,6 +159,45 @@ impl ToolServer {
             }
             "ping" => json!({}),
             "tools/list" => json!({"tools": tool_definitions()}),
+            "resources/list" => json!({"resources": [
+                {"uri": "billing://invoices/INV-000001", "name": "Invoice INV-000001", "mimeType": "application/json"},
+                {"uri": "billing://reports/q3", "name": "Q3 revenue report", "mimeType": "text/plain"},
+            ]}),
+            "resources/templates/list" => json!({"resourceTemplates": [
+                {"uriTemplate": "billing://invoices/{invoice_id}", "name": "Any invoice"},
+            ]}),
+            "prompts/list" => json!({"prompts": [
+                {"name": "summarize_invoice", "arguments": [{"name": "invoice_id", "required": true}]},
+                {"name": "internal_notes"},
+            ]}),
+            "resources/read" | "prompts/get" => {
+                let key = if method == "resources/read" {
+                    "uri"
+                } else {
+                    "name"
+                };
+                let target = params
+                    .get(key)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                if let Some(mut r) = self.record.then(|| self.received.lock().ok()).flatten() {
+                    r.push(Received {
+                        tool: format!("{method}:{target}"),
+                        arguments: params.get("arguments").cloned().unwrap_or(Value::Null),
+                        headers: parts.headers.clone(),
+                    });
+                }
+                if method == "resources/read" {
+                    json!({"contents": [{"uri": target, "mimeType": "text/plain", "text": format!("contents of {target}")}]})
+                } else {
+                    let id = params
+                        .pointer("/arguments/invoice_id")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?");
+                    json!({"messages": [{"role": "user", "content": {"type": "text", "text": format!("Summarize invoice {id}")}}]})
+                }
+            }
             "tools/call" => {
                 let tool = params
                     .get("name")

@@ -37,6 +37,7 @@ use crate::session::{SessionError, Sessions};
 use crate::upstream::{Answer, Catalog, Route, Upstream};
 
 mod held;
+mod items;
 
 /// Verified agent tokens kept at once.
 pub const TOKEN_CACHE: usize = 100_000;
@@ -800,9 +801,11 @@ impl Gate {
                 ok(cacheable(json!({ "tools": tools })))
             }
             "tools/call" => self.call(req, id, version, caller, ctx).await,
-            "resources/list" => ok(json!({"resources": []})),
-            "resources/templates/list" => ok(json!({"resourceTemplates": []})),
-            "prompts/list" => ok(json!({"prompts": []})),
+            "resources/list" | "resources/templates/list" | "prompts/list" => {
+                let v = self.list_items(&req.method, &caller.agent).await;
+                ok(cacheable(v))
+            }
+            "resources/read" | "prompts/get" => self.get_item(req, id, version, caller, ctx).await,
             other => {
                 let msg = format!("method {other:?} is not supported by toolgate");
                 Outcome::reply(Reply::Rpc(
@@ -827,7 +830,7 @@ impl Gate {
     }
 
     fn capabilities() -> Value {
-        json!({"tools": {"listChanged": false}})
+        json!({"tools": {"listChanged": false}, "resources": {}, "prompts": {}})
     }
 
     fn discover_result(&self) -> Value {

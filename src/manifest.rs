@@ -41,6 +41,12 @@ struct ManifestSpec {
     tools: Vec<Spanned<ToolSpec>>,
     #[serde(default)]
     deny: Vec<Spanned<DenySpec>>,
+    /// URI globs of the resources the agent may list and read.
+    #[serde(default)]
+    resources: Vec<Spanned<String>>,
+    /// Exposed names (globs) of the prompts the agent may list and get.
+    #[serde(default)]
+    prompts: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -198,6 +204,12 @@ pub struct Manifest {
     globs: GlobSet,
     glob_rules: Vec<usize>,
     deny_set: GlobSet,
+    /// `resources`: URI globs, in file order.
+    pub resources: Vec<String>,
+    resource_set: GlobSet,
+    /// `prompts`: name globs, in file order.
+    pub prompts: Vec<String>,
+    prompt_set: GlobSet,
 }
 
 impl Manifest {
@@ -226,6 +238,16 @@ impl Manifest {
     }
 
     /// Whether `tool` would be listed in tools/list (listed, not denied).
+    /// The first `resources` pattern matching `uri`.
+    pub fn resource_rule(&self, uri: &str) -> Option<usize> {
+        self.resource_set.matches(uri).into_iter().min()
+    }
+
+    /// The first `prompts` pattern matching the exposed prompt `name`.
+    pub fn prompt_rule(&self, name: &str) -> Option<usize> {
+        self.prompt_set.matches(name).into_iter().min()
+    }
+
     pub fn exposes(&self, tool: &str) -> bool {
         self.deny_rule(tool).is_none() && self.tool_rule(tool).is_some()
     }
@@ -417,9 +439,36 @@ pub fn compile_with(
             reason: d.value.reason.clone(),
         });
     }
+    let mut item_sets = Vec::new();
+    for (key, list, glob) in [
+        (
+            "resources",
+            &spec.resources,
+            crate::config::uri_glob as fn(&str) -> _,
+        ),
+        ("prompts", &spec.prompts, crate::config::tool_glob),
+    ] {
+        let mut set = GlobSetBuilder::new();
+        for (i, p) in list.iter().enumerate() {
+            match glob(&p.value) {
+                Ok(g) => {
+                    set.add(g);
+                }
+                Err(e) => r.at(p, format!("{key}[{i}]"), e),
+            }
+        }
+        item_sets.push((list.iter().map(|p| p.value.clone()).collect(), set.build()));
+    }
     let globs = globs.build();
     let deny_set = deny_set.build();
-    let (Ok(globs), Ok(deny_set)) = (globs, deny_set) else {
+    let mut item_sets = item_sets.into_iter();
+    let (
+        Ok(globs),
+        Ok(deny_set),
+        Some((resources, Ok(resource_set))),
+        Some((prompts, Ok(prompt_set))),
+    ) = (globs, deny_set, item_sets.next(), item_sets.next())
+    else {
         r.at_loc(1, 1, "tools", "patterns could not be compiled together");
         return None;
     };
@@ -439,6 +488,10 @@ pub fn compile_with(
         globs,
         glob_rules,
         deny_set,
+        resources,
+        resource_set,
+        prompts,
+        prompt_set,
     })
 }
 

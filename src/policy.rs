@@ -157,7 +157,7 @@ impl Guard {
 
     /// Whether a string argument names a protected path, whole or as a token
     /// (a shell command, say).
-    fn names_policy_path(&self, s: &str) -> bool {
+    pub fn names_policy_path(&self, s: &str) -> bool {
         let check = |tok: &str| {
             let tok = tok.strip_prefix("file://").unwrap_or(tok);
             if tok.is_empty() || !self.looks_like_path(tok) {
@@ -258,6 +258,91 @@ fn deny(rule: Rule, reason: impl Into<Cow<'static, str>>, tool_rule: Option<usiz
         reason: reason.into(),
         tool_rule,
     }
+}
+
+/// A resource or prompt an agent asks for (`resources/read`, `prompts/get`,
+/// and each entry of their lists).
+#[derive(Debug, Clone, Copy)]
+pub enum Item<'a> {
+    Resource(&'a str),
+    Prompt(&'a str),
+}
+
+/// The decision on an [`Item`]: allowed by the rule named, or refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemDecision {
+    pub allow: bool,
+    /// `resources[i]`, `prompts[i]`, `no_manifest`, `unlisted`, `uri`, `guard`.
+    pub rule: String,
+    pub reason: String,
+}
+
+/// Decides a resource or prompt request. Resources and prompts are listed
+/// or not (no schemas, no holds): an unlisted one is refused whatever
+/// `unlisted` says, a URI with dot segments is refused before matching, and
+/// a `file:` URI naming toolgate's own policy is refused by the guard.
+pub fn decide_item(guard: &Guard, manifest: Option<&Manifest>, item: Item<'_>) -> ItemDecision {
+    let refuse = |rule: &str, reason: String| ItemDecision {
+        allow: false,
+        rule: rule.to_owned(),
+        reason,
+    };
+    let Some(m) = manifest else {
+        return refuse("no_manifest", "no manifest governs this agent".into());
+    };
+    match item {
+        Item::Resource(uri) => {
+            if let Err(why) = plain_uri(uri) {
+                return refuse("uri", why.into());
+            }
+            if uri.starts_with("file:") && guard.names_policy_path(uri) {
+                return refuse(
+                    "guard",
+                    "the resource is one of toolgate's own policy files".into(),
+                );
+            }
+            match m.resource_rule(uri) {
+                Some(i) => ItemDecision {
+                    allow: true,
+                    rule: format!("resources[{i}]"),
+                    reason: format!("matches {}", m.resources[i]),
+                },
+                None => refuse(
+                    "unlisted",
+                    "resource is not in this agent's manifest".into(),
+                ),
+            }
+        }
+        Item::Prompt(name) => match m.prompt_rule(name) {
+            Some(i) => ItemDecision {
+                allow: true,
+                rule: format!("prompts[{i}]"),
+                reason: format!("matches {}", m.prompts[i]),
+            },
+            None => refuse("unlisted", "prompt is not in this agent's manifest".into()),
+        },
+    }
+}
+
+/// Refuses URIs a glob could be fooled by: dot segments (also
+/// percent-encoded), encoded slashes or backslashes, control characters.
+fn plain_uri(uri: &str) -> Result<(), &'static str> {
+    if uri.is_empty() || uri.len() > 4096 {
+        return Err("a resource URI must be 1-4096 bytes");
+    }
+    if uri.chars().any(char::is_control) || uri.contains('\\') {
+        return Err("a resource URI may not contain control characters or backslashes");
+    }
+    let lower = uri.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%00") {
+        return Err("a resource URI may not contain encoded slashes or NUL");
+    }
+    let path = lower.split(['?', '#']).next().unwrap_or("");
+    let decoded = path.replace("%2e", ".");
+    if decoded.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err("a resource URI may not contain . or .. segments");
+    }
+    Ok(())
 }
 
 /// Decides one call. `manifest` is the calling agent's, if any.
@@ -423,6 +508,52 @@ mod tests {
 
     fn guard() -> Guard {
         guard_in(&std::env::temp_dir())
+    }
+
+    #[test]
+    fn resources_and_prompts_are_listed_or_refused() {
+        let g = guard();
+        let tmp = std::env::temp_dir().canonicalize().unwrap();
+        let m = manifest(&format!(
+            "agent: a\nresources: [\"file://{}/**\", \"docs://*/readme\"]\nprompts: [\"kb__*\"]\n",
+            tmp.display()
+        ));
+        let d = |item: Item<'_>| decide_item(&g, Some(&m), item);
+        let ok = |item: Item<'_>| d(item).allow;
+        assert!(ok(Item::Resource(&format!(
+            "file://{}/work/a/b.txt",
+            tmp.display()
+        ))));
+        assert!(ok(Item::Resource("docs://x/readme")));
+        assert!(
+            !ok(Item::Resource("docs://x/y/readme")),
+            "* stays in a segment"
+        );
+        assert_eq!(d(Item::Resource("docs://x/../readme")).rule, "uri");
+        assert_eq!(d(Item::Resource("docs://x/%2e%2E/readme")).rule, "uri");
+        assert_eq!(d(Item::Resource("docs://x%2freadme")).rule, "uri");
+        assert_eq!(d(Item::Resource("docs://x/readme\u{0}")).rule, "uri");
+        // The guard: toolgate's own policy, even where a glob allows it.
+        let own = format!("file://{}/tool-manifests/a.yaml", tmp.display());
+        assert_eq!(d(Item::Resource(&own)).rule, "guard");
+        assert_eq!(
+            d(Item::Resource(&format!(
+                "file://{}/toolgate.yaml",
+                tmp.display()
+            )))
+            .rule,
+            "guard"
+        );
+        assert!(ok(Item::Prompt("kb__summary")));
+        assert_eq!(d(Item::Prompt("other__summary")).rule, "unlisted");
+        // None by default, nothing without a manifest.
+        let bare = manifest("agent: b\n");
+        assert!(!decide_item(&g, Some(&bare), Item::Resource("docs://x/readme")).allow);
+        assert!(!decide_item(&g, Some(&bare), Item::Prompt("kb__summary")).allow);
+        assert_eq!(
+            decide_item(&g, None, Item::Prompt("kb__x")).rule,
+            "no_manifest"
+        );
     }
 
     const M: &str = r#"

@@ -804,3 +804,136 @@ async fn progress_and_log_notifications_are_relayed_before_the_result() {
     assert_eq!(audit.len(), 2, "{audit:?}");
     assert!(audit.iter().all(|r| r["decision"] == "allow"));
 }
+
+#[tokio::test]
+async fn resources_and_prompts_are_gated_by_the_manifest_lists() {
+    let h = Harness::with(Opts {
+        manifests: &[
+            (
+                "reader.yaml",
+                "agent: reader\nrate_limit: { rate: 100/min, burst: 100 }\nresources: [\"billing://invoices/*\"]\nprompts: [billing__summarize_invoice]\n",
+            ),
+            ("billing-bot.yaml", support::BILLING_BOT),
+        ],
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("reader");
+    let uris = |v: &Value, key: &str, field: &str| -> Vec<String> {
+        v["result"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|r| r[field].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, v) = h.modern(&t, "resources/list", json!({})).await;
+    assert_eq!(
+        uris(&v, "resources", "uri"),
+        ["billing://invoices/INV-000001"]
+    );
+    let (_, v) = h.modern(&t, "resources/templates/list", json!({})).await;
+    assert_eq!(
+        uris(&v, "resourceTemplates", "uriTemplate"),
+        ["billing://invoices/{invoice_id}"]
+    );
+    let (_, v) = h.modern(&t, "prompts/list", json!({})).await;
+    assert_eq!(uris(&v, "prompts", "name"), ["billing__summarize_invoice"]);
+
+    let (_, v) = h
+        .modern(
+            &t,
+            "resources/read",
+            json!({"uri": "billing://invoices/INV-000001"}),
+        )
+        .await;
+    assert_eq!(
+        v["result"]["contents"][0]["text"], "contents of billing://invoices/INV-000001",
+        "{v}"
+    );
+    let (_, v) = h
+        .modern(
+            &t,
+            "prompts/get",
+            json!({"name": "billing__summarize_invoice", "arguments": {"invoice_id": "INV-000007"}}),
+        )
+        .await;
+    assert_eq!(
+        v["result"]["messages"][0]["content"]["text"], "Summarize invoice INV-000007",
+        "{v}"
+    );
+    // Refused: unlisted, dot segments, a * that would cross a segment, an
+    // unlisted prompt; none reaches the upstream.
+    for (method, params, rule) in [
+        (
+            "resources/read",
+            json!({"uri": "billing://reports/q3"}),
+            "unlisted",
+        ),
+        (
+            "resources/read",
+            json!({"uri": "billing://invoices/../reports/q3"}),
+            "uri",
+        ),
+        (
+            "resources/read",
+            json!({"uri": "billing://invoices/%2E%2E/reports/q3"}),
+            "uri",
+        ),
+        (
+            "resources/read",
+            json!({"uri": "billing://invoices/x/../../reports/q3"}),
+            "uri",
+        ),
+        (
+            "resources/read",
+            json!({"uri": "billing://invoices/a/b"}),
+            "unlisted",
+        ),
+        (
+            "prompts/get",
+            json!({"name": "billing__internal_notes"}),
+            "unlisted",
+        ),
+    ] {
+        let (_, v) = h.modern(&t, method, params.clone()).await;
+        assert_eq!(v["error"]["code"], -32003, "{params}: {v}");
+        assert_eq!(v["error"]["data"]["rule"], rule, "{params}: {v}");
+    }
+    assert_eq!(
+        h.received(),
+        [
+            "resources/read:billing://invoices/INV-000001",
+            "prompts/get:summarize_invoice"
+        ],
+        "only allowed reads reach the upstream, prompts under their own name"
+    );
+    // An agent whose manifest lists none sees none and reads none.
+    let b = h.token("billing-bot");
+    let (_, v) = h.modern(&b, "resources/list", json!({})).await;
+    assert_eq!(v["result"]["resources"], json!([]));
+    let (_, v) = h
+        .modern(
+            &b,
+            "resources/read",
+            json!({"uri": "billing://invoices/INV-000001"}),
+        )
+        .await;
+    assert_eq!(v["error"]["code"], -32003, "{v}");
+    // Every read and get was audited, allowed or not.
+    let audit = h.audit().await;
+    let got: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|r| {
+            (
+                r["event"].as_str().unwrap(),
+                r["decision"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), 9, "{audit:?}");
+    assert_eq!(got[0], ("resource", "allow"));
+    assert_eq!(got[1], ("prompt", "allow"));
+    assert!(got[2..].iter().all(|(_, d)| *d == "deny"), "{got:?}");
+    assert!(toolgate::audit::verify(&h.dir.join("audit.jsonl")).is_ok());
+}

@@ -300,6 +300,7 @@ limits:
         });
         let name = params
             .get("name")
+            .or_else(|| params.get("uri"))
             .and_then(Value::as_str)
             .map(str::to_owned);
         let mut headers = vec![
