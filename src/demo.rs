@@ -288,6 +288,10 @@ pub async fn serve_stdio() -> std::io::Result<()> {
                     t.push(json!({"name": "sleep", "inputSchema": {"type": "object", "properties": {"ms": {"type": "integer"}}}}));
                     t.push(json!({"name": "log", "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}}));
                     t.push(json!({"name": "env", "inputSchema": {"type": "object", "properties": {"name": {"type": "string"}}}}));
+                    t.push(json!({"name": "reveal", "inputSchema": {"type": "object"}}));
+                    if revealed() {
+                        t.push(json!({"name": "hidden", "inputSchema": {"type": "object"}}));
+                    }
                 }
                 json!({ "tools": tools })
             }
@@ -321,6 +325,21 @@ pub async fn serve_stdio() -> std::io::Result<()> {
                         });
                         continue;
                     }
+                    "reveal" => {
+                        // Offers one more tool (to every process sharing
+                        // DEMO_STATE_DIR) and says so.
+                        if let Ok(d) = std::env::var("DEMO_STATE_DIR") {
+                            let _ = std::fs::write(std::path::Path::new(&d).join("revealed"), b"1");
+                        }
+                        write(
+                            json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}),
+                        )
+                        .await;
+                        json!({"content": [{"type": "text", "text": "revealed"}]})
+                    }
+                    "hidden" if revealed() => {
+                        json!({"content": [{"type": "text", "text": "found"}]})
+                    }
                     "env" => {
                         let name = args.get("name").and_then(Value::as_str).unwrap_or("");
                         let value = std::env::var(name).ok();
@@ -345,6 +364,11 @@ pub async fn serve_stdio() -> std::io::Result<()> {
         write(json!({"jsonrpc": "2.0", "id": id, "result": reply})).await;
     }
     Ok(())
+}
+
+fn revealed() -> bool {
+    std::env::var("DEMO_STATE_DIR")
+        .is_ok_and(|d| std::path::Path::new(&d).join("revealed").exists())
 }
 
 fn call(tool: &str, args: &Value) -> Value {

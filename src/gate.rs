@@ -896,9 +896,15 @@ impl Gate {
     /// incomplete and stale, or `force` (a name was not found).
     pub async fn catalog(&self, force: bool) -> Arc<Catalog> {
         let current = self.0.catalog.load_full();
-        let fresh = current.fetched_at.is_some_and(|t| {
-            t.elapsed() < std::time::Duration::from_secs(if force { 1 } else { 30 })
+        let changed = self.0.upstreams.iter().any(|u| {
+            u.tools_changed.load(std::sync::atomic::Ordering::Relaxed)
+                && u.tools_changed
+                    .swap(false, std::sync::atomic::Ordering::Relaxed)
         });
+        let fresh = !changed
+            && current.fetched_at.is_some_and(|t| {
+                t.elapsed() < std::time::Duration::from_secs(if force { 1 } else { 30 })
+            });
         if fresh
             && (!force
                 || current

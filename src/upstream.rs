@@ -99,6 +99,9 @@ pub struct Upstream {
     connecting: Mutex<()>,
     /// Set for a stdio upstream (then the HTTP fields are unused).
     stdio: Option<stdio::Pool>,
+    /// Set when the server sent `notifications/tools/list_changed`: the
+    /// catalog is fetched again before the next decision that needs it.
+    pub tools_changed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Upstream {
@@ -108,6 +111,7 @@ impl Upstream {
         timeout: Duration,
         max_body: usize,
     ) -> Self {
+        let tools_changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (url, headers, stdio) = match &cfg.transport {
             Transport::Http { url, headers } => (url.clone(), headers.clone(), None),
             Transport::Stdio { command, env, cwd } => (
@@ -119,6 +123,7 @@ impl Upstream {
                     env: env.clone(),
                     cwd: cwd.clone(),
                     max_line: max_body,
+                    tools_changed: tools_changed.clone(),
                 })),
             ),
         };
@@ -135,6 +140,7 @@ impl Upstream {
             version: ArcSwap::from_pointee(None),
             connecting: Mutex::new(()),
             stdio,
+            tools_changed,
         }
     }
 
@@ -447,6 +453,9 @@ impl Upstream {
                     if let Some(a) = answer_for(&event, &want) {
                         return Ok((Some(a), sid));
                     }
+                    if event.windows(LIST_CHANGED.len()).any(|w| w == LIST_CHANGED) {
+                        self.tools_changed.store(true, Ordering::Relaxed);
+                    }
                     if let Some(r) = relay {
                         relay_notification(&event, r);
                     }
@@ -530,6 +539,8 @@ fn connect_reason(e: &hyper_util::client::legacy::Error) -> String {
     }
     s
 }
+
+const LIST_CHANGED: &[u8] = b"notifications/tools/list_changed";
 
 /// Where notifications about a request in flight go.
 pub type Relay = tokio::sync::mpsc::Sender<Value>;

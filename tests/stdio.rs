@@ -230,3 +230,39 @@ async fn progress_of_a_stdio_call_reaches_the_agent_that_asked_for_it() {
     assert_eq!(msgs[0]["params"]["progressToken"], 42);
     assert_eq!(msgs[1]["result"]["content"][0]["text"], "slept 200 ms");
 }
+
+#[tokio::test]
+async fn a_tools_list_changed_notification_refreshes_the_catalog() {
+    let dir = support::temp_dir("stdio-reveal");
+    let h = Harness::with(Opts {
+        manifests: &[("bot.yaml", MANIFEST)],
+        upstreams: Some(format!(
+            "upstreams:\n  - name: local\n    command: [\"{}\", demo-tools]\n    env: {{ DEMO_STATE_DIR: \"{}\" }}",
+            env!("CARGO_BIN_EXE_toolgate"),
+            dir.display()
+        )),
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("bot");
+    let names = |v: &Value| -> Vec<String> {
+        v["result"]["tools"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (_, v) = h.modern(&t, "tools/list", json!({})).await;
+    assert!(!names(&v).contains(&"local__hidden".to_owned()), "{v}");
+    let v = h.call(&t, "local__reveal", json!({})).await;
+    assert_eq!(text(&v), "revealed", "{v}");
+    // Well within the catalog's 30 s freshness: only the notification can
+    // make toolgate list again.
+    let (_, v) = h.modern(&t, "tools/list", json!({})).await;
+    assert!(names(&v).contains(&"local__hidden".to_owned()), "{v}");
+    let v = h.call(&t, "local__hidden", json!({})).await;
+    assert_eq!(text(&v), "found", "{v}");
+}

@@ -54,6 +54,8 @@ pub struct Spec {
     pub cwd: Option<PathBuf>,
     /// Longest line (one JSON-RPC message) accepted from the server.
     pub max_line: usize,
+    /// Set on `notifications/tools/list_changed`.
+    pub tools_changed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Default)]
@@ -249,6 +251,7 @@ pub struct Proc {
     version: OnceLock<&'static str>,
     kill: StdMutex<Option<oneshot::Sender<()>>>,
     exited: watch::Receiver<bool>,
+    tools_changed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proc {
@@ -298,6 +301,7 @@ impl Proc {
             version: OnceLock::new(),
             kill: StdMutex::new(Some(kill_tx)),
             exited,
+            tools_changed: spec.tools_changed.clone(),
         });
         tokio::spawn(log_stderr(name.clone(), pid, stderr));
         tokio::spawn(read_loop(
@@ -496,6 +500,9 @@ impl Proc {
                 };
                 if relayed {
                     return;
+                }
+                if method == "notifications/tools/list_changed" {
+                    self.tools_changed.store(true, Ordering::Relaxed);
                 }
                 if method == "notifications/message" {
                     let data = msg.get("params").cloned().unwrap_or(Value::Null);
