@@ -454,7 +454,7 @@ impl Gate {
         }
         let accept = header_str(&parts.headers, http::header::ACCEPT.as_str()).unwrap_or("");
         ctx.accepts_sse = accept.contains("text/event-stream");
-        ctx.sse = ctx.accepts_sse && !accept.contains("application/json");
+        ctx.sse = prefers_sse(accept);
 
         // Read the body, bounded.
         let bytes = match self.read_body(&parts.headers, body).await {
@@ -623,15 +623,12 @@ impl Gate {
         };
         match self.0.sessions.get(sid, &caller.agent) {
             Ok(s) => {
+                // Any session-based revision toolgate knows is accepted in a
+                // session (as the SDK servers do: the conformance suite sends
+                // 2025-03-26 on a 2025-11-25 session); the negotiated one
+                // governs. Unknown revisions are refused.
                 if let Some(v) = header_version {
-                    if v != s.version && mcp::is_supported_version(v) && v != mcp::V2026_07_28 {
-                        // Clients may send the header they negotiated only.
-                        return Err(bad(format!(
-                            "MCP-Protocol-Version {v} does not match the session's {}",
-                            s.version
-                        )));
-                    }
-                    if !mcp::is_supported_version(v) {
+                    if !mcp::SESSION_VERSIONS.contains(&v) {
                         return Err(bad(format!("unsupported MCP-Protocol-Version {v:?}")));
                     }
                 }
@@ -805,7 +802,21 @@ impl Gate {
                 let v = self.list_items(&req.method, &caller.agent).await;
                 ok(cacheable(v))
             }
-            "resources/read" | "prompts/get" => self.get_item(req, id, version, caller, ctx).await,
+            "resources/read" | "resources/subscribe" | "resources/unsubscribe" | "prompts/get" => {
+                self.get_item(req, id, version, caller, ctx).await
+            }
+            "logging/setLevel" if !modern => match self.set_level(&req, &caller.agent).await {
+                Ok(()) => ok(json!({})),
+                Err(msg) => Outcome::reply(Reply::Rpc(
+                    StatusCode::OK,
+                    mcp::error_response(
+                        Some(&id),
+                        code::INVALID_PARAMS,
+                        &msg,
+                        Some(json!({"request_id": ctx.request_id})),
+                    ),
+                )),
+            },
             other => {
                 let msg = format!("method {other:?} is not supported by toolgate");
                 Outcome::reply(Reply::Rpc(
@@ -825,12 +836,47 @@ impl Gate {
         }
     }
 
+    /// `logging/setLevel`: the level applies to this agent's sessions with
+    /// every upstream (each is the agent's own, so no other agent's log
+    /// level changes). Upstreams without logging are skipped.
+    async fn set_level(&self, req: &mcp::Request, agent: &Arc<str>) -> Result<(), String> {
+        const LEVELS: [&str; 8] = [
+            "debug",
+            "info",
+            "notice",
+            "warning",
+            "error",
+            "critical",
+            "alert",
+            "emergency",
+        ];
+        let level = req.params.get("level").and_then(Value::as_str);
+        let Some(level) = level.filter(|l| LEVELS.contains(l)) else {
+            return Err(format!(
+                "logging/setLevel needs params.level, one of {}",
+                LEVELS.join(", ")
+            ));
+        };
+        let mut set = tokio::task::JoinSet::new();
+        for u in self.0.upstreams.iter() {
+            let (u, agent) = (u.clone(), agent.clone());
+            let params = json!({ "level": level });
+            set.spawn(async move {
+                if let Err(e) = u.request(&agent, "logging/setLevel", params).await {
+                    tracing::debug!(upstream.name = %u.name, error = %e, "logging/setLevel not applied");
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+        Ok(())
+    }
+
     fn server_info() -> Value {
         json!({"name": "toolgate", "version": env!("CARGO_PKG_VERSION")})
     }
 
     fn capabilities() -> Value {
-        json!({"tools": {"listChanged": false}, "resources": {}, "prompts": {}})
+        json!({"tools": {"listChanged": false}, "resources": {}, "prompts": {}, "logging": {}})
     }
 
     fn discover_result(&self) -> Value {
@@ -1273,6 +1319,30 @@ struct Settle {
 }
 
 /// One JSON-RPC message as an SSE event.
+/// Whether a one-message reply should be an event stream: the client
+/// accepts only that, or ranks it above JSON (by q-value, then by order).
+fn prefers_sse(accept: &str) -> bool {
+    let rank = |ty: &str| {
+        accept.split(',').enumerate().find_map(|(i, range)| {
+            let mut parts = range.split(';');
+            if !parts.next()?.trim().eq_ignore_ascii_case(ty) {
+                return None;
+            }
+            let q = parts
+                .find_map(|p| p.trim().strip_prefix("q="))
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            Some((q, i))
+        })
+    };
+    match (rank("text/event-stream"), rank("application/json")) {
+        (Some((qs, _)), _) if qs <= 0.0 => false,
+        (Some(_), None) => true,
+        (Some((qs, is)), Some((qj, ij))) => qj <= 0.0 || qs > qj || (qs >= qj && is < ij),
+        (None, _) => false,
+    }
+}
+
 fn sse_frame(v: &Value) -> Bytes {
     let mut framed = b"event: message\ndata: ".to_vec();
     framed.extend_from_slice(&serde_json::to_vec(v).unwrap_or_default());
@@ -1355,4 +1425,23 @@ fn response(status: StatusCode, content_type: &str, body: Body) -> Response<Body
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefers_sse;
+
+    #[test]
+    fn event_stream_is_chosen_only_when_the_client_ranks_it_first() {
+        assert!(!prefers_sse(""));
+        assert!(!prefers_sse("application/json"));
+        assert!(!prefers_sse("application/json, text/event-stream"));
+        assert!(prefers_sse("text/event-stream"));
+        assert!(prefers_sse("text/event-stream, application/json"));
+        assert!(prefers_sse("Text/Event-Stream ;q=1 , application/json"));
+        assert!(prefers_sse("application/json;q=0.5, text/event-stream"));
+        assert!(!prefers_sse("text/event-stream;q=0.4, application/json"));
+        assert!(!prefers_sse("text/event-stream;q=0"));
+        assert!(prefers_sse("application/json;q=0, text/event-stream"));
+    }
 }

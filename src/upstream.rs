@@ -638,6 +638,8 @@ pub struct Catalog {
     pub collisions: Vec<String>,
     /// Upstreams whose tools could not be listed: `(index, prefix)`.
     pub unreachable: Vec<(usize, String)>,
+    /// Each upstream's prefix, by index.
+    pub prefixes: Vec<String>,
     pub fetched_at: Option<Instant>,
 }
 
@@ -686,24 +688,32 @@ impl Catalog {
             tools,
             collisions,
             unreachable,
+            prefixes: upstreams.iter().map(|u| u.prefix.clone()).collect(),
             fetched_at: Some(Instant::now()),
         }
     }
 
-    /// Where `name` leads: its listed route, or, for an upstream that could
-    /// not be listed, the one whose (non-empty) prefix it carries, so that a
-    /// down upstream answers "upstream failed" rather than "unknown tool".
+    /// Where `name` leads: its listed route, or else the one upstream whose
+    /// prefix it carries (an empty prefix: the only upstream). A name no
+    /// listing showed (a tool the server does not list, or one of an
+    /// upstream that could not be listed) is answered by that upstream as a
+    /// direct client would be answered; the manifest has already allowed
+    /// the name. A name two upstreams both list leads nowhere (fail closed).
     pub fn route(&self, name: &str) -> Option<Route> {
         if let Some(r) = self.routes.get(name) {
             return Some(r.clone());
         }
+        if self.collisions.iter().any(|c| c == name) {
+            return None;
+        }
         let mut hits = self
-            .unreachable
+            .prefixes
             .iter()
-            .filter(|(_, p)| !p.is_empty() && name.len() > p.len() && name.starts_with(p.as_str()));
+            .enumerate()
+            .filter(|(_, p)| name.len() > p.len() && name.starts_with(p.as_str()));
         match (hits.next(), hits.next()) {
             (Some((i, p)), None) => Some(Route {
-                upstream: *i,
+                upstream: i,
                 tool: name[p.len()..].to_owned(),
             }),
             _ => None,

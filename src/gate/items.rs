@@ -151,8 +151,8 @@ impl Gate {
             })
     }
 
-    /// `resources/read` and `prompts/get`: decide, rate-limit, audit,
-    /// forward.
+    /// `resources/read`, `resources/subscribe`, `resources/unsubscribe`
+    /// and `prompts/get`: decide, rate-limit, audit, forward.
     pub(super) async fn get_item(
         &self,
         req: mcp::Request,
@@ -161,7 +161,7 @@ impl Gate {
         caller: &Caller,
         ctx: &Ctx,
     ) -> Outcome {
-        let resource = req.method == "resources/read";
+        let resource = req.method.starts_with("resources/");
         let key = if resource { "uri" } else { "name" };
         let refuse = |code: i64, msg: &str, data: Value, record: Option<Record>| Outcome {
             reply: Reply::Rpc(
