@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test toolgate has, on a fresh clone: installs the pinned Python
-# MCP SDKs (1.x and 2.x) into ignored venvs for the interop tests (reused when
-# present), then lints and runs the Rust tests (unit, real-socket, CLI,
+# MCP SDKs (1.x and 2.x) into ignored venvs and the pinned npm packages (the
+# TypeScript SDK, MCP servers, the conformance suite, Node 22) into ignored
+# node_modules for the interop tests (reused when present), then lints and runs the Rust tests (unit, real-socket, CLI,
 # interop). One build profile (dev/test) for all of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ fi
 
 echo "== interop environments"
 eval "$(bash scripts/setup-interop.sh)"
-export TOOLGATE_PY1 TOOLGATE_PY2
+export TOOLGATE_PY1 TOOLGATE_PY2 TOOLGATE_NODE_DIR
 
 echo "== format and lints"
 cargo fmt --all -- --check

@@ -1,0 +1,472 @@
+//! Interop with the Node side of the MCP world: the official conformance
+//! suite (`@modelcontextprotocol/conformance`, on Node 22) against
+//! `@modelcontextprotocol/server-everything` directly and through toolgate,
+//! the TypeScript SDK client (`examples/typescript/client.mjs`), and the
+//! stdio `@modelcontextprotocol/server-filesystem` behind the example config
+//! `examples/stdio/`. The pinned packages come from `scripts/setup-interop.sh`
+//! (run by `scripts/test.sh`).
+
+// Test helpers may unwrap: a panic there is a failed assertion.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{Harness, Opts};
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `tests/interop/node`, with its pinned `node_modules`.
+fn node_dir() -> PathBuf {
+    let dir = std::env::var("TOOLGATE_NODE_DIR").unwrap_or_else(|_| {
+        panic!("TOOLGATE_NODE_DIR is not set: run `bash scripts/test.sh` (or `eval \"$(bash scripts/setup-interop.sh)\"` and export TOOLGATE_NODE_DIR) to install the pinned npm packages")
+    });
+    PathBuf::from(dir)
+}
+
+/// The pinned Node 22 (the npm `node` package).
+fn node() -> PathBuf {
+    node_dir().join("node_modules/.bin/node")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for_port(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on port {port}");
+}
+
+async fn run(mut c: Command) -> Output {
+    tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Starts server-everything (streamable HTTP); returns its URL.
+async fn everything() -> (Kill, String) {
+    let port = free_port();
+    let child = Command::new(node())
+        .arg(node_dir().join("node_modules/@modelcontextprotocol/server-everything/dist/index.js"))
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = Kill(child);
+    wait_for_port(port).await;
+    (guard, format!("http://127.0.0.1:{port}/mcp"))
+}
+
+/// Runs the conformance suite's server scenarios against `url` (with the
+/// agent token on every request when given); returns every check as
+/// `scenario/check-id` -> status.
+async fn conformance(url: &str, token: Option<&str>) -> BTreeMap<String, String> {
+    let out_dir = support::temp_dir("conformance");
+    let mut c = Command::new(node());
+    c.current_dir(node_dir());
+    if let Some(t) = token {
+        // The runner cannot be told to send a header; an agent framework
+        // would be configured with one. The preload adds it (see the file).
+        c.arg("--import=./inject-token.mjs")
+            .env("TOOLGATE_URL", url)
+            .env("TOOLGATE_TOKEN", t);
+    }
+    c.arg("node_modules/@modelcontextprotocol/conformance/dist/index.js")
+        .args(["server", "--url", url, "-o"])
+        .arg(&out_dir);
+    let out = run(c).await;
+    let mut checks = BTreeMap::new();
+    for entry in std::fs::read_dir(&out_dir).unwrap() {
+        let dir = entry.unwrap().path();
+        // server-<scenario>-<timestamp with 6 dashes>
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("server-") {
+            continue; // the scratch folder's own
+        }
+        let scenario = name.rsplitn(7, '-').last().unwrap()["server-".len()..].to_owned();
+        let text = std::fs::read_to_string(dir.join("checks.json")).unwrap();
+        let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+        for c in list {
+            checks.insert(
+                format!("{scenario}/{}", c["id"].as_str().unwrap()),
+                c["status"].as_str().unwrap().to_owned(),
+            );
+        }
+    }
+    assert!(
+        checks.len() >= 30,
+        "the suite ran too few checks ({}):\n{}\n{}",
+        checks.len(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    checks
+}
+
+fn passing(checks: &BTreeMap<String, String>) -> BTreeSet<String> {
+    checks
+        .iter()
+        .filter(|(_, s)| *s == "SUCCESS")
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+fn everything_upstream(url: &str) -> String {
+    format!("upstreams:\n  - name: everything\n    url: {url}\n    prefix: \"\"\n")
+}
+
+const ALLOW_ALL: &str = r#"
+agent: conformance
+rate_limit: 100000/min
+tools:
+  - name: "*"
+resources: ["**"]
+prompts: ["*"]
+"#;
+
+/// Lists server-everything's own tools by name: the conformance suite's
+/// `test_*` tools are not listed, so toolgate refuses them (-32003).
+const HIDE_TEST_TOOLS: &str = r#"
+agent: conformance
+rate_limit: 100000/min
+tools:
+  - name: echo
+  - name: "get-*"
+  - name: "trigger-*"
+  - name: "toggle-*"
+resources: ["**"]
+prompts: ["*"]
+"#;
+
+/// The one check toolgate passes and server-everything does not: it checks
+/// Host and Origin itself (DNS-rebinding protection).
+const TOOLGATE_ADDS: &str = "dns-rebinding-protection/localhost-host-rebinding-rejected";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_passes_the_same_checks_through_toolgate_as_direct() {
+    let (_server, url) = everything().await;
+    let direct = conformance(&url, None).await;
+
+    let h = Harness::with(Opts {
+        manifests: &[("conformance.yaml", ALLOW_ALL)],
+        upstreams: Some(everything_upstream(&url)),
+        ..Opts::default()
+    })
+    .await;
+    let token = h.token("conformance");
+    let through = conformance(&h.url, Some(&token)).await;
+
+    let (d, t) = (passing(&direct), passing(&through));
+    println!(
+        "direct:  {} of {} checks pass: {d:?}",
+        d.len(),
+        direct.len()
+    );
+    println!(
+        "through: {} of {} checks pass: {t:?}",
+        t.len(),
+        through.len()
+    );
+    assert!(
+        d.contains("server-initialize/server-initialize") && d.contains("tools-list/tools-list"),
+        "the direct run itself is broken: {direct:?}"
+    );
+    assert_eq!(
+        direct.keys().collect::<Vec<_>>(),
+        through.keys().collect::<Vec<_>>(),
+        "the same checks ran"
+    );
+    let mut want = d.clone();
+    want.insert(TOOLGATE_ADDS.to_owned());
+    assert_eq!(
+        t, want,
+        "through toolgate: the direct pass set plus Host/Origin checking"
+    );
+    drop(h);
+
+    // Hide the tools two scenarios call: exactly those fail now.
+    let h = Harness::with(Opts {
+        manifests: &[("conformance.yaml", HIDE_TEST_TOOLS)],
+        upstreams: Some(everything_upstream(&url)),
+        ..Opts::default()
+    })
+    .await;
+    let hidden = conformance(&h.url, Some(&h.token("conformance"))).await;
+    let hp = passing(&hidden);
+    println!(
+        "hidden:  {} of {} checks pass: {hp:?}",
+        hp.len(),
+        hidden.len()
+    );
+    let uses_hidden =
+        |k: &str| k.starts_with("tools-call-simple-text/") || k.starts_with("tools-call-error/");
+    let want: BTreeSet<String> = t.iter().filter(|k| !uses_hidden(k)).cloned().collect();
+    assert_eq!(hp, want, "only the scenarios calling hidden tools changed");
+    assert!(
+        t.iter().any(|k| uses_hidden(k)),
+        "they passed before hiding"
+    );
+    let refused: Vec<Value> = h
+        .audit()
+        .await
+        .into_iter()
+        .filter(|r| r["event"] == "call" && r["rule"] == "unlisted")
+        .collect();
+    let names: BTreeSet<&str> = refused.iter().filter_map(|r| r["tool"].as_str()).collect();
+    assert!(
+        names.contains("test_simple_text") && names.contains("test_error_handling"),
+        "{refused:?}"
+    );
+}
+
+/// Runs `examples/typescript/client.mjs TOOL ARGS` against `url`.
+async fn ts_example(url: &str, token: &str, tool: &str, args: &str) -> (bool, String) {
+    let mut c = Command::new(node());
+    c.arg(repo().join("examples/typescript/client.mjs"))
+        .args([tool, args])
+        .env("TOOLGATE_URL", url)
+        .env("TOOLGATE_TOKEN", token);
+    let out = run(c).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.code() != Some(0) && out.status.code() != Some(1) {
+        panic!(
+            "the example crashed ({:?}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (out.status.success(), stdout)
+}
+
+/// The JSON after `prefix` on the output line that starts with it.
+fn line_json(stdout: &str, prefix: &str) -> Value {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in {stdout}"));
+    serde_json::from_str(line.trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typescript_example_client_is_allowed_and_refused_as_the_manifest_says() {
+    let h = Harness::start().await;
+    let token = h.token("billing-bot");
+    let (ok, out) = ts_example(
+        &h.url,
+        &token,
+        "billing__get_invoice",
+        r#"{"invoice_id": "INV-000042"}"#,
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with(
+            "tools: billing__echo, billing__get_invoice, billing__grant_role, billing__refund\n"
+        ),
+        "{out}"
+    );
+    let result = line_json(&out, "result:");
+    assert_eq!(result["isError"], false, "{out}");
+    assert_eq!(
+        result["structuredContent"]["invoice_id"], "INV-000042",
+        "{out}"
+    );
+
+    let (ok, out) = ts_example(
+        &h.url,
+        &token,
+        "billing__delete_invoice",
+        r#"{"invoice_id": "INV-000042"}"#,
+    )
+    .await;
+    assert!(!ok, "{out}");
+    let refused = line_json(&out, "refused:");
+    assert_eq!(refused["code"], -32003, "{out}");
+    assert_eq!(refused["data"]["rule"], "deny[0]", "{out}");
+    assert_eq!(refused["data"]["decision"], "deny", "{out}");
+
+    let (ok, out) = ts_example(
+        &h.url,
+        &token,
+        "billing__get_invoice",
+        r#"{"invoice_id": 7}"#,
+    )
+    .await;
+    assert!(!ok, "{out}");
+    let refused = line_json(&out, "refused:");
+    assert_eq!(refused["code"], -32602, "{out}");
+    assert_eq!(
+        refused["data"]["errors"][0]["pointer"], "/invoice_id",
+        "{out}"
+    );
+    // Only the allowed call reached the tool server.
+    assert_eq!(h.received(), ["get_invoice"]);
+
+    let (ok, out) = ts_example(&h.url, "not-a-token", "billing__get_invoice", "{}").await;
+    assert!(!ok && !out.contains("tools:"), "{out}");
+}
+
+/// `examples/stdio/` as shipped (copied to a scratch folder), served by the
+/// toolgate binary with the filesystem server found in PATH, and used by the
+/// TypeScript example client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stdio_example_fronts_the_filesystem_server_for_the_typescript_sdk() {
+    let dir = support::temp_dir("stdio-example");
+    let src = repo().join("examples/stdio");
+    let copy = |from: &Path, to: &Path| {
+        fn walk(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                let (f, t) = (e.path(), to.join(e.file_name()));
+                if e.file_type().unwrap().is_dir() {
+                    if e.file_name() != ".toolgate" {
+                        walk(&f, &t);
+                    }
+                } else {
+                    std::fs::copy(&f, &t).unwrap();
+                }
+            }
+        }
+        walk(from, to)
+    };
+    let ex = dir.join("stdio");
+    copy(&src, &ex);
+    let port = free_port();
+    let config = ex.join("toolgate.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("listen: 127.0.0.1:8090"));
+    std::fs::write(
+        &config,
+        text.replace(
+            "listen: 127.0.0.1:8090",
+            &format!("listen: 127.0.0.1:{port}"),
+        ),
+    )
+    .unwrap();
+    let secret = "example-secret-0123456789abcdef0123456789";
+    let path = format!(
+        "{}:{}",
+        node_dir().join("node_modules/.bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let bin = env!("CARGO_BIN_EXE_toolgate");
+    let serve = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("TOOLGATE_AGENT_SECRET", secret)
+        .env("PATH", &path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _serve = Kill(serve);
+    wait_for_port(port).await;
+    let mut mint = Command::new(bin);
+    mint.args(["token", "--config"])
+        .arg(&config)
+        .args(["--agent", "files-bot"])
+        .env("TOOLGATE_AGENT_SECRET", secret);
+    let token = String::from_utf8(run(mint).await.stdout).unwrap();
+    let token = token.trim();
+    let url = format!("http://127.0.0.1:{port}/mcp");
+
+    let (ok, out) = ts_example(
+        &url,
+        token,
+        "fs__read_text_file",
+        r#"{"path": "hello.txt"}"#,
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with("tools: fs__list_directory, fs__read_text_file\n"),
+        "{out}"
+    );
+    let result = line_json(&out, "result:");
+    assert_eq!(
+        result["structuredContent"]["content"], "Hello from the shared folder.\n",
+        "{out}"
+    );
+    let (ok, out) = ts_example(&url, token, "fs__list_directory", r#"{"path": "reports"}"#).await;
+    assert!(ok, "{out}");
+    assert!(
+        line_json(&out, "result:").to_string().contains("q3.txt"),
+        "{out}"
+    );
+
+    for escape in [
+        r#"{"path": "../toolgate.yaml"}"#,
+        r#"{"path": "/etc/passwd"}"#,
+    ] {
+        let (ok, out) = ts_example(&url, token, "fs__read_text_file", escape).await;
+        assert!(!ok, "{out}");
+        let refused = line_json(&out, "refused:");
+        assert_eq!(refused["code"], -32602, "{escape}: {out}");
+        assert_eq!(refused["data"]["errors"][0]["pointer"], "/path", "{out}");
+    }
+    let (ok, out) = ts_example(
+        &url,
+        token,
+        "fs__write_file",
+        r#"{"path": "hello.txt", "content": "overwritten"}"#,
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert_eq!(
+        line_json(&out, "refused:")["data"]["rule"],
+        "deny[0]",
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ex.join("shared/hello.txt")).unwrap(),
+        "Hello from the shared folder.\n",
+        "nothing was written"
+    );
+    // Every decision is in the example's audit log.
+    let audit = std::fs::read_to_string(ex.join(".toolgate/audit.jsonl")).unwrap();
+    let calls: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["event"] == "call")
+        .collect();
+    let decisions: Vec<&str> = calls
+        .iter()
+        .map(|r| r["decision"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(
+        decisions,
+        ["allow", "allow", "deny", "deny", "deny"],
+        "{audit}"
+    );
+}
