@@ -239,8 +239,10 @@ impl ToolServer {
 /// Serves the demo tools as an MCP stdio server (newline-delimited JSON-RPC
 /// on stdin/stdout) until stdin closes. Besides the billing tools it offers
 /// `pid` (its process id), `sleep` (`ms`, then answers), `env` (the value of
-/// variable `name`) and `log` (sends a logging notification and writes `text`
-/// to stderr), which toolgate's tests use to observe supervision.
+/// variable `name`), `log` (sends a logging notification and writes `text`
+/// to stderr) and `ask` (asks its client an `elicitation/create` with
+/// `message` and answers with the client's answer), which toolgate's tests
+/// use to observe supervision and relaying.
 pub async fn serve_stdio() -> std::io::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let out = Arc::new(tokio::sync::Mutex::new(tokio::io::stdout()));
@@ -255,6 +257,8 @@ pub async fn serve_stdio() -> std::io::Result<()> {
         }
     };
     eprintln!("demo stdio tool server ready (pid {})", std::process::id());
+    // Our asks awaiting the client's answer: ask id -> the call's id.
+    let mut asked: std::collections::HashMap<String, Value> = Default::default();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         let Ok(msg) = serde_json::from_str::<Value>(&line) else {
@@ -263,6 +267,22 @@ pub async fn serve_stdio() -> std::io::Result<()> {
         let Some(id) = msg.get("id").cloned() else {
             continue;
         };
+        if msg.get("method").is_none() {
+            // The client's answer to one of our requests.
+            let call = id.as_str().and_then(|k| asked.remove(k));
+            if let Some(call) = call {
+                let answer = msg
+                    .get("result")
+                    .cloned()
+                    .or_else(|| msg.get("error").map(|e| json!({ "error": e })))
+                    .unwrap_or(Value::Null);
+                write(json!({"jsonrpc": "2.0", "id": call, "result": {
+                    "content": [{"type": "text", "text": answer.to_string()}],
+                    "structuredContent": {"answer": answer}}}))
+                .await;
+            }
+            continue;
+        }
         let method = msg.get("method").and_then(Value::as_str).unwrap_or("");
         let params = msg.get("params").cloned().unwrap_or(json!({}));
         let reply = match method {
@@ -289,6 +309,7 @@ pub async fn serve_stdio() -> std::io::Result<()> {
                     t.push(json!({"name": "log", "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}}}));
                     t.push(json!({"name": "env", "inputSchema": {"type": "object", "properties": {"name": {"type": "string"}}}}));
                     t.push(json!({"name": "reveal", "inputSchema": {"type": "object"}}));
+                    t.push(json!({"name": "ask", "inputSchema": {"type": "object", "properties": {"message": {"type": "string"}}}}));
                     if revealed() {
                         t.push(json!({"name": "hidden", "inputSchema": {"type": "object"}}));
                     }
@@ -336,6 +357,19 @@ pub async fn serve_stdio() -> std::io::Result<()> {
                         )
                         .await;
                         json!({"content": [{"type": "text", "text": "revealed"}]})
+                    }
+                    "ask" => {
+                        let key = format!("ask-{id}");
+                        asked.insert(key.clone(), id.clone());
+                        let message = args
+                            .get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or("Proceed?");
+                        write(json!({"jsonrpc": "2.0", "id": key, "method": "elicitation/create", "params": {
+                            "message": message,
+                            "requestedSchema": {"type": "object", "properties": {"ok": {"type": "boolean"}}}}}))
+                        .await;
+                        continue;
                     }
                     "hidden" if revealed() => {
                         json!({"content": [{"type": "text", "text": "found"}]})

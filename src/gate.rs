@@ -480,8 +480,10 @@ impl Gate {
         };
         let req = match msg {
             Message::Request(r) => r,
-            // Answers to server requests: toolgate issues none yet.
-            Message::Response { .. } => return Outcome::reply(Reply::Accepted),
+            // An answer to a server request relayed during a call.
+            Message::Response { id, body } => {
+                return self.agent_answer(&caller, id, body).await;
+            }
         };
         // Which revision, and (for the session-based ones) which session.
         let version = match self.revision(&parts.headers, &req, &caller, ctx) {
@@ -492,6 +494,31 @@ impl Gate {
             return self.notification(&req);
         };
         self.dispatch(req, id, version, &caller, ctx).await
+    }
+
+    /// The agent answers a server request (sampling, elicitation) that was
+    /// relayed to it: the answer goes to the upstream session that asked,
+    /// if this agent was asked; anything else is dropped (202 either way:
+    /// a response gets no response).
+    async fn agent_answer(&self, caller: &Caller, id: Option<Id>, body: Value) -> Outcome {
+        let (Some(Id::Str(id)), Value::Object(body)) = (id, body) else {
+            return Outcome::reply(Reply::Accepted);
+        };
+        let upstream = crate::upstream::asks::upstream_of(&id)
+            .and_then(|name| self.0.upstreams.iter().find(|u| u.name == name));
+        match upstream {
+            Some(u) => {
+                if let Err(e) = u.answer(&caller.agent, &id, &body).await {
+                    tracing::warn!(agent.id = %caller.agent, upstream.name = %u.name, error = %e, "agent's answer not passed on");
+                } else {
+                    tracing::info!(agent.id = %caller.agent, upstream.name = %u.name, "agent's answer passed to the server");
+                }
+            }
+            None => {
+                tracing::debug!(agent.id = %caller.agent, "a response to nothing toolgate asked")
+            }
+        }
+        Outcome::reply(Reply::Accepted)
     }
 
     fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
@@ -1188,6 +1215,11 @@ impl Gate {
         // relays them, then the result. A result that comes first is
         // answered as plain JSON, as without relaying.
         let (tx, mut notes) = tokio::sync::mpsc::channel::<Value>(64);
+        let asker = Asker {
+            upstream: upstream.clone(),
+            agent: who.clone(),
+            modern: version == mcp::V2026_07_28,
+        };
         let mut answer = Box::pin(async move {
             upstream
                 .request_relay(&who, "tools/call", Value::Object(params), Some(tx))
@@ -1212,24 +1244,21 @@ impl Gate {
         let (body, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
         let me = self.clone();
         tokio::spawn(async move {
-            for n in &early {
-                let _ = body.try_send(sse_frame(n));
+            for n in early {
+                asker.pass(n, &body).await;
             }
             let a = match done {
                 Some(a) => a,
                 None => loop {
                     tokio::select! {
                         biased;
-                        Some(n) = notes.recv() => {
-                            // A slow client loses notifications, never the result.
-                            let _ = body.try_send(sse_frame(&n));
-                        }
+                        Some(n) = notes.recv() => asker.pass(n, &body).await,
                         a = &mut answer => break a,
                     }
                 },
             };
             while let Ok(n) = notes.try_recv() {
-                let _ = body.try_send(sse_frame(&n));
+                asker.pass(n, &body).await;
             }
             let outcome = me.settle(a, after);
             if let Some(mut r) = outcome.record {
@@ -1319,6 +1348,39 @@ struct Settle {
 }
 
 /// One JSON-RPC message as an SSE event.
+/// Passes what an upstream sent during a call to the agent's stream.
+struct Asker {
+    upstream: Arc<crate::upstream::Upstream>,
+    agent: Arc<str>,
+    /// A 2026-07-28 agent takes no server requests on a call's stream.
+    modern: bool,
+}
+
+impl Asker {
+    async fn pass(&self, n: Value, body: &tokio::sync::mpsc::Sender<Bytes>) {
+        let ask = n.get("method").is_some() && n.get("id").is_some();
+        if !ask {
+            // A slow client loses notifications, never the result.
+            let _ = body.try_send(sse_frame(&n));
+            return;
+        }
+        if !self.modern {
+            // A server request is never dropped: the call waits on it.
+            let _ = body.send(sse_frame(&n)).await;
+            return;
+        }
+        let id = n["id"].as_str().unwrap_or_default();
+        let mut refusal = Map::new();
+        refusal.insert(
+            "error".into(),
+            json!({"code": code::METHOD_NOT_FOUND, "message": "the agent speaks 2026-07-28 and takes no server requests during a call"}),
+        );
+        if let Err(e) = self.upstream.answer(&self.agent, id, &refusal).await {
+            tracing::warn!(upstream.name = %self.upstream.name, error = %e, "cannot refuse the server's request");
+        }
+    }
+}
+
 /// Whether a one-message reply should be an event stream: the client
 /// accepts only that, or ranks it above JSON (by q-value, then by order).
 fn prefers_sse(accept: &str) -> bool {

@@ -28,6 +28,7 @@ pub const MAX_SESSIONS: usize = 4096;
 use crate::config::{Transport, UpstreamConfig};
 use crate::mcp;
 
+pub mod asks;
 pub mod stdio;
 
 /// The session-based revisions toolgate accepts from a tool server: those
@@ -102,6 +103,8 @@ pub struct Upstream {
     /// Set when the server sent `notifications/tools/list_changed`: the
     /// catalog is fetched again before the next decision that needs it.
     pub tools_changed: Arc<std::sync::atomic::AtomicBool>,
+    /// Server requests relayed to agents, awaiting their answers.
+    asks: Arc<asks::Asks>,
 }
 
 impl Upstream {
@@ -112,6 +115,7 @@ impl Upstream {
         max_body: usize,
     ) -> Self {
         let tools_changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asks = Arc::new(asks::Asks::default());
         let (url, headers, stdio) = match &cfg.transport {
             Transport::Http { url, headers } => (url.clone(), headers.clone(), None),
             Transport::Stdio { command, env, cwd } => (
@@ -124,6 +128,7 @@ impl Upstream {
                     cwd: cwd.clone(),
                     max_line: max_body,
                     tools_changed: tools_changed.clone(),
+                    asks: asks.clone(),
                 })),
             ),
         };
@@ -141,6 +146,7 @@ impl Upstream {
             connecting: Mutex::new(()),
             stdio,
             tools_changed,
+            asks,
         }
     }
 
@@ -199,7 +205,7 @@ impl Upstream {
                 .await
                 .map_err(|_| UpstreamError::Timeout(self.name.clone()))?;
         }
-        let relay = relay.as_ref();
+        let relay = relay.as_ref().map(|r| (who, r));
         let fut = async {
             let session = self.session(who).await?;
             match self.send(&session, method, &params, relay).await {
@@ -287,7 +293,8 @@ impl Upstream {
         };
         let params = json!({
             "protocolVersion": mcp::V2025_11_25,
-            "capabilities": {},
+            // What toolgate relays to the agent whose call it is (asks).
+            "capabilities": asks::client_capabilities(),
             "clientInfo": {"name": "toolgate", "version": env!("CARGO_PKG_VERSION")},
         });
         let (answer, sid) = self
@@ -329,12 +336,118 @@ impl Upstream {
         Ok(session)
     }
 
+    /// A POST to the upstream in session `s`, with the configured headers.
+    fn post(&self, s: &Session, with_version: bool) -> http::request::Builder {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.url.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json, text/event-stream");
+        if with_version {
+            req = req.header("mcp-protocol-version", s.version);
+        }
+        if let Some(sid) = &s.id {
+            req = req.header("mcp-session-id", sid.clone());
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k, v.clone());
+        }
+        req
+    }
+
+    /// Sends the server a message that gets no answer (a response to one
+    /// of its requests); the server acknowledges it with 2xx.
+    async fn post_message(&self, s: &Session, msg: &Value) -> Result<(), UpstreamError> {
+        let body = serde_json::to_vec(msg)
+            .map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
+        let req = self
+            .post(s, true)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
+        let resp = tokio::time::timeout(self.timeout, self.client.request(req))
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.name.clone()))?
+            .map_err(|e| UpstreamError::Connect(self.name.clone(), connect_reason(&e)))?;
+        if !resp.status().is_success() {
+            return Err(UpstreamError::Status(
+                self.name.clone(),
+                resp.status().as_u16(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Handles a message on a call's event stream that is not its answer:
+    /// a relayed notification goes to the agent; a server request is
+    /// relayed to the agent when it is an ask and the call has a stream,
+    /// else answered here.
+    async fn server_message(&self, s: &Session, event: &[u8], relay: Option<(&Arc<str>, &Relay)>) {
+        let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(event) else {
+            return;
+        };
+        let Some(method) = o.get("method").and_then(Value::as_str).map(str::to_owned) else {
+            return;
+        };
+        let Some(id) = o.get("id").cloned() else {
+            if let Some((_, r)) = relay.filter(|_| RELAYED.contains(&method.as_str())) {
+                let _ = r.try_send(Value::Object(o));
+            }
+            return;
+        };
+        if let Some((who, r)) = relay.filter(|_| asks::RELAYED.contains(&method.as_str())) {
+            if let Some(msg) = self.asks.register(&self.name, who, o) {
+                let ours = msg["id"].as_str().unwrap_or_default().to_owned();
+                if r.try_send(msg).is_ok() {
+                    tracing::info!(upstream.name = %self.name, agent.id = %who, %method, "relaying a server request to the agent");
+                    return;
+                }
+                self.asks.forget(&ours);
+            }
+        }
+        let reply = asks::own_answer(&id, &method, true);
+        if let Err(e) = self.post_message(s, &reply).await {
+            tracing::warn!(upstream.name = %self.name, error = %e, "cannot answer the server's request");
+        }
+    }
+
+    /// Passes `agent`'s answer (a JSON-RPC response) to the ask toolgate
+    /// numbered `id` back to the server that asked, in the same session.
+    pub async fn answer(
+        &self,
+        agent: &Arc<str>,
+        id: &str,
+        reply: &Map<String, Value>,
+    ) -> Result<(), UpstreamError> {
+        let Some(server_id) = self.asks.take(agent, id) else {
+            return Err(UpstreamError::Protocol(
+                self.name.clone(),
+                format!("no request {id:?} is waiting for this agent's answer"),
+            ));
+        };
+        let Some(msg) = asks::response(server_id, reply) else {
+            return Err(UpstreamError::Protocol(
+                self.name.clone(),
+                "an answer needs exactly one of result or error, an object".into(),
+            ));
+        };
+        if let Some(pool) = &self.stdio {
+            return pool.send_to(agent, &msg).await;
+        }
+        let Some(session) = self.sessions.get(agent).map(|s| s.clone()) else {
+            return Err(UpstreamError::Protocol(
+                self.name.clone(),
+                "the session that asked is gone".into(),
+            ));
+        };
+        self.post_message(&session, &msg).await
+    }
+
     async fn send(
         &self,
         s: &Session,
         method: &str,
         params: &Value,
-        relay: Option<&Relay>,
+        relay: Option<(&Arc<str>, &Relay)>,
     ) -> Result<Answer, UpstreamError> {
         match self.send_raw(s, method, Some(params), relay).await? {
             (Some(a), _) => Ok(a),
@@ -352,7 +465,7 @@ impl Upstream {
         s: &Session,
         method: &str,
         params: Option<&Value>,
-        relay: Option<&Relay>,
+        relay: Option<(&Arc<str>, &Relay)>,
     ) -> Result<(Option<Answer>, Option<HeaderValue>), UpstreamError> {
         let notification = method.starts_with("notifications/");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -388,14 +501,7 @@ impl Upstream {
         }
         let body = serde_json::to_vec(&Value::Object(msg))
             .map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(self.url.clone())
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::ACCEPT, "application/json, text/event-stream");
-        if method != "initialize" {
-            req = req.header("mcp-protocol-version", s.version);
-        }
+        let mut req = self.post(s, method != "initialize");
         if modern {
             req = req.header("mcp-method", method);
             if let Some(n) = name_header
@@ -403,12 +509,6 @@ impl Upstream {
             {
                 req = req.header("mcp-name", n);
             }
-        }
-        if let Some(sid) = &s.id {
-            req = req.header("mcp-session-id", sid.clone());
-        }
-        for (k, v) in &self.headers {
-            req = req.header(k, v.clone());
         }
         let req = req
             .body(Full::new(Bytes::from(body)))
@@ -456,9 +556,7 @@ impl Upstream {
                     if event.windows(LIST_CHANGED.len()).any(|w| w == LIST_CHANGED) {
                         self.tools_changed.store(true, Ordering::Relaxed);
                     }
-                    if let Some(r) = relay {
-                        relay_notification(&event, r);
-                    }
+                    self.server_message(s, &event, relay).await;
                 }
             }
             Err(UpstreamError::Protocol(
@@ -547,22 +645,6 @@ pub type Relay = tokio::sync::mpsc::Sender<Value>;
 
 /// The notifications relayed to the agent while its call runs.
 pub const RELAYED: [&str; 2] = ["notifications/progress", "notifications/message"];
-
-/// Passes `bytes` to `relay` when it is a notification of a relayed kind.
-fn relay_notification(bytes: &[u8], relay: &Relay) {
-    let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(bytes) else {
-        return;
-    };
-    if o.contains_key("id") {
-        return;
-    }
-    if o.get("method")
-        .and_then(Value::as_str)
-        .is_some_and(|m| RELAYED.contains(&m))
-    {
-        let _ = relay.try_send(Value::Object(o));
-    }
-}
 
 /// Reads a JSON-RPC response with id `want` from `bytes`.
 fn answer_for(bytes: &[u8], want: &Value) -> Option<Answer> {

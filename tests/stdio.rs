@@ -266,3 +266,115 @@ async fn a_tools_list_changed_notification_refreshes_the_catalog() {
     let v = h.call(&t, "local__hidden", json!({})).await;
     assert_eq!(text(&v), "found", "{v}");
 }
+
+/// Reads `body` until it holds one more complete SSE event than `seen`;
+/// returns that event's data as JSON.
+async fn next_event(
+    body: &mut hyper::body::Incoming,
+    buf: &mut String,
+    seen: &mut usize,
+) -> Option<Value> {
+    use http_body_util::BodyExt;
+    loop {
+        let events: Vec<&str> = buf.split("\n\n").filter(|e| e.contains("data: ")).collect();
+        let complete = if buf.ends_with("\n\n") {
+            events.len()
+        } else {
+            events.len().saturating_sub(1)
+        };
+        if complete > *seen {
+            let e = events[*seen];
+            *seen += 1;
+            let data = e.lines().find_map(|l| l.strip_prefix("data: "))?;
+            return serde_json::from_str(data).ok();
+        }
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the stream goes on")?
+            .ok()?;
+        if let Ok(d) = frame.into_data() {
+            buf.push_str(&String::from_utf8_lossy(&d));
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_elicitation_from_a_stdio_server_reaches_the_calling_agent_and_only_its_answer_returns()
+{
+    use http_body_util::Full;
+    let h = harness().await;
+    let t = h.token("bot");
+    let other = h.token("other-bot");
+    let sid = h.initialize(&t).await;
+    let call = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "local__ask", "arguments": {"message": "Deploy to prod?"}}});
+    let req = http::Request::post(&h.url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("authorization", format!("Bearer {t}"))
+        .header("mcp-session-id", &sid)
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(Full::new(bytes::Bytes::from(call.to_string())))
+        .unwrap();
+    let resp = h.client.request(req).await.unwrap();
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/event-stream"
+    );
+    let mut body = resp.into_body();
+    let (mut buf, mut seen) = (String::new(), 0);
+    let ask = next_event(&mut body, &mut buf, &mut seen)
+        .await
+        .expect("the server's question");
+    assert_eq!(ask["method"], "elicitation/create", "{ask}");
+    assert_eq!(ask["params"]["message"], "Deploy to prod?");
+    let ask_id = ask["id"].as_str().expect("toolgate's own id").to_owned();
+    assert!(ask_id.starts_with("toolgate-ask:local:"), "{ask_id}");
+
+    let answer = |ok: bool| {
+        json!({"jsonrpc": "2.0", "id": ask_id, "result": {"action": "accept", "content": {"ok": ok}}}).to_string()
+    };
+    // Another agent cannot answer it (the id is bound to the agent asked).
+    let (s, _, _) = h.post(Some(&other), &[], answer(false)).await;
+    assert_eq!(s, http::StatusCode::ACCEPTED);
+    let session = [
+        ("mcp-session-id", sid.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let (s, _, _) = h.post(Some(&t), &session, answer(true)).await;
+    assert_eq!(s, http::StatusCode::ACCEPTED);
+    // Answered once: a replay goes nowhere.
+    let (s, _, _) = h.post(Some(&t), &session, answer(false)).await;
+    assert_eq!(s, http::StatusCode::ACCEPTED);
+
+    let result = next_event(&mut body, &mut buf, &mut seen)
+        .await
+        .expect("the call's result");
+    assert_eq!(result["id"], 5, "{result}");
+    assert_eq!(
+        result["result"]["structuredContent"]["answer"],
+        json!({"action": "accept", "content": {"ok": true}}),
+        "the asked agent's answer, not the other's: {result}"
+    );
+
+    // A 2026-07-28 agent takes no server requests: toolgate answers the
+    // server for it and the call ends at once.
+    let (_, msgs) = h
+        .call_messages(
+            &t,
+            "application/json, text/event-stream",
+            "local__ask",
+            json!({}),
+            json!({}),
+        )
+        .await;
+    let last = msgs.last().unwrap();
+    assert_eq!(
+        last["result"]["structuredContent"]["answer"]["error"]["code"], -32601,
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter().all(|m| m.get("method").is_none()),
+        "no question reached the 2026-07-28 agent: {msgs:?}"
+    );
+}

@@ -26,7 +26,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{oneshot, watch, Mutex};
 
-use super::{Answer, Relay, UpstreamError};
+use super::{asks, Answer, Relay, UpstreamError};
 use crate::mcp;
 
 /// Child processes per stdio upstream (one per agent).
@@ -56,6 +56,8 @@ pub struct Spec {
     pub max_line: usize,
     /// Set on `notifications/tools/list_changed`.
     pub tools_changed: Arc<std::sync::atomic::AtomicBool>,
+    /// The upstream's asks awaiting agents' answers.
+    pub asks: Arc<asks::Asks>,
 }
 
 #[derive(Default)]
@@ -102,6 +104,23 @@ impl Pool {
 
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Mutex<Slot>>>> {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes `msg` (an answer to one of its requests) to `who`'s running
+    /// process.
+    pub async fn send_to(&self, who: &Arc<str>, msg: &Value) -> Result<(), UpstreamError> {
+        let slot = self.slots().get(who).cloned();
+        let proc = match slot {
+            Some(s) => s.lock().await.proc.clone().filter(|p| p.alive()),
+            None => None,
+        };
+        let Some(proc) = proc else {
+            return Err(UpstreamError::Connect(
+                self.spec.name.clone(),
+                "the stdio server that asked has exited".into(),
+            ));
+        };
+        proc.write(msg).await
     }
 
     /// Sends one request to `who`'s process, starting it as needed.
@@ -161,7 +180,7 @@ impl Pool {
                 ),
             ));
         }
-        match Proc::start(&self.spec).await {
+        match Proc::start(&self.spec, who).await {
             Ok(p) => {
                 self.version.store(Arc::new(Some(p.version())));
                 slot.not_before = None;
@@ -252,11 +271,14 @@ pub struct Proc {
     kill: StdMutex<Option<oneshot::Sender<()>>>,
     exited: watch::Receiver<bool>,
     tools_changed: Arc<std::sync::atomic::AtomicBool>,
+    /// The agent this process serves, and the upstream's asks.
+    agent: Arc<str>,
+    asks: Arc<asks::Asks>,
 }
 
 impl Proc {
     /// Spawns the server and runs the initialize handshake.
-    async fn start(spec: &Spec) -> Result<Arc<Proc>, UpstreamError> {
+    async fn start(spec: &Spec, agent: &Arc<str>) -> Result<Arc<Proc>, UpstreamError> {
         let name = spec.name.clone();
         let mut cmd = Command::new(&spec.command[0]);
         cmd.args(&spec.command[1..]).env_clear();
@@ -302,6 +324,8 @@ impl Proc {
             kill: StdMutex::new(Some(kill_tx)),
             exited,
             tools_changed: spec.tools_changed.clone(),
+            agent: agent.clone(),
+            asks: spec.asks.clone(),
         });
         tokio::spawn(log_stderr(name.clone(), pid, stderr));
         tokio::spawn(read_loop(
@@ -315,7 +339,7 @@ impl Proc {
         tracing::info!(upstream.name = %name, pid, command = ?spec.command, "stdio upstream started");
         let params = json!({
             "protocolVersion": mcp::V2025_11_25,
-            "capabilities": {},
+            "capabilities": asks::client_capabilities(),
             "clientInfo": {"name": "toolgate", "version": env!("CARGO_PKG_VERSION")},
         });
         let fail = |why: String| UpstreamError::Protocol(name.clone(), why);
@@ -465,16 +489,31 @@ impl Proc {
                 }
             }
             (Some(method), Some(id)) => {
-                // A request from the server. Answered off the read loop: a
-                // server blocked on a full stdout must not deadlock us.
-                let reply = match method.as_str() {
-                    "ping" => json!({"jsonrpc": "2.0", "id": id, "result": {}}),
-                    "roots/list" => json!({"jsonrpc": "2.0", "id": id, "result": {"roots": []}}),
-                    _ => json!({"jsonrpc": "2.0", "id": id, "error": {
-                        "code": mcp::code::METHOD_NOT_FOUND,
-                        "message": format!("{method} is not offered to tool servers by toolgate"),
-                    }}),
-                };
+                // A request from the server: an ask goes to this agent's
+                // call in flight that has a stream (the process is this
+                // agent's alone); the rest is answered here, off the read
+                // loop: a server blocked on a full stdout must not
+                // deadlock us.
+                if asks::RELAYED.contains(&method.as_str()) {
+                    let relay = self
+                        .relays
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .values()
+                        .next()
+                        .map(|(_, r)| r.clone());
+                    if let Some(r) = relay {
+                        if let Some(m) = self.asks.register(&self.name, &self.agent, msg) {
+                            let ours = m["id"].as_str().unwrap_or_default().to_owned();
+                            if r.try_send(m).is_ok() {
+                                tracing::info!(upstream.name = %self.name, agent.id = %self.agent, %method, "relaying a server request to the agent");
+                                return;
+                            }
+                            self.asks.forget(&ours);
+                        }
+                    }
+                }
+                let reply = asks::own_answer(&id, &method, true);
                 let me = self.clone();
                 tokio::spawn(async move {
                     let _ = me.write(&reply).await;
