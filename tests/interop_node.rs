@@ -470,3 +470,141 @@ async fn the_stdio_example_fronts_the_filesystem_server_for_the_typescript_sdk()
         "{audit}"
     );
 }
+
+/// Runs `tests/interop/node/sdk_client.mjs` against `url`; returns its
+/// lines by step.
+async fn sdk_client(url: &str, token: &str) -> BTreeMap<String, Value> {
+    let mut c = Command::new(node());
+    c.arg(node_dir().join("sdk_client.mjs"))
+        .env("TOOLGATE_URL", url)
+        .env("TOOLGATE_TOKEN", token);
+    let out = run(c).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "sdk_client.mjs failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"));
+            (v["step"].as_str().unwrap().to_owned(), v)
+        })
+        .collect()
+}
+
+const EVERYTHING_BUT_ENV: &str = r#"
+agent: ts-agent
+rate_limit: 1000/min
+tools:
+  - name: "*"
+deny:
+  - name: get-env
+    reason: the server's environment holds secrets
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typescript_sdk_gets_sampling_elicitation_progress_and_rich_content_through_toolgate() {
+    let (_server, url) = everything().await;
+    let direct = sdk_client(&url, "unused").await;
+    let h = Harness::with(Opts {
+        manifests: &[("ts-agent.yaml", EVERYTHING_BUT_ENV)],
+        upstreams: Some(everything_upstream(&url)),
+        extra: "",
+        ..Opts::default()
+    })
+    .await;
+    let token = h.token("ts-agent");
+    let via = sdk_client(&h.url, &token).await;
+    assert_eq!(via["connected"]["version"], "2025-11-25");
+
+    // Tool definitions (schemas with $schema, additionalProperties...) are
+    // exactly the server's; only the denied tool is missing.
+    let strip = |v: &Value| -> Vec<Value> {
+        v["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["name"] != "get-env")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(strip(&via["tools"]), strip(&direct["tools"]));
+    let names = via["tools"]["names"].as_array().unwrap();
+    assert!(!names.contains(&Value::from("get-env")), "{names:?}");
+    for t in ["trigger-sampling-request", "trigger-elicitation-request"] {
+        assert!(names.contains(&Value::from(t)), "{t} listed: {names:?}");
+    }
+
+    // Server-to-client requests reach the agent and its answers the server.
+    let sampled = via["trigger-sampling-request"]["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap();
+    assert!(sampled.contains("sampled by the agent"), "{sampled}");
+    let elicited = via["trigger-elicitation-request"]["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap();
+    assert!(elicited.contains("declined"), "{elicited}");
+    assert_eq!(
+        via["asked"]["asked"], direct["asked"]["asked"],
+        "the agent was asked exactly what a direct client is asked"
+    );
+    assert_eq!(via["asked"]["asked"].as_array().unwrap().len(), 2);
+
+    // Progress, and every content kind, pass through unchanged.
+    assert_eq!(via["progress"]["progress"], direct["progress"]["progress"]);
+    assert_eq!(via["progress"]["progress"].as_array().unwrap().len(), 3);
+    for step in ["get-tiny-image", "get-annotated-message"] {
+        assert_eq!(via[step]["result"], direct[step]["result"], "{step}");
+    }
+    let image = &via["get-tiny-image"]["result"]["content"][1];
+    assert_eq!(image["type"], "image");
+    assert!(image["data"].as_str().unwrap().len() > 100);
+    assert!(via["get-annotated-message"]["result"]["content"][0]["annotations"].is_object());
+    assert!(
+        via["get-structured-content"]["result"]["structuredContent"]["temperature"].is_number()
+    );
+    assert_eq!(
+        via["get-resource-reference"]["result"]["content"][1]["type"],
+        "resource"
+    );
+    // The denied tool is refused by toolgate, with the rule.
+    assert_eq!(via["get-env"]["error"]["code"], -32003);
+    assert_eq!(via["get-env"]["error"]["data"]["rule"], "deny[0]");
+
+    // An agent whose call has no event stream cannot be asked: toolgate
+    // answers the server for it, and the call still ends.
+    let (ct, msgs) = h
+        .call_messages(
+            &token,
+            "application/json",
+            "trigger-sampling-request",
+            serde_json::json!({"prompt": "p", "maxTokens": 5}),
+            serde_json::json!({}),
+        )
+        .await;
+    assert!(ct.starts_with("application/json"), "{ct}");
+    let text = msgs[0].to_string();
+    assert!(
+        text.contains("cannot reach the agent") || msgs[0]["result"]["isError"] == true,
+        "{text}"
+    );
+
+    let audit = h.audit().await;
+    let calls: Vec<(&str, &str)> = audit
+        .iter()
+        .filter(|r| r["event"] == "call")
+        .map(|r| {
+            (
+                r["tool"].as_str().unwrap_or("-"),
+                r["decision"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert!(calls.contains(&("get-env", "deny")), "{calls:?}");
+    assert!(
+        calls.contains(&("trigger-elicitation-request", "allow")),
+        "{calls:?}"
+    );
+}
