@@ -24,3 +24,6 @@ cargo clippy --all-targets --locked -- -D warnings
 
 echo "== tests"
 cargo test --all-targets --locked
+
+echo "== fuzz smoke (30 s per target; longer runs: bash scripts/fuzz.sh SECONDS)"
+bash scripts/fuzz.sh "${TOOLGATE_FUZZ_SECONDS:-30}"
