@@ -68,12 +68,17 @@ fuzz_target!(|data: &[u8]| {
     let (guard, m) = fixture();
     let d = decide(guard, Some(m), "billing-bot", tool, &args);
     if matches!(d.verdict, Verdict::Allow) {
-        assert!(m.deny_rule(tool).is_none(), "allowed a denied tool {tool:?}");
+        assert!(
+            m.deny_rule(tool).is_none(),
+            "allowed a denied tool {tool:?}"
+        );
         let rule = m
             .tool_rule(tool)
             .unwrap_or_else(|| panic!("allowed an unlisted tool {tool:?}"));
         assert!(
-            tool == "billing__get_invoice" || tool.starts_with("billing__list_") || tool == "iam__grant_role",
+            tool == "billing__get_invoice"
+                || tool.starts_with("billing__list_")
+                || tool == "iam__grant_role",
             "allowed {tool:?} by rule {rule}"
         );
         assert_ne!(tool, "billing__refund", "approval: required was allowed");
@@ -89,7 +94,10 @@ fuzz_target!(|data: &[u8]| {
         }
         if tool == "iam__grant_role" {
             let role = args.get("role").and_then(Value::as_str);
-            assert!(!matches!(role, Some("admin" | "owner")), "allowed a held role: {args}");
+            assert!(
+                !matches!(role, Some("admin" | "owner")),
+                "allowed a held role: {args}"
+            );
             // Self-reference survives case, width, compatibility forms and
             // invisible characters: fold before comparing.
             let principal = args

@@ -18,7 +18,8 @@ fuzz_target!(|data: &[u8]| {
                     assert!(call.arguments.is_object(), "arguments are an object");
                     // Canonical form is stable (what holds are matched on).
                     let once = mcp::canonical_json(&call.arguments);
-                    let again: serde_json::Value = serde_json::from_str(&once).expect("canonical JSON parses");
+                    let again: serde_json::Value =
+                        serde_json::from_str(&once).expect("canonical JSON parses");
                     assert_eq!(once, mcp::canonical_json(&again));
                 }
             }

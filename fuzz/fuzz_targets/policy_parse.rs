@@ -13,7 +13,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut problems = Vec::new();
-    if let Some(m) = manifest::compile(Path::new("/fuzz/tool-manifests/agent.yaml"), text, &mut problems) {
+    if let Some(m) = manifest::compile(
+        Path::new("/fuzz/tool-manifests/agent.yaml"),
+        text,
+        &mut problems,
+    ) {
         for name in ["billing__get_invoice", "", "*", "a__b"] {
             let _ = m.tool_rule(name);
             let _ = m.deny_rule(name);
