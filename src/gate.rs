@@ -551,13 +551,22 @@ impl Gate {
             )
         };
         let ct = header_str(headers, "content-type").unwrap_or("");
-        let media = ct.split(';').next().unwrap_or("").trim();
-        if !media.eq_ignore_ascii_case("application/json") {
+        let mut parts = ct.split(';');
+        let media = parts.next().unwrap_or("").trim();
+        // JSON is UTF-8 (RFC 8259 8.1); a body labelled otherwise would be
+        // read as something its sender did not mean.
+        let other_charset = parts.any(|p| {
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("charset")
+                    && !v.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
+            })
+        });
+        if !media.eq_ignore_ascii_case("application/json") || other_charset {
             return Err(rpc_error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 None,
                 code::INVALID_REQUEST,
-                "Content-Type must be application/json",
+                "Content-Type must be application/json (UTF-8)",
                 json!({"decision": "deny"}),
             ));
         }

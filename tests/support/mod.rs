@@ -80,6 +80,9 @@ pub struct Opts<'a> {
     pub dir: Option<PathBuf>,
     /// A whole `upstreams:` block instead of the recording tool server.
     pub upstreams: Option<String>,
+    /// `auth.agents.keys` entries (YAML list items), instead of the HS256
+    /// secret alone.
+    pub agent_keys: Option<&'a str>,
 }
 
 impl Default for Opts<'_> {
@@ -93,6 +96,7 @@ impl Default for Opts<'_> {
             require_amr: "[]",
             dir: None,
             upstreams: None,
+            agent_keys: None,
         }
     }
 }
@@ -132,7 +136,7 @@ auth:
     audience: toolgate
     leeway: 0s
     keys:
-      - hs256: {{ secret_env: TG_TEST_AGENT_SECRET }}
+{agent_keys}
   approvers:
     issuer: toolgate-test
     audience: toolgate-admin
@@ -149,6 +153,9 @@ limits:
             extra = o.extra,
             holds = o.holds,
             amr = o.require_amr,
+            agent_keys = o
+                .agent_keys
+                .unwrap_or("      - hs256: { secret_env: TG_TEST_AGENT_SECRET }"),
             upstreams = o.upstreams.unwrap_or_else(|| format!(
                 "upstreams:\n  - name: billing\n    url: {upstream}\n    headers: {{ X-Upstream-Key: \"k=${{env:TG_TEST_UPSTREAM_KEY}}\" }}"
             )),
