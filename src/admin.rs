@@ -236,6 +236,11 @@ async fn metrics(gate: &Gate) -> Response<Body> {
     if errors > seen {
         m.audit_write_errors.inc_by(errors - seen);
     }
+    let dropped = gate.0.auditor.dropped();
+    let seen = m.audit_dropped.get();
+    if dropped > seen {
+        m.audit_dropped.inc_by(dropped - seen);
+    }
     m.generation.set(gate.0.snapshot.load().generation as i64);
     let mut r = Response::new(full(Bytes::from(m.encode())));
     r.headers_mut().insert(

@@ -150,6 +150,11 @@ pub fn keygen() -> Result<(String, String), String> {
 #[error("the audit log cannot be written")]
 pub struct Unavailable;
 
+/// A record [`Auditor::submit`] could not take, given back so that the
+/// refusal it turns into is audited instead.
+#[derive(Debug)]
+pub struct Refused(pub Box<Record>);
+
 enum Cmd {
     Record(Box<Record>, SystemTime),
     Flush(oneshot::Sender<()>),
@@ -166,8 +171,17 @@ struct State {
     healthy: AtomicBool,
     written: AtomicU64,
     write_errors: AtomicU64,
+    /// Refusal records that could not be kept: the queue was full, or the
+    /// backlog of an unwritable log reached [`MAX_BACKLOG`]. Never chained,
+    /// so the chain stays verifiable; counted, logged and exported instead.
+    dropped: AtomicU64,
+    /// Bytes of chained records kept in memory while the log is unwritable.
+    max_backlog: usize,
     path: PathBuf,
 }
+
+/// Bytes of chained records kept in memory while the log is unwritable.
+const MAX_BACKLOG: usize = 64 << 20;
 
 impl Auditor {
     /// Opens (or continues) the log at `path` and starts the writer task.
@@ -181,6 +195,14 @@ impl Auditor {
     pub fn start_signed(
         path: &Path,
         checkpoints: Option<Checkpointer>,
+    ) -> Result<(Auditor, tokio::task::JoinHandle<()>), String> {
+        Self::open(path, checkpoints, MAX_BACKLOG)
+    }
+
+    fn open(
+        path: &Path,
+        checkpoints: Option<Checkpointer>,
+        max_backlog: usize,
     ) -> Result<(Auditor, tokio::task::JoinHandle<()>), String> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
@@ -197,6 +219,8 @@ impl Auditor {
             healthy: AtomicBool::new(true),
             written: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            max_backlog,
             path: path.to_path_buf(),
         });
         let task = tokio::spawn(writer(rx, file, seq, prev, state.clone(), checkpoints));
@@ -205,21 +229,29 @@ impl Auditor {
 
     /// Hands `r` to the writer without waiting. Fails when the log is
     /// unhealthy or the queue is full: the caller must not forward.
-    pub fn submit(&self, r: Record) -> Result<(), Unavailable> {
+    pub fn submit(&self, r: Record) -> Result<(), Refused> {
         if !self.state.healthy.load(Ordering::Acquire) {
-            return Err(Unavailable);
+            return Err(Refused(Box::new(r)));
         }
         self.tx
             .try_send(Cmd::Record(Box::new(r), SystemTime::now()))
-            .map_err(|_| Unavailable)
+            .map_err(|e| match e.into_inner() {
+                Cmd::Record(r, _) => Refused(r),
+                // Not what was sent; there is nothing to give back.
+                Cmd::Flush(_) => Refused(Box::default()),
+            })
     }
 
     /// Hands `r` over even while unhealthy (it is retried with the rest);
     /// used for records of refusals, which forward nothing.
     pub fn record(&self, r: Record) {
-        let _ = self
+        if self
             .tx
-            .try_send(Cmd::Record(Box::new(r), SystemTime::now()));
+            .try_send(Cmd::Record(Box::new(r), SystemTime::now()))
+            .is_err()
+        {
+            self.state.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Whether the last write succeeded.
@@ -234,6 +266,11 @@ impl Auditor {
 
     pub fn write_errors(&self) -> u64 {
         self.state.write_errors.load(Ordering::Relaxed)
+    }
+
+    /// Refusal records dropped (see `State::dropped`).
+    pub fn dropped(&self) -> u64 {
+        self.state.dropped.load(Ordering::Relaxed)
     }
 
     /// Records waiting for the writer.
@@ -373,6 +410,13 @@ async fn writer(
         }
         for cmd in batch {
             match cmd {
+                Cmd::Record(_, _) if pending.len() > state.max_backlog => {
+                    // Only refusals get here while unhealthy (submit refuses
+                    // calls that would forward): drop before chaining.
+                    if state.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                        tracing::error!("audit backlog over 64 MiB while the log is unwritable; dropping refusal records until it recovers");
+                    }
+                }
                 Cmd::Record(r, ts) => {
                     seq += 1;
                     let (line, hash) = chain_line(&r, ts, seq, &prev);
@@ -403,7 +447,11 @@ async fn writer(
                     pending.clear();
                     pending_records = 0;
                     if !state.healthy.swap(true, Ordering::AcqRel) {
-                        tracing::warn!(audit.path = %state.path.display(), "audit log writable again");
+                        tracing::warn!(
+                            audit.path = %state.path.display(),
+                            audit.dropped = state.dropped.load(Ordering::Relaxed),
+                            "audit log writable again"
+                        );
                     }
                 }
                 Err(e) => {
@@ -415,10 +463,6 @@ async fn writer(
                     // appends whole lines after whatever is there.
                     if let Ok(f) = std::fs::OpenOptions::new().append(true).open(&state.path) {
                         file = f;
-                    }
-                    if pending.len() > 64 << 20 {
-                        tracing::error!("audit backlog over 64 MiB; dropping it");
-                        pending.clear();
                     }
                 }
             }
@@ -721,6 +765,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_outage_keeps_a_bounded_backlog_and_the_chain_verifies_after_recovery() {
+        // The log is a symlink to /dev/full (every write fails with ENOSPC)
+        // until it is pointed at a real file: a disk that fills and frees.
+        let link = tmp("outage");
+        let real = link.with_file_name("real.jsonl");
+        std::os::unix::fs::symlink("/dev/full", &link).unwrap();
+        // A small bound, so the test need not queue 64 MiB.
+        let (a, _t) = Auditor::open(&link, None, 2048).unwrap();
+        a.submit(rec("first")).unwrap();
+        a.flush().await;
+        assert!(!a.healthy());
+        for i in 0..200 {
+            a.record(rec(&format!("refusal-{i}")));
+            if i % 20 == 0 {
+                a.flush().await;
+            }
+        }
+        a.flush().await;
+        let dropped = a.dropped();
+        assert!(
+            dropped > 0 && dropped < 200,
+            "bounded, not all dropped: {dropped}"
+        );
+        std::fs::write(&real, "").unwrap();
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        // The writer retries every 500 ms; a flush waits for an attempt.
+        for _ in 0..20 {
+            a.flush().await;
+            if a.healthy() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(a.healthy(), "recovered once writable");
+        a.submit(rec("after")).unwrap();
+        a.flush().await;
+        let kept = verify(&link).expect("the chain verifies across the outage");
+        assert_eq!(
+            kept,
+            1 + 200 - dropped + 1,
+            "every record not counted as dropped is there"
+        );
+    }
+
+    #[tokio::test]
     async fn unwritable_log_turns_unhealthy_and_refuses() {
         // /dev/full accepts the open but fails every write with ENOSPC.
         let (a, _t) = Auditor::start(Path::new("/dev/full")).unwrap();
@@ -728,7 +818,7 @@ mod tests {
         a.submit(rec("x")).unwrap();
         a.flush().await;
         assert!(!a.healthy());
-        assert_eq!(a.submit(rec("y")), Err(Unavailable));
+        assert!(a.submit(rec("y")).is_err());
         assert!(a.write_errors() >= 1);
     }
 

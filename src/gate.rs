@@ -132,13 +132,28 @@ impl Shared {
 
     /// Hands over the record of a call about to be forwarded; an error means
     /// the call must not be forwarded.
+    /// When the log cannot take it, the call becomes a refusal, and that
+    /// is what is audited (kept in the writer's backlog until the log is
+    /// writable again).
     pub fn audit_submit(&self, r: Record) -> Result<(), crate::audit::Unavailable> {
+        if !self.auditor.healthy() {
+            return Err(self.unaudited(r));
+        }
         let alert = self.count(&r);
         let res = self.auditor.submit(r);
         if let Some(a) = alert {
             self.raise(&a);
         }
-        res
+        // Lost the race with a failing write or a full queue.
+        res.map_err(|crate::audit::Refused(r)| self.unaudited(*r))
+    }
+
+    fn unaudited(&self, mut r: Record) -> crate::audit::Unavailable {
+        r.decision = Some("deny");
+        r.rule = Some("audit.unavailable".into());
+        r.reason = Some("the audit log cannot be written; nothing was forwarded".into());
+        self.audit(r);
+        crate::audit::Unavailable
     }
 
     /// Counts, audits and delivers an alert.

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub hold_decision_seconds: Histogram,
     pub audit_queue: Gauge,
     pub audit_write_errors: Counter,
+    pub audit_dropped: Counter,
     pub reloads: Family<ResultLabels, Counter>,
     pub generation: Gauge,
     pub alerts: Family<KindLabels, Counter>,
@@ -74,6 +75,7 @@ impl Default for Metrics {
             hold_decision_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             audit_queue: Gauge::default(),
             audit_write_errors: Counter::default(),
+            audit_dropped: Counter::default(),
             reloads: Family::default(),
             generation: Gauge::default(),
             alerts: Family::default(),
@@ -123,6 +125,11 @@ impl Default for Metrics {
             "audit_write_errors",
             "Failed audit writes",
             m.audit_write_errors.clone(),
+        );
+        registry.register(
+            "audit_dropped",
+            "Records of refusals dropped because the audit queue or the backlog of an unwritable log was full",
+            m.audit_dropped.clone(),
         );
         registry.register("reloads", "Manifest reloads by result", m.reloads.clone());
         registry.register(
