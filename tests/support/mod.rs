@@ -83,6 +83,8 @@ pub struct Opts<'a> {
     /// `auth.agents.keys` entries (YAML list items), instead of the HS256
     /// secret alone.
     pub agent_keys: Option<&'a str>,
+    /// Adjusts the loaded config before the server starts.
+    pub configure: Option<&'a dyn Fn(&mut Config)>,
 }
 
 impl Default for Opts<'_> {
@@ -97,6 +99,7 @@ impl Default for Opts<'_> {
             dir: None,
             upstreams: None,
             agent_keys: None,
+            configure: None,
         }
     }
 }
@@ -162,7 +165,10 @@ limits:
         );
         let cfg_path = dir.join("toolgate.yaml");
         std::fs::write(&cfg_path, &yaml).expect("write config");
-        let config = Config::load(&cfg_path).unwrap_or_else(|p| panic!("config: {p}"));
+        let mut config = Config::load(&cfg_path).unwrap_or_else(|p| panic!("config: {p}"));
+        if let Some(f) = o.configure {
+            f(&mut config);
+        }
         let policy =
             PolicySet::load_dir(&config.manifests).unwrap_or_else(|p| panic!("manifests: {p}"));
         let server = Server::start(config, policy).await.expect("server starts");
