@@ -73,6 +73,11 @@ pub fn tool_definitions() -> Value {
             "name": "echo",
             "description": "Echo the text back.",
             "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+        },
+        {
+            "name": "confirm_refund",
+            "description": "Refund an invoice once the user confirms (asks in a 2026-07-28 input_required round).",
+            "inputSchema": {"type": "object", "properties": {"invoice_id": {"type": "string"}}, "required": ["invoice_id"]}
         }
     ])
 }
@@ -212,7 +217,11 @@ impl ToolServer {
                         headers: parts.headers.clone(),
                     });
                 }
-                let result = call(&tool, &args);
+                let result = if tool == "confirm_refund" {
+                    confirm_refund(&args, &params)
+                } else {
+                    call(&tool, &args)
+                };
                 if let Some(token) = params.pointer("/_meta/progressToken") {
                     // Asked for progress: answer as a stream that reports
                     // progress and logs a line before the result.
@@ -403,6 +412,39 @@ pub async fn serve_stdio() -> std::io::Result<()> {
 fn revealed() -> bool {
     std::env::var("DEMO_STATE_DIR")
         .is_ok_and(|d| std::path::Path::new(&d).join("revealed").exists())
+}
+
+/// A 2026-07-28 multi-round-trip tool: the first round asks for a
+/// confirmation (`input_required`, with `requestState`); the retry that
+/// carries the answer and the state completes.
+fn confirm_refund(args: &Value, params: &Value) -> Value {
+    let id = args
+        .get("invoice_id")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    let state = format!("confirm:{id}");
+    let answer = params.pointer("/inputResponses/confirm");
+    let echoed = params.get("requestState").and_then(Value::as_str);
+    match answer {
+        Some(a) if echoed == Some(state.as_str()) => {
+            let yes = a.pointer("/content/ok").and_then(Value::as_bool) == Some(true)
+                && a.get("action").and_then(Value::as_str) == Some("accept");
+            let text = if yes {
+                format!("Refunded invoice {id} (confirmed)")
+            } else {
+                format!("Kept invoice {id} (not confirmed)")
+            };
+            json!({"content": [{"type": "text", "text": text}], "structuredContent": {"refunded": yes}, "isError": false})
+        }
+        _ => json!({
+            "resultType": "input_required",
+            "inputRequests": {"confirm": {"method": "elicitation/create", "params": {
+                "message": format!("Refund invoice {id}?"),
+                "requestedSchema": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+            }}},
+            "requestState": state,
+        }),
+    }
 }
 
 fn call(tool: &str, args: &Value) -> Value {

@@ -38,6 +38,7 @@ use crate::upstream::{Answer, Catalog, Route, Upstream};
 
 mod held;
 mod items;
+mod rounds;
 
 /// Verified agent tokens kept at once.
 pub const TOKEN_CACHE: usize = 100_000;
@@ -78,6 +79,11 @@ pub struct Shared {
     /// Host/Origin policy of the management listener.
     pub admin_hosts: HostPolicy,
     pub alerts: Alerts,
+    /// Continuations of approved multi-round-trip calls.
+    pub(crate) rounds: rounds::Rounds,
+    /// toolgate's own questions to session-era agents, for 2026-07-28
+    /// upstreams' input requests.
+    pub(crate) asked: rounds::Asked,
     /// Delivers alerts to `alerts.url`, if configured.
     pub alert_sink: Option<Notifier>,
     refresh: tokio::sync::Mutex<()>,
@@ -301,6 +307,8 @@ impl Gate {
                 &config.allowed_origins,
             ),
             alerts,
+            rounds: rounds::Rounds::default(),
+            asked: rounds::Asked::default(),
             alert_sink,
             config,
             refresh: tokio::sync::Mutex::new(()),
@@ -519,6 +527,12 @@ impl Gate {
         let (Some(Id::Str(id)), Value::Object(body)) = (id, body) else {
             return Outcome::reply(Reply::Accepted);
         };
+        if id.starts_with(rounds::ASK_PREFIX) {
+            if !self.0.asked.answer(&caller.agent, &id, body) {
+                tracing::debug!(agent.id = %caller.agent, "an answer to no question of this agent");
+            }
+            return Outcome::reply(Reply::Accepted);
+        }
         let upstream = crate::upstream::asks::upstream_of(&id)
             .and_then(|name| self.0.upstreams.iter().find(|u| u.name == name));
         match upstream {
@@ -1141,7 +1155,24 @@ impl Gate {
             catalog = self.catalog(true).await;
         }
         let route = catalog.route(&call.name);
-        if let Verdict::Hold { approvals } = decision.verdict {
+        // The retry of an approved call that answered `input_required` is
+        // that call's next round, not a new call: it continues, once.
+        let continues = match (&decision.verdict, call.is_retry(), &record.args_sha256) {
+            (Verdict::Hold { .. }, true, Some(sha)) => self.0.rounds.take(
+                &caller.agent,
+                &call.name,
+                sha,
+                call.request_state.as_deref(),
+            ),
+            _ => None,
+        };
+        if let Some(hold) = continues {
+            record.rule = Some("hold.continuation".into());
+            record.reason = Some(format!(
+                "the next round of the approved call of hold {hold} (input_required)"
+            ));
+            record.hold_id = Some(hold);
+        } else if let Verdict::Hold { approvals } = decision.verdict {
             tracing::Span::current().record("decision", "hold");
             return self
                 .held(held::HeldCall {
@@ -1194,6 +1225,10 @@ impl Gate {
         let d = data("deny");
         record.detail = Some(json!({"upstream": upstream.name}));
         let agent = record.agent.clone();
+        let grant = record.hold_id.clone().zip(record.args_sha256.clone());
+        // A session-era agent cannot read 2026-07-28 input_required rounds:
+        // toolgate drives them (on the call's stream), auditing each.
+        let bridged = (relay && version != mcp::V2026_07_28).then(|| record.clone());
         if self.0.audit_submit(record).is_err() {
             tracing::error!("audit log unavailable: refusing to forward");
             return Outcome::reply(Reply::Rpc(
@@ -1210,12 +1245,31 @@ impl Gate {
         let mut params = Map::new();
         params.insert("name".into(), Value::String(route.tool));
         params.insert("arguments".into(), call.arguments);
-        if let Some(mut meta) = call.meta {
-            // The envelope describes the agent's hop, not ours.
-            meta.retain(|k, _| !k.starts_with("io.modelcontextprotocol/"));
-            if !meta.is_empty() {
-                params.insert("_meta".into(), Value::Object(meta));
-            }
+        if let Some(r) = call.input_responses {
+            params.insert("inputResponses".into(), Value::Object(r));
+        }
+        if let Some(s) = call.request_state {
+            params.insert("requestState".into(), Value::String(s));
+        }
+        let mut meta = call.meta.unwrap_or_default();
+        // The envelope describes the agent's hop, not ours; but what the
+        // agent can answer is what a 2026-07-28 upstream may ask of it in
+        // input_required rounds: its own capabilities when it speaks
+        // 2026-07-28 (the rounds pass through), or what toolgate can ask a
+        // session-era agent on its stream (see rounds.rs).
+        let capabilities = if version == mcp::V2026_07_28 {
+            meta.remove(mcp::META_CAPABILITIES)
+        } else if bridged.is_some() {
+            Some(json!({"elicitation": {"form": {}}, "sampling": {}}))
+        } else {
+            None
+        };
+        meta.retain(|k, _| !k.starts_with("io.modelcontextprotocol/"));
+        if let Some(c) = capabilities {
+            meta.insert(mcp::META_CAPABILITIES.into(), c);
+        }
+        if !meta.is_empty() {
+            params.insert("_meta".into(), Value::Object(meta));
         }
         let sent = std::time::Instant::now();
         let who = agent.clone().unwrap_or_else(|| Arc::from(""));
@@ -1227,6 +1281,7 @@ impl Gate {
             agent,
             tool: call.name,
             data: d,
+            grant,
         };
         if !relay {
             let answer = upstream
@@ -1244,6 +1299,8 @@ impl Gate {
             agent: who.clone(),
             modern: version == mcp::V2026_07_28,
         };
+        let round_params = bridged.as_ref().map(|_| params.clone());
+        let (up, agent_id) = (upstream.clone(), who.clone());
         let mut answer = Box::pin(async move {
             upstream
                 .request_relay(&who, "tools/call", Value::Object(params), Some(tx))
@@ -1261,8 +1318,11 @@ impl Gate {
             }
             Some(n) = notes.recv() => (vec![n], None),
         };
+        let bridge = bridged.zip(round_params);
         let done = match (early.is_empty(), done) {
-            (true, Some(a)) => return self.settle(a, after),
+            (true, Some(a)) if bridge.is_none() || !rounds::is_input_required(&a) => {
+                return self.settle(a, after)
+            }
             (_, d) => d,
         };
         let (body, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
@@ -1284,6 +1344,12 @@ impl Gate {
             while let Ok(n) = notes.try_recv() {
                 asker.pass(n, &body).await;
             }
+            let a = match bridge {
+                Some((rec, p)) if rounds::is_input_required(&a) => {
+                    me.bridge_rounds(a, &up, &agent_id, p, &body, rec).await
+                }
+                _ => a,
+            };
             let outcome = me.settle(a, after);
             if let Some(mut r) = outcome.record {
                 r.request_id = Some(request_id);
@@ -1307,6 +1373,7 @@ impl Gate {
             agent,
             tool,
             data: d,
+            grant,
         } = s;
         let id = &id;
         let labels = UpstreamLabels {
@@ -1319,6 +1386,14 @@ impl Gate {
             .observe(sent.elapsed().as_secs_f64());
         if answer.is_err() {
             self.0.metrics.upstream_errors.get_or_create(&labels).inc();
+        }
+        if let (Ok(Answer::Result(r)), Some((hold, sha)), Some(agent)) = (&answer, &grant, &agent) {
+            if r.get("resultType").and_then(Value::as_str) == Some("input_required") {
+                let state = r.get("requestState").and_then(Value::as_str);
+                if !self.0.rounds.offer(agent, &tool, sha, state, hold) {
+                    tracing::warn!(hold.id = %hold, "too many open rounds; the retry will be held again");
+                }
+            }
         }
         match answer {
             Ok(Answer::Result(r)) => Outcome::reply(Reply::Rpc(
@@ -1369,6 +1444,9 @@ struct Settle {
     agent: Option<Arc<str>>,
     tool: String,
     data: Value,
+    /// For a call forwarded under an approval: the hold and the arguments'
+    /// hash, so an `input_required` answer leaves a continuation.
+    grant: Option<(String, String)>,
 }
 
 /// One JSON-RPC message as an SSE event.

@@ -334,6 +334,19 @@ pub struct ToolCall {
     /// Always an object.
     pub arguments: Value,
     pub meta: Option<Map<String, Value>>,
+    /// 2026-07-28 multi-round-trip retry: the answers to an
+    /// `input_required` result's `inputRequests`, keyed as they were.
+    pub input_responses: Option<Map<String, Value>>,
+    /// 2026-07-28 multi-round-trip retry: the upstream's opaque state,
+    /// echoed back unchanged.
+    pub request_state: Option<String>,
+}
+
+impl ToolCall {
+    /// Whether this call continues an `input_required` round.
+    pub fn is_retry(&self) -> bool {
+        self.input_responses.is_some() || self.request_state.is_some()
+    }
 }
 
 /// Why `tools/call` params were refused (answered with -32602).
@@ -345,10 +358,15 @@ pub struct InvalidParams(pub String);
 pub const MAX_NAME_LEN: usize = 256;
 
 /// Checks `tools/call` params: exactly `name`, optional object `arguments`,
-/// optional object `_meta`; anything else (including `Name`) is refused.
+/// optional object `_meta`, and on a 2026-07-28 multi-round-trip retry an
+/// object `inputResponses` and a string `requestState`; anything else
+/// (including `Name`) is refused.
 pub fn tool_call(params: &Map<String, Value>) -> Result<ToolCall, InvalidParams> {
     for k in params.keys() {
-        if !matches!(k.as_str(), "name" | "arguments" | "_meta") {
+        if !matches!(
+            k.as_str(),
+            "name" | "arguments" | "_meta" | "inputResponses" | "requestState"
+        ) {
             return Err(InvalidParams(format!(
                 "unknown member {k:?} in tools/call params"
             )));
@@ -373,11 +391,40 @@ pub fn tool_call(params: &Map<String, Value>) -> Result<ToolCall, InvalidParams>
         Some(Value::Object(m)) => Some(m.clone()),
         Some(_) => return Err(InvalidParams("\"_meta\" must be an object".into())),
     };
+    let input_responses = match params.get("inputResponses") {
+        None => None,
+        Some(Value::Object(m)) => Some(m.clone()),
+        Some(_) => return Err(InvalidParams("\"inputResponses\" must be an object".into())),
+    };
+    let request_state = match params.get("requestState") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(InvalidParams("\"requestState\" must be a string".into())),
+    };
     Ok(ToolCall {
         name: name.clone(),
         arguments,
         meta,
+        input_responses,
+        request_state,
     })
+}
+
+/// Removes the agent's capabilities that toolgate passes in `_meta` for
+/// 2026-07-28 upstreams, for one that speaks a session-era revision (which
+/// declared its client's capabilities at initialize); drops an emptied
+/// `_meta`.
+pub fn strip_capabilities(params: &mut Value) {
+    let Value::Object(o) = params else {
+        return;
+    };
+    let empty = match o.get_mut("_meta") {
+        Some(Value::Object(m)) => m.remove(META_CAPABILITIES).is_some() && m.is_empty(),
+        _ => false,
+    };
+    if empty {
+        o.remove("_meta");
+    }
 }
 
 /// Serialises a JSON-RPC success response.

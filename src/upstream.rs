@@ -479,6 +479,9 @@ impl Upstream {
         let mut name_header = None;
         if let Some(p) = params {
             let mut p = p.clone();
+            if !modern {
+                mcp::strip_capabilities(&mut p);
+            }
             if modern {
                 if let Value::Object(o) = &mut p {
                     name_header = o
@@ -489,7 +492,7 @@ impl Upstream {
                     let meta = o.entry("_meta").or_insert_with(|| json!({}));
                     if let Value::Object(m) = meta {
                         m.insert(mcp::META_VERSION.into(), Value::from(mcp::V2026_07_28));
-                        m.insert(mcp::META_CAPABILITIES.into(), json!({}));
+                        m.entry(mcp::META_CAPABILITIES).or_insert_with(|| json!({}));
                         m.insert(
                             mcp::META_CLIENT_INFO.into(),
                             json!({"name": "toolgate", "version": env!("CARGO_PKG_VERSION")}),

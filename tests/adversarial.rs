@@ -219,7 +219,7 @@ impl Suite {
         let log = String::from_utf8_lossy(&operator_log().lock().unwrap()).into_owned();
         let audit = std::fs::read_to_string(self.h.dir.join("audit.jsonl")).unwrap_or_default();
         assert!(
-            log.contains("decided"),
+            log.contains("toolgate::"),
             "{name}: the operator log is not captured"
         );
         for s in self.secrets.lock().unwrap().iter() {

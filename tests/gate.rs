@@ -579,6 +579,7 @@ async fn several_upstreams_are_aggregated_and_routed_by_prefix() {
     assert_eq!(
         names,
         [
+            "billing__confirm_refund",
             "billing__delete_invoice",
             "billing__echo",
             "billing__get_invoice",

@@ -658,3 +658,201 @@ async fn new_holds_are_posted_to_the_webhook_with_retries_and_failures_are_audit
     }
     panic!("notify failure was not audited");
 }
+
+#[tokio::test]
+async fn multi_round_trip_rounds_pass_through_and_an_approval_covers_its_rounds_once() {
+    let h = Harness::with(Opts {
+        manifests: &[
+            (
+                "ops-bot.yaml",
+                "agent: ops-bot\ntools:\n  - name: billing__confirm_refund\n    approval: required\n",
+            ),
+            (
+                "free-bot.yaml",
+                "agent: free-bot\ntools:\n  - name: billing__confirm_refund\n",
+            ),
+        ],
+        holds: "holds: { wait: 50ms, ttl: 1h }",
+        ..Opts::default()
+    })
+    .await;
+    let round = |tool_args: Value, state: Option<&str>, ok: bool| {
+        let mut p = json!({"name": "billing__confirm_refund", "arguments": tool_args});
+        if let Some(s) = state {
+            p["requestState"] = json!(s);
+            p["inputResponses"] = json!({"confirm": {"action": "accept", "content": {"ok": ok}}});
+        }
+        p
+    };
+    let args = json!({"invoice_id": "INV-000007"});
+
+    // Allowed outright: the input_required round reaches the agent as the
+    // upstream sent it, and the retry with the answers completes.
+    let free = h.token("free-bot");
+    let (_, v) = h
+        .modern(&free, "tools/call", round(args.clone(), None, true))
+        .await;
+    assert_eq!(v["result"]["resultType"], "input_required", "{v}");
+    assert_eq!(
+        v["result"]["inputRequests"]["confirm"]["method"], "elicitation/create",
+        "{v}"
+    );
+    let state = v["result"]["requestState"].as_str().unwrap().to_owned();
+    let (_, v) = h
+        .modern(&free, "tools/call", round(args.clone(), Some(&state), true))
+        .await;
+    assert_eq!(
+        v["result"]["content"][0]["text"], "Refunded invoice INV-000007 (confirmed)",
+        "{v}"
+    );
+    assert_eq!(v["result"]["resultType"], "complete");
+    let forwarded = h.tools.received();
+    assert_eq!(forwarded.len(), 2);
+
+    // Approval required: the approved call's input_required round leaves
+    // one continuation; its retry is forwarded without a new hold, once.
+    let ops = h.token("ops-bot");
+    let v = h.call(&ops, "billing__confirm_refund", args.clone()).await;
+    let id = hold_id(&v);
+    let (s, _) = h.approve(&id, "carol", json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v) = h
+        .modern(&ops, "tools/call", round(args.clone(), None, true))
+        .await;
+    assert_eq!(v["result"]["resultType"], "input_required", "{v}");
+    // A retry with a forged state is not the next round: held anew.
+    let (_, v) = h
+        .modern(
+            &ops,
+            "tools/call",
+            round(args.clone(), Some("forged"), true),
+        )
+        .await;
+    assert_eq!(code(&v), -32010, "{v}");
+    let (_, v) = h
+        .modern(&ops, "tools/call", round(args.clone(), Some(&state), true))
+        .await;
+    assert_eq!(
+        v["result"]["content"][0]["text"], "Refunded invoice INV-000007 (confirmed)",
+        "{v}"
+    );
+    // The completed call used the approval up: replaying the last round is
+    // a new call, held, and not forwarded.
+    let (_, v) = h
+        .modern(&ops, "tools/call", round(args.clone(), Some(&state), true))
+        .await;
+    assert_eq!(code(&v), -32010, "{v}");
+    assert_eq!(h.tools.received().len(), 4, "two rounds each, nothing more");
+    let audit = h.audit().await;
+    let next: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["rule"] == "hold.continuation")
+        .collect();
+    assert_eq!(next.len(), 1, "{audit:#?}");
+    assert_eq!(
+        (next[0]["decision"].as_str(), next[0]["hold_id"].as_str()),
+        (Some("allow"), Some(id.as_str()))
+    );
+}
+
+#[tokio::test]
+async fn a_session_era_agent_answers_input_requests_asked_on_its_stream() {
+    use http_body_util::BodyExt;
+    let h = Harness::with(Opts {
+        manifests: &[(
+            "old-bot.yaml",
+            "agent: old-bot\ntools:\n  - name: billing__confirm_refund\n",
+        )],
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("old-bot");
+    let sid = h.initialize(&t).await;
+    let body = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "billing__confirm_refund", "arguments": {"invoice_id": "INV-000009"}}});
+    let req = http::Request::post(&h.url)
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &sid)
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let resp = h.client.request(req).await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = resp.into_body();
+    let mut text = String::new();
+    let mut events: Vec<Value> = Vec::new();
+    let mut answered = false;
+    while let Some(frame) = stream.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+        while let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            if let Some(d) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
+                events.push(serde_json::from_str(d).unwrap());
+            }
+        }
+        let Some(ask) = events.iter().find(|e| e["method"] == "elicitation/create") else {
+            continue;
+        };
+        if answered {
+            continue;
+        }
+        answered = true;
+        assert_eq!(
+            ask["params"]["message"], "Refund invoice INV-000009?",
+            "{ask}"
+        );
+        let ask_id = ask["id"].as_str().unwrap().to_owned();
+        // Another agent cannot answer it.
+        let other = h.token("other-bot");
+        let osid = h.initialize(&other).await;
+        let answer = |id: &str, ok: bool| {
+            json!({"jsonrpc": "2.0", "id": id, "result": {"action": "accept", "content": {"ok": ok}}})
+                .to_string()
+        };
+        let (s, _, _) = h
+            .post(
+                Some(&other),
+                &[
+                    ("mcp-session-id", &osid),
+                    ("mcp-protocol-version", "2025-11-25"),
+                ],
+                answer(&ask_id, false),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+        let (s, _, _) = h
+            .post(
+                Some(&t),
+                &[
+                    ("mcp-session-id", &sid),
+                    ("mcp-protocol-version", "2025-11-25"),
+                ],
+                answer(&ask_id, true),
+            )
+            .await;
+        assert_eq!(s, StatusCode::ACCEPTED);
+    }
+    let result = events
+        .iter()
+        .find(|e| e["id"] == 5)
+        .expect("the call's result");
+    assert_eq!(
+        result["result"]["content"][0]["text"], "Refunded invoice INV-000009 (confirmed)",
+        "{events:?}"
+    );
+    assert!(
+        result["result"].get("resultType").is_none(),
+        "session-era shape"
+    );
+    // Both rounds reached the upstream, and both are audited.
+    assert_eq!(h.tools.received().len(), 2);
+    let audit = h.audit().await;
+    let events: Vec<&str> = audit.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["call", "input_round"], "{audit:#?}");
+}

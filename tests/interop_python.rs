@@ -65,19 +65,36 @@ async fn client(
     token: &str,
     args: Vec<String>,
 ) -> Vec<Value> {
+    client_with(line, mode, url, token, args, &[]).await
+}
+
+/// [`client`] with extra environment for the probe.
+async fn client_with(
+    line: u8,
+    mode: Option<&str>,
+    url: &str,
+    token: &str,
+    args: Vec<String>,
+    env: &[(&str, &str)],
+) -> Vec<Value> {
     let (py, url, token, mode) = (
         python(line),
         url.to_owned(),
         token.to_owned(),
         mode.map(str::to_owned),
     );
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         let mut c = Command::new(py);
         c.arg(script("client_check.py"))
             .args(&args)
             .env("TOOLGATE_URL", &url)
             .env("TOOLGATE_TOKEN", &token)
-            .env("TOOLGATE_TIMEOUT", "20");
+            .env("TOOLGATE_TIMEOUT", "20")
+            .envs(env);
         if let Some(m) = mode {
             c.env("TOOLGATE_MODE", m);
         }
@@ -440,4 +457,76 @@ async fn sdk_clients_reach_stdio_servers_of_older_revisions() {
     let ups = &h.server.gate.0.upstreams;
     assert_eq!(ups[0].version(), Some("2025-11-25"));
     assert_eq!(ups[1].version(), Some("2025-06-18"));
+}
+
+/// A 2.x server tool that asks the user (an elicitation resolver): a 2.x
+/// client on 2026-07-28 gets the `input_required` round through toolgate and
+/// retries with its answer; with `approval: required`, the approval covers
+/// the call's rounds once; a 1.x client (2025-11-25 session) gets the same
+/// question asked on its stream by toolgate, which drives the rounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_required_rounds_reach_2x_and_1x_clients_of_a_2x_server() {
+    let (_server, url) = upstream(2);
+    let h = Harness::with(Opts {
+        upstream: Some(url),
+        manifests: &[
+            (
+                "free-bot.yaml",
+                "agent: free-bot\ntools:\n  - name: billing__confirm_refund\n",
+            ),
+            (
+                "ops-bot.yaml",
+                "agent: ops-bot\ntools:\n  - name: billing__confirm_refund\n    approval: required\n",
+            ),
+        ],
+        ..Opts::default()
+    })
+    .await;
+    let call = || {
+        vec![
+            s("call"),
+            s("billing__confirm_refund"),
+            s(r#"{"invoice_id":"INV-000001"}"#),
+        ]
+    };
+    let confirm = [("TOOLGATE_CONFIRM", "1")];
+    let free = h.token("free-bot");
+    for line in [2, 1] {
+        let out = client_with(line, None, &h.url, &free, call(), &confirm).await;
+        assert_eq!(out[1]["scenario"], "elicited", "{line}.x: {out:?}");
+        assert_eq!(out[1]["message"], "Refund invoice INV-000001?", "{line}.x");
+        assert_eq!(out[2]["ok"], true, "{line}.x: {out:?}");
+        assert_eq!(out[2]["text"], "refunded INV-000001", "{line}.x: {out:?}");
+    }
+    // Approval required: held, approved, then the approved call's rounds.
+    let ops = h.token("ops-bot");
+    let out = client_with(2, None, &h.url, &ops, call(), &confirm).await;
+    assert_eq!(out[1]["code"], -32010, "{out:?}");
+    let hold = out[1]["data"]["hold_id"].as_str().unwrap().to_owned();
+    let (status, _) = h.approve(&hold, "carol", json!({})).await;
+    assert_eq!(status, http::StatusCode::OK);
+    let out = client_with(2, None, &h.url, &ops, call(), &confirm).await;
+    assert_eq!(out[1]["scenario"], "elicited", "{out:?}");
+    assert_eq!(out[2]["text"], "refunded INV-000001", "{out:?}");
+    // Spent: the same call again is a new request.
+    let out = client_with(2, None, &h.url, &ops, call(), &confirm).await;
+    assert_eq!(out[1]["code"], -32010, "{out:?}");
+    let audit = h.audit().await;
+    let kinds: Vec<(&str, &str, &str)> = audit
+        .iter()
+        .filter(|r| r["agent"] == "ops-bot")
+        .map(|r| {
+            (
+                r["event"].as_str().unwrap(),
+                r["decision"].as_str().unwrap_or("-"),
+                r["rule"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect();
+    assert!(
+        kinds.contains(&("grant_used", "approved", "tools[0].approval"))
+            && kinds.contains(&("call", "allow", "hold.continuation")),
+        "{kinds:?}"
+    );
+    assert!(toolgate::audit::verify(&h.dir.join("audit.jsonl")).is_ok());
 }

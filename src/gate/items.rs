@@ -286,6 +286,7 @@ impl Gate {
                 agent: Some(caller.agent.clone()),
                 tool: target,
                 data: d,
+                grant: None,
             },
         )
     }

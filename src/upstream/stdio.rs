@@ -433,7 +433,9 @@ impl Proc {
             return Err(self.exited_error());
         }
         let mut msg = json!({"jsonrpc": "2.0", "id": id, "method": method});
-        if let Some(p) = params {
+        if let Some(mut p) = params {
+            // stdio servers speak a session-era revision.
+            mcp::strip_capabilities(&mut p);
             msg["params"] = p;
         }
         self.write(&msg).await?;

@@ -12,6 +12,8 @@ Environment:
                      "legacy" (initialize handshake only), or "2026-07-28" (pin modern, no probe).
                      Ignored by 1.x (which always does the initialize handshake).
     TOOLGATE_TIMEOUT per-request read timeout in seconds (default 30)
+    TOOLGATE_CONFIRM answer every elicitation with accept {"ok": true}, printing
+                     {"scenario":"elicited","message":...} for each
 
 Usage:
     client_check.py SCENARIO [SCENARIO ...]
@@ -148,11 +150,21 @@ async def connect(url: str, token: str | None, mode: str, timeout: float):
         from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
         async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(timeout, read=max(timeout, 300))) as http:
+            extra = {}
+            if os.environ.get("TOOLGATE_CONFIRM"):
+                import mcp_types
+
+                async def confirm(_ctx, params):  # noqa: ANN001
+                    emit({"scenario": "elicited", "message": params.message})
+                    return mcp_types.ElicitResult(action="accept", content={"ok": True})
+
+                extra["elicitation_callback"] = confirm
             async with Client(
                 streamable_http_client(url, http_client=http),
                 mode=mode,
                 read_timeout_seconds=timeout,
                 cache=None,
+                **extra,
             ) as client:
                 s = client.session
                 pv = s.protocol_version
@@ -172,9 +184,20 @@ async def connect(url: str, token: str | None, mode: str, timeout: float):
         from mcp.client.streamable_http import streamable_http_client
         from mcp.shared._httpx_utils import create_mcp_http_client
 
+        extra = {}
+        if os.environ.get("TOOLGATE_CONFIRM"):
+            from mcp import types as mcp_types
+
+            async def confirm(_ctx, params):  # noqa: ANN001
+                emit({"scenario": "elicited", "message": params.message})
+                return mcp_types.ElicitResult(action="accept", content={"ok": True})
+
+            extra["elicitation_callback"] = confirm
         async with create_mcp_http_client(headers=headers) as http:
             async with streamable_http_client(url, http_client=http) as (read, write, _get_sid):
-                async with ClientSession(read, write, read_timeout_seconds=timedelta(seconds=timeout)) as session:
+                async with ClientSession(
+                    read, write, read_timeout_seconds=timedelta(seconds=timeout), **extra
+                ) as session:
                     init = await session.initialize()
                     yield Facade(
                         session,

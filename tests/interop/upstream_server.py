@@ -28,6 +28,8 @@ Tools:
     refund(invoice_id: str, amount: float) -> {"ok": true, "invoice_id": <id>, "refunded": <amount>}
         amount <= 0  -> tool error (CallToolResult.isError = true, text "amount must be positive")
     echo(text: str) -> <text>
+    confirm_refund(invoice_id: str) -> "refunded <id>" once the client confirms (2.x only: asks
+        with an elicitation, as an input_required round on 2026-07-28)
 """
 
 from __future__ import annotations
@@ -94,6 +96,28 @@ def refund(invoice_id: str, amount: float) -> dict:
 def echo(text: str) -> str:
     """Echo the text back."""
     return text
+
+
+if MCP_MAJOR >= 2:
+    # Asks the user before refunding: on 2026-07-28 the SDK answers the first
+    # round with an `input_required` result and completes on the retry that
+    # carries the answer; on 2025-11-25 it sends `elicitation/create` mid-call.
+    from typing import Annotated
+
+    from pydantic import BaseModel
+
+    from mcp.server.mcpserver import Elicit, Resolve
+
+    class Confirmation(BaseModel):
+        ok: bool
+
+    def _ask(invoice_id: str) -> Elicit[Confirmation]:
+        return Elicit(f"Refund invoice {invoice_id}?", Confirmation)
+
+    @mcp.tool()
+    def confirm_refund(invoice_id: str, confirmation: Annotated[Confirmation, Resolve(_ask)]) -> str:
+        """Refund an invoice once the user confirms."""
+        return f"refunded {invoice_id}" if confirmation.ok else f"kept {invoice_id}"
 
 
 def _build_app():

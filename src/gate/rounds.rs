@@ -1,0 +1,379 @@
+//! Rounds of 2026-07-28 multi-round-trip calls: continuations of approved
+//! calls ([`Rounds`]), and the rounds toolgate drives itself for agents
+//! that speak a session-era revision ([`Asked`], `Gate::bridge_rounds`).
+//!
+//! Approved calls.
+//! An upstream may answer a tools/call with `resultType: "input_required"`:
+//! it needs the agent's answers (an elicitation, a sample) and expects the
+//! identical call again, carrying `inputResponses` and its `requestState`.
+//! When the first round was an approved hold, the retry is the same call the
+//! human approved, not a new one, so it must not be held again; but it must
+//! not turn the single-use approval into standing access either. So each
+//! approved round that ends in `input_required` leaves one continuation:
+//! bound to the agent, the tool and the arguments' hash, and to the
+//! upstream's `requestState` when it sent one; used once; gone after
+//! [`TTL`]. A round that completes leaves none, so at most one approved
+//! execution completes per approval. Continuations live in memory: after a
+//! restart the retry is held again, which fails closed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{sse_frame, Gate};
+use crate::audit::Record;
+use crate::mcp::code;
+use crate::upstream::{Answer, Upstream, UpstreamError};
+
+/// How long an agent has to answer an approved call's `input_required`.
+pub const TTL: Duration = Duration::from_secs(600);
+
+/// Continuations kept at once, across all agents.
+pub const MAX: usize = 4096;
+
+type Key = (Arc<str>, String, String);
+
+struct Entry {
+    hold_id: String,
+    request_state: Option<String>,
+    expires: Instant,
+}
+
+/// The continuations of approved calls.
+#[derive(Default)]
+pub struct Rounds {
+    map: DashMap<Key, Entry>,
+}
+
+impl Rounds {
+    /// Records that the approved call `(agent, tool, args_sha256)` of hold
+    /// `hold_id` answered `input_required`. Returns false when full (the
+    /// retry will then be held again).
+    pub fn offer(
+        &self,
+        agent: &Arc<str>,
+        tool: &str,
+        args_sha256: &str,
+        request_state: Option<&str>,
+        hold_id: &str,
+    ) -> bool {
+        let now = Instant::now();
+        if self.map.len() >= MAX {
+            self.map.retain(|_, e| e.expires > now);
+            if self.map.len() >= MAX {
+                return false;
+            }
+        }
+        self.map.insert(
+            (agent.clone(), tool.to_owned(), args_sha256.to_owned()),
+            Entry {
+                hold_id: hold_id.to_owned(),
+                request_state: request_state.map(str::to_owned),
+                expires: now + TTL,
+            },
+        );
+        true
+    }
+
+    /// Takes the continuation a retry of `(agent, tool, args_sha256)` with
+    /// `request_state` presents, if there is one; returns its hold id.
+    pub fn take(
+        &self,
+        agent: &Arc<str>,
+        tool: &str,
+        args_sha256: &str,
+        request_state: Option<&str>,
+    ) -> Option<String> {
+        let key = (agent.clone(), tool.to_owned(), args_sha256.to_owned());
+        let now = Instant::now();
+        self.map
+            .remove_if(&key, |_, e| {
+                e.expires > now
+                    && (e.request_state.is_none() || e.request_state.as_deref() == request_state)
+            })
+            .map(|(_, e)| e.hold_id)
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_continuation_is_bound_to_agent_call_and_state_and_used_once() {
+        let r = Rounds::default();
+        let a: Arc<str> = Arc::from("a");
+        let b: Arc<str> = Arc::from("b");
+        assert!(r.offer(&a, "t", "h1", Some("s1"), "hold-1"));
+        assert_eq!(r.take(&b, "t", "h1", Some("s1")), None, "another agent");
+        assert_eq!(r.take(&a, "t", "h2", Some("s1")), None, "other arguments");
+        assert_eq!(r.take(&a, "u", "h1", Some("s1")), None, "another tool");
+        assert_eq!(r.take(&a, "t", "h1", Some("forged")), None, "another state");
+        assert_eq!(r.take(&a, "t", "h1", None), None, "no state");
+        assert_eq!(r.take(&a, "t", "h1", Some("s1")).as_deref(), Some("hold-1"));
+        assert_eq!(r.take(&a, "t", "h1", Some("s1")), None, "used once");
+        // Without a requestState from the upstream, any retry of the call.
+        assert!(r.offer(&a, "t", "h1", None, "hold-2"));
+        assert_eq!(r.take(&a, "t", "h1", Some("x")).as_deref(), Some("hold-2"));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn the_map_is_bounded() {
+        let r = Rounds::default();
+        let a: Arc<str> = Arc::from("a");
+        for i in 0..MAX {
+            assert!(r.offer(&a, "t", &i.to_string(), None, "h"));
+        }
+        assert!(!r.offer(&a, "t", "one more", None, "h"), "full: refused");
+        assert_eq!(r.len(), MAX);
+    }
+}
+
+/// Questions toolgate asks a session-era agent on behalf of a 2026-07-28
+/// upstream: the `inputRequests` of an `input_required` result, sent on the
+/// call's event stream as server requests under toolgate's own ids, bound
+/// to the agent and answered once. The answers go back to the upstream as
+/// the retry's `inputResponses`.
+/// Who was asked, and where their answer goes.
+type Question = (Arc<str>, oneshot::Sender<Map<String, Value>>);
+
+#[derive(Default)]
+pub struct Asked {
+    map: std::sync::Mutex<HashMap<String, Question>>,
+    next: AtomicU64,
+}
+
+/// Questions waiting for agents' answers at once.
+pub const MAX_ASKED: usize = 256;
+
+/// Ids of toolgate's own questions start with this.
+pub const ASK_PREFIX: &str = "toolgate-input:";
+
+impl Asked {
+    /// A new question for `agent`: its id and where the answer arrives.
+    /// `None` when too many questions wait.
+    pub fn ask(&self, agent: &Arc<str>) -> Option<(String, oneshot::Receiver<Map<String, Value>>)> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= MAX_ASKED {
+            map.retain(|_, (_, tx)| !tx.is_closed());
+            if map.len() >= MAX_ASKED {
+                return None;
+            }
+        }
+        let id = format!("{ASK_PREFIX}{}", self.next.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        map.insert(id.clone(), (agent.clone(), tx));
+        Some((id, rx))
+    }
+
+    /// Delivers `agent`'s answer to question `id`; false when `id` was not
+    /// asked of this agent (or is answered already).
+    pub fn answer(&self, agent: &str, id: &str, reply: Map<String, Value>) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(id) {
+            Some((a, _)) if &**a == agent => {
+                map.remove(id).is_some_and(|(_, tx)| tx.send(reply).is_ok())
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets question `id` (its call ended without an answer).
+    pub fn forget(&self, id: &str) {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+    }
+}
+
+#[cfg(test)]
+mod asked_tests {
+    use super::*;
+
+    #[test]
+    fn a_question_is_answered_once_and_only_by_the_agent_asked() {
+        let q = Asked::default();
+        let a: Arc<str> = Arc::from("a");
+        let (id, mut rx) = q.ask(&a).unwrap();
+        assert!(id.starts_with(ASK_PREFIX));
+        let reply = Map::from_iter([("result".to_owned(), Value::from("yes"))]);
+        assert!(!q.answer("b", &id, reply.clone()), "another agent");
+        assert!(q.answer("a", &id, reply.clone()));
+        assert!(!q.answer("a", &id, reply), "answered once");
+        assert_eq!(rx.try_recv().unwrap()["result"], "yes");
+    }
+
+    #[test]
+    fn waiting_questions_are_bounded() {
+        let q = Asked::default();
+        let a: Arc<str> = Arc::from("a");
+        let mut keep = Vec::new();
+        for _ in 0..MAX_ASKED {
+            keep.push(q.ask(&a).unwrap());
+        }
+        assert!(q.ask(&a).is_none());
+        // A question whose call gave up makes room.
+        drop(keep.pop());
+        assert!(q.ask(&a).is_some());
+    }
+}
+
+/// Rounds toolgate drives for a session-era agent before giving up.
+pub const MAX_ROUNDS: u32 = 8;
+
+/// How long an agent has to answer one of toolgate's questions.
+const ANSWER_WAIT: Duration = Duration::from_secs(300);
+
+/// Whether an upstream result is a 2026-07-28 `input_required` round.
+pub fn is_input_required(a: &Result<Answer, UpstreamError>) -> bool {
+    matches!(a, Ok(Answer::Result(r)) if r.get("resultType").and_then(Value::as_str) == Some("input_required"))
+}
+
+fn failed(code: i64, message: String) -> Result<Answer, UpstreamError> {
+    Ok(Answer::Error(
+        serde_json::json!({"code": code, "message": message}),
+    ))
+}
+
+impl Gate {
+    /// Drives a 2026-07-28 upstream's `input_required` rounds for a
+    /// session-era agent, which cannot read them: each input request is
+    /// asked on the call's event stream `body` as a server request, and the
+    /// answers go back to the upstream in the retry, until the upstream
+    /// completes (or [`MAX_ROUNDS`]). Each round forwarded is audited.
+    pub(super) async fn bridge_rounds(
+        &self,
+        mut answer: Result<Answer, UpstreamError>,
+        upstream: &Arc<Upstream>,
+        agent: &Arc<str>,
+        params: Map<String, Value>,
+        body: &mpsc::Sender<Bytes>,
+        audit: Record,
+    ) -> Result<Answer, UpstreamError> {
+        for round in 1..=MAX_ROUNDS {
+            let Ok(Answer::Result(r)) = &answer else {
+                return answer;
+            };
+            if !is_input_required(&answer) {
+                return answer;
+            }
+            let mut responses = Map::new();
+            if let Some(requests) = r.get("inputRequests").and_then(Value::as_object) {
+                for (key, req) in requests {
+                    let method = req.get("method").and_then(Value::as_str).unwrap_or("");
+                    let result = match method {
+                        "roots/list" => serde_json::json!({"roots": []}),
+                        m if crate::upstream::asks::RELAYED.contains(&m) => {
+                            match self.ask_agent(agent, m, req.get("params"), body).await {
+                                Ok(v) => v,
+                                Err(e) => return Ok(Answer::Error(e)),
+                            }
+                        }
+                        other => {
+                            return failed(
+                                code::METHOD_NOT_FOUND,
+                                format!(
+                                    "the tool asked for {other:?}, which toolgate does not relay"
+                                ),
+                            )
+                        }
+                    };
+                    responses.insert(key.clone(), result);
+                }
+            } else {
+                // Only state: the upstream asks to be polled.
+                tokio::time::sleep(Duration::from_millis(100 * u64::from(round))).await;
+            }
+            let mut p = params.clone();
+            if !responses.is_empty() {
+                p.insert("inputResponses".into(), Value::Object(responses));
+            }
+            if let Some(s) = r.get("requestState") {
+                p.insert("requestState".into(), s.clone());
+            }
+            let mut rec = audit.clone();
+            rec.event = "input_round";
+            rec.decision = Some("allow");
+            rec.reason = Some(format!(
+                "round {} of the call: the agent's answers to the tool's input requests",
+                round + 1
+            ));
+            if self.0.audit_submit(rec).is_err() {
+                return failed(
+                    code::AUDIT_UNAVAILABLE,
+                    "the audit log cannot be written; the next round was not forwarded".into(),
+                );
+            }
+            answer = upstream
+                .request(agent, "tools/call", Value::Object(p))
+                .await;
+        }
+        if is_input_required(&answer) {
+            return failed(
+                code::INTERNAL,
+                format!("the tool asked for input more than {MAX_ROUNDS} times"),
+            );
+        }
+        answer
+    }
+
+    /// Asks `agent` one server request on its call's stream; returns the
+    /// result it answered, or the JSON-RPC error to end the call with.
+    async fn ask_agent(
+        &self,
+        agent: &Arc<str>,
+        method: &str,
+        params: Option<&Value>,
+        body: &mpsc::Sender<Bytes>,
+    ) -> Result<Value, Value> {
+        let Some((id, rx)) = self.0.asked.ask(agent) else {
+            return Err(serde_json::json!({"code": code::INTERNAL,
+                "message": "too many questions are waiting for agents' answers"}));
+        };
+        let mut msg = Map::new();
+        msg.insert("jsonrpc".into(), Value::from("2.0"));
+        msg.insert("id".into(), Value::String(id.clone()));
+        msg.insert("method".into(), Value::from(method));
+        if let Some(p) = params {
+            msg.insert("params".into(), p.clone());
+        }
+        if body.send(sse_frame(&Value::Object(msg))).await.is_err() {
+            self.0.asked.forget(&id);
+            return Err(
+                serde_json::json!({"code": code::INTERNAL, "message": "the agent's stream closed"}),
+            );
+        }
+        let reply = match tokio::time::timeout(ANSWER_WAIT, rx).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                self.0.asked.forget(&id);
+                return Err(serde_json::json!({"code": code::INTERNAL,
+                    "message": format!("the agent did not answer {method}")}));
+            }
+        };
+        match (reply.get("result"), reply.get("error")) {
+            (Some(r @ Value::Object(_)), _) => Ok(r.clone()),
+            (_, Some(e @ Value::Object(_))) => Err(e.clone()),
+            _ => Err(serde_json::json!({"code": code::INVALID_REQUEST,
+                "message": format!("the agent's answer to {method} has no result")})),
+        }
+    }
+}
