@@ -34,7 +34,7 @@ use crate::notify::Notifier;
 use crate::policy::{self, Guard, Verdict};
 use crate::ratelimit::{Limiters, Scope};
 use crate::session::{SessionError, Sessions};
-use crate::upstream::{Answer, Catalog, Route, Upstream};
+use crate::upstream::{Answer, Catalog, Route, Upstream, Who};
 
 mod held;
 mod items;
@@ -84,6 +84,9 @@ pub struct Shared {
     /// toolgate's own questions to session-era agents, for 2026-07-28
     /// upstreams' input requests.
     pub(crate) asked: rounds::Asked,
+    /// Bumped when what agents may list changes (an upstream's tool list,
+    /// a policy reload); agents' GET streams send `list_changed` on it.
+    pub(crate) listed: tokio::sync::watch::Sender<u64>,
     /// Delivers alerts to `alerts.url`, if configured.
     pub alert_sink: Option<Notifier>,
     refresh: tokio::sync::Mutex<()>,
@@ -238,6 +241,18 @@ struct Ctx {
     sse: bool,
     /// The client accepts an event stream: long waits may stream.
     accepts_sse: bool,
+    /// The agent's MCP session (2025-era revisions), once checked.
+    session: Option<Arc<str>>,
+}
+
+impl Ctx {
+    /// On whose behalf this request goes upstream.
+    fn who(&self, caller: &Caller) -> Who {
+        Who {
+            agent: caller.agent.clone(),
+            session: self.session.clone(),
+        }
+    }
 }
 
 fn rpc_error(status: StatusCode, id: Option<&Id>, code: i64, message: &str, data: Value) -> Reply {
@@ -309,6 +324,7 @@ impl Gate {
             alerts,
             rounds: rounds::Rounds::default(),
             asked: rounds::Asked::default(),
+            listed: tokio::sync::watch::Sender::new(0),
             alert_sink,
             config,
             refresh: tokio::sync::Mutex::new(()),
@@ -328,6 +344,7 @@ impl Gate {
             agent: None,
             sse: false,
             accepts_sse: false,
+            session: None,
         };
         let span = tracing::info_span!(
             "request",
@@ -469,10 +486,7 @@ impl Gate {
                 return Outcome::reply(Reply::Status(StatusCode::METHOD_NOT_ALLOWED))
             }
             Method::DELETE => return self.delete_session(&parts.headers, &caller),
-            Method::GET => {
-                // No server-initiated stream: toolgate sends nothing unasked.
-                return Outcome::reply(Reply::Status(StatusCode::METHOD_NOT_ALLOWED));
-            }
+            Method::GET => return self.listen(&parts.headers, &caller),
             _ => return Outcome::reply(Reply::Status(StatusCode::METHOD_NOT_ALLOWED)),
         }
         let accept = header_str(&parts.headers, http::header::ACCEPT.as_str()).unwrap_or("");
@@ -513,6 +527,9 @@ impl Gate {
             Ok(v) => v,
             Err(o) => return *o,
         };
+        if version != mcp::V2026_07_28 {
+            ctx.session = header_str(&parts.headers, "mcp-session-id").map(Arc::from);
+        }
         let Some(id) = req.id.clone() else {
             return self.notification(&req);
         };
@@ -822,10 +839,73 @@ impl Gate {
         )
     }
 
+    /// A session's GET stream: `notifications/tools/list_changed` whenever
+    /// what the agent may list can have changed (an upstream's tools, a
+    /// policy reload), and keep-alives; it ends with the session. One per
+    /// session.
+    fn listen(&self, headers: &HeaderMap, caller: &Caller) -> Outcome {
+        use std::sync::atomic::Ordering;
+        let accept = header_str(headers, http::header::ACCEPT.as_str()).unwrap_or("");
+        if !accept.contains("text/event-stream") {
+            return Outcome::reply(Reply::Status(StatusCode::NOT_ACCEPTABLE));
+        }
+        let Some(sid) = header_str(headers, "mcp-session-id") else {
+            return Outcome::reply(Reply::Status(StatusCode::BAD_REQUEST));
+        };
+        let Ok(session) = self.0.sessions.get(sid, &caller.agent) else {
+            return Outcome::reply(Reply::Status(StatusCode::NOT_FOUND));
+        };
+        if session.listening.swap(true, Ordering::AcqRel) {
+            return Outcome::reply(Reply::Status(StatusCode::CONFLICT));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let mut changes = self.0.listed.subscribe();
+        changes.mark_unchanged();
+        let (me, sid, agent) = (self.clone(), sid.to_owned(), caller.agent.clone());
+        tokio::spawn(async move {
+            let mut keepalive = tokio::time::interval_at(
+                tokio::time::Instant::now() + held::KEEPALIVE,
+                held::KEEPALIVE,
+            );
+            let note =
+                sse_frame(&json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}));
+            loop {
+                let chunk = tokio::select! {
+                    r = changes.changed() => match r {
+                        Ok(()) => note.clone(),
+                        Err(_) => break,
+                    },
+                    _ = keepalive.tick() => {
+                        if me.0.sessions.get(&sid, &agent).is_err() {
+                            break;
+                        }
+                        Bytes::from_static(b": keepalive\n\n")
+                    }
+                    () = tx.closed() => break,
+                };
+                if tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            session.listening.store(false, Ordering::Release);
+        });
+        Outcome::reply(Reply::Stream(held::ChannelBody { rx }.boxed()))
+    }
+
     fn delete_session(&self, headers: &HeaderMap, caller: &Caller) -> Outcome {
         match header_str(headers, "mcp-session-id") {
             Some(sid) => match self.0.sessions.close(sid, &caller.agent) {
-                Ok(()) => Outcome::reply(Reply::Status(StatusCode::NO_CONTENT)),
+                Ok(()) => {
+                    // Its upstream sessions end with it.
+                    let who = Who {
+                        agent: caller.agent.clone(),
+                        session: Some(Arc::from(sid)),
+                    };
+                    for u in &self.0.upstreams {
+                        u.forget(&who);
+                    }
+                    Outcome::reply(Reply::Status(StatusCode::NO_CONTENT))
+                }
                 Err(_) => Outcome::reply(Reply::Status(StatusCode::NOT_FOUND)),
             },
             None => Outcome::reply(Reply::Status(StatusCode::BAD_REQUEST)),
@@ -864,13 +944,13 @@ impl Gate {
             }
             "tools/call" => self.call(req, id, version, caller, ctx).await,
             "resources/list" | "resources/templates/list" | "prompts/list" => {
-                let v = self.list_items(&req.method, &caller.agent).await;
+                let v = self.list_items(&req.method, &ctx.who(caller)).await;
                 ok(cacheable(v))
             }
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" | "prompts/get" => {
                 self.get_item(req, id, version, caller, ctx).await
             }
-            "logging/setLevel" if !modern => match self.set_level(&req, &caller.agent).await {
+            "logging/setLevel" if !modern => match self.set_level(&req, &ctx.who(caller)).await {
                 Ok(()) => ok(json!({})),
                 Err(msg) => Outcome::reply(Reply::Rpc(
                     StatusCode::OK,
@@ -904,7 +984,7 @@ impl Gate {
     /// `logging/setLevel`: the level applies to this agent's sessions with
     /// every upstream (each is the agent's own, so no other agent's log
     /// level changes). Upstreams without logging are skipped.
-    async fn set_level(&self, req: &mcp::Request, agent: &Arc<str>) -> Result<(), String> {
+    async fn set_level(&self, req: &mcp::Request, who: &Who) -> Result<(), String> {
         const LEVELS: [&str; 8] = [
             "debug",
             "info",
@@ -924,10 +1004,10 @@ impl Gate {
         };
         let mut set = tokio::task::JoinSet::new();
         for u in self.0.upstreams.iter() {
-            let (u, agent) = (u.clone(), agent.clone());
+            let (u, who) = (u.clone(), who.clone());
             let params = json!({ "level": level });
             set.spawn(async move {
-                if let Err(e) = u.request(&agent, "logging/setLevel", params).await {
+                if let Err(e) = u.request(&who, "logging/setLevel", params).await {
                     tracing::debug!(upstream.name = %u.name, error = %e, "logging/setLevel not applied");
                 }
             });
@@ -941,7 +1021,7 @@ impl Gate {
     }
 
     fn capabilities() -> Value {
-        json!({"tools": {"listChanged": false}, "resources": {}, "prompts": {}, "logging": {}})
+        json!({"tools": {"listChanged": true}, "resources": {}, "prompts": {}, "logging": {}})
     }
 
     fn discover_result(&self) -> Value {
@@ -1032,6 +1112,9 @@ impl Gate {
         let lists = futures_join(&self.0.upstreams).await;
         let catalog = Arc::new(Catalog::build(&self.0.upstreams, &lists));
         self.0.catalog.store(catalog.clone());
+        if current.fetched_at.is_some() && current.tools != catalog.tools {
+            self.0.listed.send_modify(|n| *n += 1);
+        }
         catalog
     }
 
@@ -1187,6 +1270,7 @@ impl Gate {
                     approvals,
                     request_id: ctx.request_id.clone(),
                     stream: ctx.accepts_sse,
+                    who: ctx.who(caller),
                 })
                 .await;
         }
@@ -1204,8 +1288,12 @@ impl Gate {
         record.latency_us = Some(ctx.started.elapsed().as_micros() as u64);
         tracing::Span::current().record("decision", "allow");
         record.request_id = Some(ctx.request_id.clone());
-        self.forward(route, call, &id, version, record, ctx.accepts_sse)
-            .await
+        let via = Via {
+            who: ctx.who(caller),
+            version,
+            relay: ctx.accepts_sse,
+        };
+        self.forward(route, call, &id, record, via).await
     }
 
     /// Hands `record` to the audit writer, then forwards `call` along
@@ -1215,10 +1303,14 @@ impl Gate {
         route: Route,
         call: mcp::ToolCall,
         id: &Id,
-        version: &'static str,
         mut record: Record,
-        relay: bool,
+        via: Via,
     ) -> Outcome {
+        let Via {
+            who,
+            version,
+            relay,
+        } = via;
         let request_id = record.request_id.clone().unwrap_or_default();
         let upstream = self.0.upstreams[route.upstream].clone();
         let data = |decision: &str| json!({"decision": decision, "request_id": request_id, "rule": record.rule.clone().unwrap_or_default()});
@@ -1272,7 +1364,6 @@ impl Gate {
             params.insert("_meta".into(), Value::Object(meta));
         }
         let sent = std::time::Instant::now();
-        let who = agent.clone().unwrap_or_else(|| Arc::from(""));
         let after = Settle {
             upstream: upstream.clone(),
             sent,
@@ -1296,11 +1387,11 @@ impl Gate {
         let (tx, mut notes) = tokio::sync::mpsc::channel::<Value>(64);
         let asker = Asker {
             upstream: upstream.clone(),
-            agent: who.clone(),
+            agent: who.agent.clone(),
             modern: version == mcp::V2026_07_28,
         };
         let round_params = bridged.as_ref().map(|_| params.clone());
-        let (up, agent_id) = (upstream.clone(), who.clone());
+        let (up, for_rounds) = (upstream.clone(), who.clone());
         let mut answer = Box::pin(async move {
             upstream
                 .request_relay(&who, "tools/call", Value::Object(params), Some(tx))
@@ -1346,7 +1437,7 @@ impl Gate {
             }
             let a = match bridge {
                 Some((rec, p)) if rounds::is_input_required(&a) => {
-                    me.bridge_rounds(a, &up, &agent_id, p, &body, rec).await
+                    me.bridge_rounds(a, &up, &for_rounds, p, &body, rec).await
                 }
                 _ => a,
             };
@@ -1436,6 +1527,14 @@ impl Gate {
 }
 
 /// What [`Gate::settle`] needs to know about a forwarded call.
+/// How a call travels: on whose behalf, in which revision the agent
+/// speaks, and whether the agent's stream may relay what comes during it.
+struct Via {
+    who: Who,
+    version: &'static str,
+    relay: bool,
+}
+
 struct Settle {
     upstream: Arc<Upstream>,
     sent: Instant,

@@ -197,6 +197,8 @@ impl Gate {
             limiters,
             generation,
         }));
+        // What agents may see may have changed: tell their open streams.
+        self.0.listed.send_modify(|n| *n += 1);
         self.0.metrics_reload(true);
         let report = Report {
             generation,

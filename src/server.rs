@@ -151,6 +151,26 @@ impl Server {
                 }
             }
         }));
+        // An upstream said its tools changed: refresh the catalog now (not
+        // at the next call), so agents' GET streams hear of it.
+        let g = gate.clone();
+        let mut stop = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let changed = g.0.upstreams.iter().any(|u| {
+                            u.tools_changed.load(std::sync::atomic::Ordering::Relaxed)
+                        });
+                        if changed {
+                            g.catalog(false).await;
+                        }
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+        }));
         // Housekeeping: idle limiter keys and sessions.
         let g = gate.clone();
         let mut stop = rx.clone();

@@ -19,6 +19,8 @@ pub struct Session {
     pub agent: Arc<str>,
     pub version: &'static str,
     last_seen: AtomicU64,
+    /// A GET stream is open for it (at most one per session).
+    pub listening: std::sync::atomic::AtomicBool,
 }
 
 /// Why a session could not be used or opened.
@@ -72,6 +74,7 @@ impl Sessions {
                 agent: agent.clone(),
                 version,
                 last_seen: AtomicU64::new(now_unix()),
+                listening: std::sync::atomic::AtomicBool::new(false),
             }),
         );
         Ok(id)

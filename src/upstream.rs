@@ -76,9 +76,34 @@ pub fn http_client() -> HttpClient {
 }
 
 #[derive(Debug, Clone)]
-struct Session {
+pub(crate) struct Session {
     version: &'static str,
     id: Option<HeaderValue>,
+}
+
+/// On whose behalf a request goes upstream: the agent, and the agent's own
+/// MCP session when it has one (2025-era revisions). A session-based
+/// upstream gets one session per `Who`: never shared between agents, nor
+/// between two sessions of one agent. stdio processes are per agent.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Who {
+    pub agent: Arc<str>,
+    pub session: Option<Arc<str>>,
+}
+
+impl Who {
+    /// An agent without a session of its own (2026-07-28 is stateless).
+    pub fn agent(agent: Arc<str>) -> Who {
+        Who {
+            agent,
+            session: None,
+        }
+    }
+
+    /// toolgate itself (catalog requests).
+    pub fn toolgate() -> Who {
+        Who::agent(Arc::from(""))
+    }
 }
 
 /// One MCP tool server reached over Streamable HTTP.
@@ -91,10 +116,11 @@ pub struct Upstream {
     timeout: Duration,
     max_body: usize,
     next_id: AtomicI64,
-    /// Sessions with a session-based upstream, one per agent (and one, keyed
-    /// "", for toolgate's own catalog requests): an upstream session is never
-    /// shared between agents. Bounded by [`MAX_SESSIONS`].
-    sessions: DashMap<Arc<str>, Session>,
+    /// Sessions with a session-based upstream, one per [`Who`] (and one,
+    /// agent "", for toolgate's own catalog requests): an upstream session
+    /// is never shared between agents or agent sessions. Bounded by
+    /// [`MAX_SESSIONS`].
+    sessions: DashMap<Who, Session>,
     /// The revision this upstream speaks, once learned.
     version: ArcSwap<Option<&'static str>>,
     connecting: Mutex<()>,
@@ -183,7 +209,7 @@ impl Upstream {
     /// reconnecting once after a lost session) as needed.
     pub async fn request(
         &self,
-        who: &Arc<str>,
+        who: &Who,
         method: &str,
         params: Value,
     ) -> Result<Answer, UpstreamError> {
@@ -195,17 +221,20 @@ impl Upstream {
     /// to `relay` (best effort: dropped when the channel is full).
     pub async fn request_relay(
         &self,
-        who: &Arc<str>,
+        who: &Who,
         method: &str,
         params: Value,
         relay: Option<Relay>,
     ) -> Result<Answer, UpstreamError> {
         if let Some(pool) = &self.stdio {
-            return tokio::time::timeout(self.timeout, pool.request(who, method, params, relay))
-                .await
-                .map_err(|_| UpstreamError::Timeout(self.name.clone()))?;
+            return tokio::time::timeout(
+                self.timeout,
+                pool.request(&who.agent, method, params, relay),
+            )
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.name.clone()))?;
         }
-        let relay = relay.as_ref().map(|r| (who, r));
+        let relay = relay.as_ref().map(|r| (&who.agent, r));
         let fut = async {
             let session = self.session(who).await?;
             match self.send(&session, method, &params, relay).await {
@@ -223,7 +252,12 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout(self.name.clone()))?
     }
 
-    async fn session(&self, who: &Arc<str>) -> Result<Session, UpstreamError> {
+    /// Forgets `who`'s upstream session (its agent session ended).
+    pub fn forget(&self, who: &Who) {
+        self.sessions.remove(who);
+    }
+
+    async fn session(&self, who: &Who) -> Result<Session, UpstreamError> {
         let modern = Session {
             version: mcp::V2026_07_28,
             id: None,
@@ -244,7 +278,7 @@ impl Upstream {
         if self.sessions.len() >= MAX_SESSIONS {
             // Bounded: forget half of the sessions (in no particular order);
             // a forgotten agent opens a new upstream session on its next call.
-            let drop: Vec<Arc<str>> = self
+            let drop: Vec<Who> = self
                 .sessions
                 .iter()
                 .take(MAX_SESSIONS / 2)
@@ -395,7 +429,7 @@ impl Upstream {
             return;
         };
         if let Some((who, r)) = relay.filter(|_| asks::RELAYED.contains(&method.as_str())) {
-            if let Some(msg) = self.asks.register(&self.name, who, o) {
+            if let Some(msg) = self.asks.register(&self.name, who, Some(s.clone()), o) {
                 let ours = msg["id"].as_str().unwrap_or_default().to_owned();
                 if r.try_send(msg).is_ok() {
                     tracing::info!(upstream.name = %self.name, agent.id = %who, %method, "relaying a server request to the agent");
@@ -418,7 +452,7 @@ impl Upstream {
         id: &str,
         reply: &Map<String, Value>,
     ) -> Result<(), UpstreamError> {
-        let Some(server_id) = self.asks.take(agent, id) else {
+        let Some((server_id, asked_in)) = self.asks.take(agent, id) else {
             return Err(UpstreamError::Protocol(
                 self.name.clone(),
                 format!("no request {id:?} is waiting for this agent's answer"),
@@ -433,7 +467,7 @@ impl Upstream {
         if let Some(pool) = &self.stdio {
             return pool.send_to(agent, &msg).await;
         }
-        let Some(session) = self.sessions.get(agent).map(|s| s.clone()) else {
+        let Some(session) = asked_in else {
             return Err(UpstreamError::Protocol(
                 self.name.clone(),
                 "the session that asked is gone".into(),
@@ -592,7 +626,7 @@ impl Upstream {
                 Some(c) => json!({"cursor": c}),
                 None => json!({}),
             };
-            let result = match self.request(&Arc::from(""), "tools/list", params).await? {
+            let result = match self.request(&Who::toolgate(), "tools/list", params).await? {
                 Answer::Result(r) => r,
                 Answer::Error(e) => {
                     return Err(UpstreamError::Protocol(

@@ -750,6 +750,76 @@ async fn upstream_sessions_are_never_shared_between_agents() {
 }
 
 #[tokio::test]
+async fn each_session_of_an_agent_has_its_own_upstream_session() {
+    let h = Harness::with(Opts {
+        manifests: &[(
+            "billing-bot.yaml",
+            "agent: billing-bot\ntools:\n  - name: billing__echo\n",
+        )],
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("billing-bot");
+    let (s1, s2) = (h.initialize(&t).await, h.initialize(&t).await);
+    let echo = |sid: String, text: &'static str| {
+        let h = &h;
+        let t = &t;
+        async move {
+            let (s, v) = h
+                .in_session(
+                    t,
+                    &sid,
+                    "tools/call",
+                    json!({"name": "billing__echo", "arguments": {"text": text}}),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK);
+            assert_eq!(v["result"]["content"][0]["text"], text, "{v}");
+        }
+    };
+    echo(s1.clone(), "one-a").await;
+    echo(s2.clone(), "two-a").await;
+    echo(s1.clone(), "one-b").await;
+    echo(s2.clone(), "two-b").await;
+    // A stateless (2026-07-28) call of the same agent is in neither.
+    let v = h
+        .call(&t, "billing__echo", json!({"text": "stateless"}))
+        .await;
+    assert!(v.get("result").is_some(), "{v}");
+    let upstream_session = |text: &str| -> String {
+        h.tools
+            .received()
+            .into_iter()
+            .find(|r| r.arguments["text"] == text)
+            .and_then(|r| {
+                r.headers
+                    .get("mcp-session-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| panic!("{text}: no upstream session"))
+    };
+    assert_eq!(upstream_session("one-a"), upstream_session("one-b"));
+    assert_eq!(upstream_session("two-a"), upstream_session("two-b"));
+    assert_ne!(upstream_session("one-a"), upstream_session("two-a"));
+    assert_ne!(upstream_session("stateless"), upstream_session("one-a"));
+    assert_ne!(upstream_session("stateless"), upstream_session("two-a"));
+    // Closing an agent session ends its upstream session: a new agent
+    // session with the same id would not inherit it.
+    let before = h.server.gate.0.upstreams[0].session_count();
+    let (s, _, _) = h
+        .send(
+            http::Method::DELETE,
+            Some(&t),
+            &[("mcp-session-id", &s1)],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(h.server.gate.0.upstreams[0].session_count(), before - 1);
+}
+
+#[tokio::test]
 async fn progress_and_log_notifications_are_relayed_before_the_result() {
     let h = Harness::start().await;
     let t = h.token("billing-bot");

@@ -420,3 +420,45 @@ async fn a_reload_from_a_git_work_tree_records_the_commit_and_author() {
     assert_eq!(r["detail"]["git"]["author"], "Sec Team <sec@example.com>");
     assert_eq!(r["detail"]["git"]["uncommitted_changes"], false);
 }
+
+#[tokio::test]
+async fn a_reload_tells_listening_agents_their_tools_may_have_changed() {
+    use http_body_util::BodyExt;
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let sid = h.initialize(&t).await;
+    let req = http::Request::get(&h.url)
+        .header("authorization", format!("Bearer {t}"))
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &sid)
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = h.client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    // Narrow the agent's manifest and reload.
+    std::fs::write(
+        h.dir.join("tool-manifests/billing-bot.yaml"),
+        "agent: billing-bot\ntools: [ { name: billing__echo } ]\n",
+    )
+    .unwrap();
+    let (s, v) = h
+        .admin(Method::POST, "/v1/reload", Some(&approver()), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("an event after the reload")
+            .expect("the stream goes on")
+            .unwrap();
+        if let Ok(d) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&d));
+        }
+    }
+    let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+    let note: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(note["method"], "notifications/tools/list_changed");
+}

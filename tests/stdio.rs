@@ -7,6 +7,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use http::StatusCode;
 use serde_json::{json, Value};
 use support::{Harness, Opts};
 
@@ -245,6 +246,39 @@ async fn a_tools_list_changed_notification_refreshes_the_catalog() {
     })
     .await;
     let t = h.token("bot");
+    // A session-era agent listens on its session's GET stream.
+    let sid = h.initialize(&t).await;
+    let get = |token: &str, sid: Option<&str>| {
+        let mut r = http::Request::get(&h.url)
+            .header("authorization", format!("Bearer {token}"))
+            .header("accept", "text/event-stream")
+            .header("mcp-protocol-version", "2025-11-25");
+        if let Some(s) = sid {
+            r = r.header("mcp-session-id", s);
+        }
+        h.client.request(
+            r.body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+    };
+    let listening = get(&t, Some(&sid)).await.unwrap();
+    assert_eq!(listening.status(), StatusCode::OK);
+    assert_eq!(listening.headers()["content-type"], "text/event-stream");
+    let mut stream = listening.into_body();
+    // One stream per session; none without a session, nor on another's.
+    assert_eq!(
+        get(&t, Some(&sid)).await.unwrap().status(),
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        get(&t, None).await.unwrap().status(),
+        StatusCode::BAD_REQUEST
+    );
+    let other = h.token("other-bot");
+    assert_eq!(
+        get(&other, Some(&sid)).await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
     let names = |v: &Value| -> Vec<String> {
         v["result"]["tools"]
             .as_array()
@@ -259,6 +293,14 @@ async fn a_tools_list_changed_notification_refreshes_the_catalog() {
     assert!(!names(&v).contains(&"local__hidden".to_owned()), "{v}");
     let v = h.call(&t, "local__reveal", json!({})).await;
     assert_eq!(text(&v), "revealed", "{v}");
+    // The server's list_changed reaches the listening agent on its own.
+    let (mut buf, mut seen) = (String::new(), 0);
+    let note = next_event(&mut stream, &mut buf, &mut seen).await;
+    assert_eq!(
+        note.as_ref().map(|n| n["method"].clone()),
+        Some(json!("notifications/tools/list_changed")),
+        "{note:?}"
+    );
     // Well within the catalog's 30 s freshness: only the notification can
     // make toolgate list again.
     let (_, v) = h.modern(&t, "tools/list", json!({})).await;

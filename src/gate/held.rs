@@ -28,6 +28,8 @@ pub(super) struct HeldCall {
     pub request_id: String,
     /// The client accepts an event stream: wait on it with keep-alives.
     pub stream: bool,
+    /// On whose behalf it goes upstream once approved.
+    pub who: crate::upstream::Who,
 }
 
 fn approvers(h: &Hold) -> String {
@@ -264,8 +266,12 @@ impl Gate {
         tracing::info!(hold.id = %hold.id, "approved; forwarding");
         // Not relayed: a held call may already be answering in a stream.
         h.record.request_id = Some(h.request_id.clone());
-        self.forward(route, h.call, &h.id, h.version, h.record, false)
-            .await
+        let via = Via {
+            who: h.who,
+            version: h.version,
+            relay: false,
+        };
+        self.forward(route, h.call, &h.id, h.record, via).await
     }
 
     /// The streaming variant of waiting: keep-alives (and progress

@@ -19,7 +19,7 @@ const MAX_ENTRIES: usize = 10_000;
 impl Gate {
     /// Every entry of `method`'s `key` array from each upstream, with the
     /// upstream's index. Upstreams that fail or lack the method are skipped.
-    async fn list_all(&self, who: &Arc<str>, method: &str, key: &str) -> Vec<(usize, Value)> {
+    async fn list_all(&self, who: &Who, method: &str, key: &str) -> Vec<(usize, Value)> {
         let mut out = Vec::new();
         for (i, u) in self.0.upstreams.iter().enumerate() {
             let mut cursor: Option<String> = None;
@@ -62,12 +62,13 @@ impl Gate {
 
     /// `resources/list`, `resources/templates/list`, `prompts/list`,
     /// filtered by the agent's manifest.
-    pub(super) async fn list_items(&self, method: &str, agent: &Arc<str>) -> Value {
+    pub(super) async fn list_items(&self, method: &str, who: &Who) -> Value {
+        let agent = &who.agent;
         match method {
             "resources/list" => {
                 let mut seen = std::collections::HashSet::new();
                 let items: Vec<Value> = self
-                    .list_all(agent, method, "resources")
+                    .list_all(who, method, "resources")
                     .await
                     .into_iter()
                     .filter_map(|(_, r)| {
@@ -81,7 +82,7 @@ impl Gate {
             }
             "resources/templates/list" => {
                 let items: Vec<Value> = self
-                    .list_all(agent, method, "resourceTemplates")
+                    .list_all(who, method, "resourceTemplates")
                     .await
                     .into_iter()
                     .filter_map(|(_, t)| {
@@ -95,7 +96,7 @@ impl Gate {
             }
             _ => {
                 let items: Vec<Value> = self
-                    .list_all(agent, "prompts/list", "prompts")
+                    .list_all(who, "prompts/list", "prompts")
                     .await
                     .into_iter()
                     .filter_map(|(i, mut p)| {
@@ -114,7 +115,7 @@ impl Gate {
     }
 
     /// Where `resources/read` of `uri` goes.
-    async fn resource_route(&self, who: &Arc<str>, uri: &str) -> Option<usize> {
+    async fn resource_route(&self, who: &Who, uri: &str) -> Option<usize> {
         if self.0.upstreams.len() == 1 {
             return Some(0);
         }
@@ -140,7 +141,7 @@ impl Gate {
     }
 
     /// `prompts/get` of the exposed `name`: the upstream and its own name.
-    async fn prompt_route(&self, who: &Arc<str>, name: &str) -> Option<(usize, String)> {
+    async fn prompt_route(&self, who: &Who, name: &str) -> Option<(usize, String)> {
         self.list_all(who, "prompts/list", "prompts")
             .await
             .into_iter()
@@ -236,11 +237,11 @@ impl Gate {
         }
         drop(snap);
         let route = if resource {
-            self.resource_route(&caller.agent, &target)
+            self.resource_route(&ctx.who(caller), &target)
                 .await
                 .map(|i| (i, target.clone()))
         } else {
-            self.prompt_route(&caller.agent, &target).await
+            self.prompt_route(&ctx.who(caller), &target).await
         };
         let Some((upstream, own)) = route else {
             let msg = format!("no upstream offers {target:?}");
@@ -274,7 +275,7 @@ impl Gate {
         }
         let sent = Instant::now();
         let answer = upstream
-            .request(&caller.agent, &req.method, Value::Object(params))
+            .request(&ctx.who(caller), &req.method, Value::Object(params))
             .await;
         self.settle(
             answer,

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{sse_frame, Gate};
 use crate::audit::Record;
 use crate::mcp::code;
-use crate::upstream::{Answer, Upstream, UpstreamError};
+use crate::upstream::{Answer, Upstream, UpstreamError, Who};
 
 /// How long an agent has to answer an approved call's `input_required`.
 pub const TTL: Duration = Duration::from_secs(600);
@@ -263,7 +263,7 @@ impl Gate {
         &self,
         mut answer: Result<Answer, UpstreamError>,
         upstream: &Arc<Upstream>,
-        agent: &Arc<str>,
+        who: &Who,
         params: Map<String, Value>,
         body: &mpsc::Sender<Bytes>,
         audit: Record,
@@ -282,7 +282,7 @@ impl Gate {
                     let result = match method {
                         "roots/list" => serde_json::json!({"roots": []}),
                         m if crate::upstream::asks::RELAYED.contains(&m) => {
-                            match self.ask_agent(agent, m, req.get("params"), body).await {
+                            match self.ask_agent(&who.agent, m, req.get("params"), body).await {
                                 Ok(v) => v,
                                 Err(e) => return Ok(Answer::Error(e)),
                             }
@@ -322,9 +322,7 @@ impl Gate {
                     "the audit log cannot be written; the next round was not forwarded".into(),
                 );
             }
-            answer = upstream
-                .request(agent, "tools/call", Value::Object(p))
-                .await;
+            answer = upstream.request(who, "tools/call", Value::Object(p)).await;
         }
         if is_input_required(&answer) {
             return failed(

@@ -37,8 +37,9 @@ const TTL: Duration = Duration::from_secs(600);
 
 const PREFIX: &str = "toolgate-ask:";
 
-/// Who was asked, the server's id for the ask, and when.
-type Pending = (Arc<str>, Value, Instant);
+/// Who was asked, the server's id for the ask, the upstream session that
+/// asked (HTTP; stdio answers go to the agent's process), and when.
+type Pending = (Arc<str>, Value, Option<super::Session>, Instant);
 
 /// One upstream's unanswered asks, by toolgate's id.
 #[derive(Debug, Default)]
@@ -51,34 +52,38 @@ impl Asks {
     /// Registers the server's request `msg` as asked of `agent`; returns
     /// it with toolgate's id in place of the server's, or `None` when too
     /// many asks are unanswered.
-    pub fn register(
+    pub(crate) fn register(
         &self,
         upstream: &str,
         agent: &Arc<str>,
+        session: Option<super::Session>,
         mut msg: Map<String, Value>,
     ) -> Option<Value> {
         let server_id = msg.get("id")?.clone();
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= MAX_PENDING {
-            map.retain(|_, (_, _, at)| at.elapsed() < TTL);
+            map.retain(|_, (_, _, _, at)| at.elapsed() < TTL);
             if map.len() >= MAX_PENDING {
                 return None;
             }
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let ours = format!("{PREFIX}{upstream}:{n}");
-        map.insert(ours.clone(), (agent.clone(), server_id, Instant::now()));
+        map.insert(
+            ours.clone(),
+            (agent.clone(), server_id, session, Instant::now()),
+        );
         msg.insert("id".into(), Value::String(ours));
         Some(Value::Object(msg))
     }
 
-    /// The server's id for toolgate's `id`, when it was asked of `agent`;
-    /// removed, so an ask is answered once.
-    pub fn take(&self, agent: &str, id: &str) -> Option<Value> {
+    /// The server's id for toolgate's `id` and the session that asked,
+    /// when it was asked of `agent`; removed, so an ask is answered once.
+    pub(crate) fn take(&self, agent: &str, id: &str) -> Option<(Value, Option<super::Session>)> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         match map.get(id) {
-            Some((a, _, at)) if &**a == agent && at.elapsed() < TTL => {
-                map.remove(id).map(|(_, v, _)| v)
+            Some((a, _, _, at)) if &**a == agent && at.elapsed() < TTL => {
+                map.remove(id).map(|(_, v, s, _)| (v, s))
             }
             _ => None,
         }
@@ -140,14 +145,14 @@ mod tests {
         let bot: Arc<str> = Arc::from("bot");
         let msg = json!({"jsonrpc": "2.0", "id": 7, "method": "elicitation/create", "params": {}});
         let sent = asks
-            .register("fs", &bot, msg.as_object().unwrap().clone())
+            .register("fs", &bot, None, msg.as_object().unwrap().clone())
             .unwrap();
         let ours = sent["id"].as_str().unwrap().to_owned();
         assert_eq!(upstream_of(&ours), Some("fs"));
         assert_eq!(sent["method"], "elicitation/create");
-        assert_eq!(asks.take("other-bot", &ours), None, "another agent");
-        assert_eq!(asks.take("bot", &ours), Some(json!(7)));
-        assert_eq!(asks.take("bot", &ours), None, "answered once");
+        assert!(asks.take("other-bot", &ours).is_none(), "another agent");
+        assert_eq!(asks.take("bot", &ours).map(|(v, _)| v), Some(json!(7)));
+        assert!(asks.take("bot", &ours).is_none(), "answered once");
         assert_eq!(upstream_of("7"), None);
     }
 
@@ -158,12 +163,12 @@ mod tests {
         for i in 0..MAX_PENDING {
             let m = json!({"id": i, "method": "sampling/createMessage"});
             assert!(asks
-                .register("u", &bot, m.as_object().unwrap().clone())
+                .register("u", &bot, None, m.as_object().unwrap().clone())
                 .is_some());
         }
         let m = json!({"id": "x", "method": "sampling/createMessage"});
         assert!(asks
-            .register("u", &bot, m.as_object().unwrap().clone())
+            .register("u", &bot, None, m.as_object().unwrap().clone())
             .is_none());
     }
 

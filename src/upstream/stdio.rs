@@ -505,7 +505,7 @@ impl Proc {
                         .next()
                         .map(|(_, r)| r.clone());
                     if let Some(r) = relay {
-                        if let Some(m) = self.asks.register(&self.name, &self.agent, msg) {
+                        if let Some(m) = self.asks.register(&self.name, &self.agent, None, msg) {
                             let ours = m["id"].as_str().unwrap_or_default().to_owned();
                             if r.try_send(m).is_ok() {
                                 tracing::info!(upstream.name = %self.name, agent.id = %self.agent, %method, "relaying a server request to the agent");
