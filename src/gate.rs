@@ -84,6 +84,8 @@ pub struct Shared {
     /// toolgate's own questions to session-era agents, for 2026-07-28
     /// upstreams' input requests.
     pub(crate) asked: rounds::Asked,
+    /// 2026-07-28 agents' calls parked at a session-era upstream's ask.
+    pub(crate) parked: rounds::Parked,
     /// Bumped when what agents may list changes (an upstream's tool list,
     /// a policy reload); agents' GET streams send `list_changed` on it.
     pub(crate) listed: tokio::sync::watch::Sender<u64>,
@@ -324,6 +326,7 @@ impl Gate {
             alerts,
             rounds: rounds::Rounds::default(),
             asked: rounds::Asked::default(),
+            parked: rounds::Parked::default(),
             listed: tokio::sync::watch::Sender::new(0),
             alert_sink,
             config,
@@ -1318,6 +1321,14 @@ impl Gate {
         record.detail = Some(json!({"upstream": upstream.name}));
         let agent = record.agent.clone();
         let grant = record.hold_id.clone().zip(record.args_sha256.clone());
+        // A 2026-07-28 agent cannot take a session-era upstream's requests
+        // mid-call: they become input_required rounds (see rounds.rs).
+        let parkable = version == mcp::V2026_07_28 && upstream.version() != Some(mcp::V2026_07_28);
+        let args_sha256 = if parkable {
+            record.args_sha256.clone().unwrap_or_default()
+        } else {
+            String::new()
+        };
         // A session-era agent cannot read 2026-07-28 input_required rounds:
         // toolgate drives them (on the call's stream), auditing each.
         let bridged = (relay && version != mcp::V2026_07_28).then(|| record.clone());
@@ -1334,6 +1345,14 @@ impl Gate {
             ));
         }
         tracing::info!(upstream.name = %upstream.name, "forwarding");
+        let mut call = call;
+        let resuming = match call.request_state.take() {
+            Some(s) if parkable && s.starts_with(rounds::PARK_PREFIX) => Some(s),
+            other => {
+                call.request_state = other;
+                None
+            }
+        };
         let mut params = Map::new();
         params.insert("name".into(), Value::String(route.tool));
         params.insert("arguments".into(), call.arguments);
@@ -1374,6 +1393,31 @@ impl Gate {
             data: d,
             grant,
         };
+        if parkable {
+            let reply = rounds::Reply2026 {
+                after,
+                agent: who.agent.clone(),
+                args_sha256,
+                sse: relay,
+                request_id,
+            };
+            if let Some(state) = resuming {
+                let responses = match params.remove("inputResponses") {
+                    Some(Value::Object(m)) => Some(m),
+                    _ => None,
+                };
+                return self.resume(&state, responses, &upstream, reply).await;
+            }
+            let (tx, notes) = tokio::sync::mpsc::channel::<Value>(64);
+            let answer = Box::pin(async move {
+                upstream
+                    .request_relay(&who, "tools/call", Value::Object(params), Some(tx))
+                    .await
+            });
+            return self
+                .run_modern(rounds::InFlight { answer, notes }, reply)
+                .await;
+        }
         if !relay {
             let answer = upstream
                 .request(&who, "tools/call", Value::Object(params))

@@ -252,6 +252,11 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout(self.name.clone()))?
     }
 
+    /// How long a request may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Forgets `who`'s upstream session (its agent session ended).
     pub fn forget(&self, who: &Who) {
         self.sessions.remove(who);

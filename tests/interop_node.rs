@@ -573,22 +573,40 @@ async fn the_typescript_sdk_gets_sampling_elicitation_progress_and_rich_content_
     assert_eq!(via["get-env"]["error"]["code"], -32003);
     assert_eq!(via["get-env"]["error"]["data"]["rule"], "deny[0]");
 
-    // An agent whose call has no event stream cannot be asked: toolgate
-    // answers the server for it, and the call still ends.
+    // A 2026-07-28 agent takes no server requests: server-everything's
+    // sampling request mid-call reaches it as an input_required round made
+    // by toolgate, and its retry carries the answer back to the server.
+    let args = serde_json::json!({"prompt": "p", "maxTokens": 5});
     let (ct, msgs) = h
         .call_messages(
             &token,
             "application/json",
             "trigger-sampling-request",
-            serde_json::json!({"prompt": "p", "maxTokens": 5}),
+            args.clone(),
             serde_json::json!({}),
         )
         .await;
     assert!(ct.starts_with("application/json"), "{ct}");
-    let text = msgs[0].to_string();
+    let round = &msgs[0]["result"];
+    assert_eq!(round["resultType"], "input_required", "{}", msgs[0]);
+    let (key, ask) = round["inputRequests"]
+        .as_object()
+        .and_then(|m| m.iter().next())
+        .expect("one input request");
+    assert_eq!(ask["method"], "sampling/createMessage", "{ask}");
+    let (_, v) = h
+        .modern(
+            &token,
+            "tools/call",
+            serde_json::json!({"name": "trigger-sampling-request", "arguments": args,
+                "requestState": round["requestState"],
+                "inputResponses": {key.as_str(): {"role": "assistant", "model": "test-model",
+                    "stopReason": "endTurn", "content": {"type": "text", "text": "sampled through toolgate"}}}}),
+        )
+        .await;
     assert!(
-        text.contains("cannot reach the agent") || msgs[0]["result"]["isError"] == true,
-        "{text}"
+        v["result"].to_string().contains("sampled through toolgate"),
+        "{v}"
     );
 
     let audit = h.audit().await;

@@ -466,7 +466,19 @@ async fn sdk_clients_reach_stdio_servers_of_older_revisions() {
 /// question asked on its stream by toolgate, which drives the rounds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_required_rounds_reach_2x_and_1x_clients_of_a_2x_server() {
-    let (_server, url) = upstream(2);
+    input_rounds(2).await;
+}
+
+/// The reverse: a 1.x server asks mid-call (elicitation/create); a 2.x
+/// client on 2026-07-28 gets it as an input_required round made by toolgate
+/// (the call parked until the retry), a 1.x client on its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1x_servers_mid_call_ask_reaches_2x_and_1x_clients() {
+    input_rounds(1).await;
+}
+
+async fn input_rounds(server_line: u8) {
+    let (_server, url) = upstream(server_line);
     let h = Harness::with(Opts {
         upstream: Some(url),
         manifests: &[

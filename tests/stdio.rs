@@ -399,8 +399,9 @@ async fn an_elicitation_from_a_stdio_server_reaches_the_calling_agent_and_only_i
         "the asked agent's answer, not the other's: {result}"
     );
 
-    // A 2026-07-28 agent takes no server requests: toolgate answers the
-    // server for it and the call ends at once.
+    // A 2026-07-28 agent takes no server requests: it gets the question as
+    // an input_required round instead (see the next test), never as a
+    // server request on its stream.
     let (_, msgs) = h
         .call_messages(
             &t,
@@ -411,12 +412,67 @@ async fn an_elicitation_from_a_stdio_server_reaches_the_calling_agent_and_only_i
         )
         .await;
     let last = msgs.last().unwrap();
-    assert_eq!(
-        last["result"]["structuredContent"]["answer"]["error"]["code"], -32601,
-        "{msgs:?}"
-    );
+    assert_eq!(last["result"]["resultType"], "input_required", "{msgs:?}");
     assert!(
         msgs.iter().all(|m| m.get("method").is_none()),
-        "no question reached the 2026-07-28 agent: {msgs:?}"
+        "no server request reached the 2026-07-28 agent: {msgs:?}"
     );
+}
+
+#[tokio::test]
+async fn a_2026_agent_gets_a_session_era_servers_ask_as_an_input_required_round() {
+    let h = harness().await;
+    let t = h.token("bot");
+    let args = json!({"message": "Deploy to prod?"});
+    let (_, v) = h
+        .modern(
+            &t,
+            "tools/call",
+            json!({"name": "local__ask", "arguments": args}),
+        )
+        .await;
+    let round = &v["result"];
+    assert_eq!(round["resultType"], "input_required", "{v}");
+    let requests = round["inputRequests"].as_object().expect("input requests");
+    assert_eq!(requests.len(), 1, "{v}");
+    let (key, ask) = requests.iter().next().unwrap();
+    assert_eq!(ask["method"], "elicitation/create", "{v}");
+    assert_eq!(ask["params"]["message"], "Deploy to prod?", "{v}");
+    let state = round["requestState"].as_str().unwrap().to_owned();
+    let retry = |answer: bool, state: &str| {
+        json!({"name": "local__ask", "arguments": args,
+            "requestState": state,
+            "inputResponses": {key.as_str(): {"action": "accept", "content": {"ok": answer}}}})
+    };
+    // Another agent cannot resume it, nor can other arguments.
+    let other = h.token("other-bot");
+    let (_, v) = h.modern(&other, "tools/call", retry(false, &state)).await;
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    let (_, v) = h
+        .modern(
+            &t,
+            "tools/call",
+            json!({"name": "local__ask", "arguments": {"message": "other"}, "requestState": state,
+                "inputResponses": {key.as_str(): {"action": "accept", "content": {"ok": false}}}}),
+        )
+        .await;
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    // The agent's retry answers the server, and the call completes.
+    let (_, v) = h.modern(&t, "tools/call", retry(true, &state)).await;
+    assert_eq!(
+        v["result"]["structuredContent"]["answer"],
+        json!({"action": "accept", "content": {"ok": true}}),
+        "{v}"
+    );
+    assert_eq!(v["result"]["resultType"], "complete");
+    // Used once.
+    let (_, v) = h.modern(&t, "tools/call", retry(true, &state)).await;
+    assert_eq!(v["error"]["code"], -32602, "{v}");
+    // Every round is a decided, audited call.
+    let audit = h.audit().await;
+    let calls = audit
+        .iter()
+        .filter(|r| r["event"] == "call" && r["tool"] == "local__ask")
+        .count();
+    assert_eq!(calls, 5, "{audit:#?}");
 }

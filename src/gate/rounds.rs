@@ -26,10 +26,11 @@ use dashmap::DashMap;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{sse_frame, Gate};
+use super::{held, sse_frame, Gate, Outcome, Settle};
 use crate::audit::Record;
 use crate::mcp::code;
 use crate::upstream::{Answer, Upstream, UpstreamError, Who};
+use http_body_util::BodyExt;
 
 /// How long an agent has to answer an approved call's `input_required`.
 pub const TTL: Duration = Duration::from_secs(600);
@@ -373,5 +374,270 @@ impl Gate {
             _ => Err(serde_json::json!({"code": code::INVALID_REQUEST,
                 "message": format!("the agent's answer to {method} has no result")})),
         }
+    }
+}
+
+// ---- 2026-07-28 agents, session-era upstreams that ask mid-call ---------
+//
+// A session-era upstream asks (`elicitation/create`, `sampling/...`) while a
+// call runs and waits for the answer; a 2026-07-28 agent takes no server
+// requests. So toolgate parks the running call, answers the agent with an
+// `input_required` round whose one input request is the upstream's ask
+// (keyed by toolgate's ask id) and whose `requestState` names the parked
+// call; the agent's retry (decided and audited like any call) delivers the
+// answer to the upstream session that asked, and the parked call goes on
+// to its result, or to its next ask.
+
+/// The `requestState` of a round toolgate made for a parked call.
+pub const PARK_PREFIX: &str = "toolgate-park:";
+
+/// Parked calls kept at once; beyond this the oldest expired are dropped,
+/// then new asks are refused.
+const MAX_PARKED: usize = 256;
+
+/// A call running upstream: its answer, and what the upstream sends
+/// during it.
+pub(super) struct InFlight {
+    pub answer:
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Answer, UpstreamError>> + Send>>,
+    pub notes: mpsc::Receiver<Value>,
+}
+
+struct ParkedCall {
+    call: InFlight,
+    agent: Arc<str>,
+    tool: String,
+    args_sha256: String,
+    expires: Instant,
+}
+
+/// Parked calls, by their `requestState`.
+#[derive(Default)]
+pub struct Parked {
+    map: std::sync::Mutex<HashMap<String, ParkedCall>>,
+    next: AtomicU64,
+}
+
+enum Step {
+    Done(Result<Answer, UpstreamError>),
+    Ask(InFlight, Value),
+}
+
+fn is_ask(n: &Value) -> bool {
+    n.get("id").is_some() && n.get("method").and_then(Value::as_str).is_some()
+}
+
+/// Runs `f` until it answers or the upstream asks something, passing its
+/// notifications to `sink` when the agent has a stream.
+async fn step(mut f: InFlight, sink: Option<&mpsc::Sender<Bytes>>) -> Step {
+    loop {
+        tokio::select! {
+            biased;
+            Some(n) = f.notes.recv() => {
+                if is_ask(&n) {
+                    return Step::Ask(f, n);
+                }
+                if let Some(s) = sink {
+                    // A slow client loses notifications, never the result.
+                    let _ = s.try_send(sse_frame(&n));
+                }
+            }
+            a = &mut f.answer => return Step::Done(a),
+        }
+    }
+}
+
+impl Parked {
+    fn park(&self, p: ParkedCall) -> Option<String> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= MAX_PARKED {
+            let now = Instant::now();
+            map.retain(|_, c| c.expires > now);
+            if map.len() >= MAX_PARKED {
+                return None;
+            }
+        }
+        let mut raw = [0u8; 16];
+        getrandom::fill(&mut raw).ok()?;
+        let id = format!(
+            "{PARK_PREFIX}{}{}",
+            hex::encode(raw),
+            self.next.fetch_add(1, Ordering::Relaxed)
+        );
+        map.insert(id.clone(), p);
+        Some(id)
+    }
+
+    fn take(&self, state: &str, agent: &str, tool: &str, args_sha256: &str) -> Option<InFlight> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(state) {
+            Some(c)
+                if &*c.agent == agent
+                    && c.tool == tool
+                    && c.args_sha256 == args_sha256
+                    && c.expires > Instant::now() =>
+            {
+                map.remove(state).map(|c| c.call)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What a parked step needs to answer the agent.
+pub(super) struct Reply2026 {
+    pub after: Settle,
+    pub agent: Arc<str>,
+    pub args_sha256: String,
+    /// The agent accepts an event stream (progress may be relayed).
+    pub sse: bool,
+    pub request_id: String,
+}
+
+impl Gate {
+    /// Runs a 2026-07-28 agent's call `f` to its answer, or parks it at the
+    /// upstream's first ask and answers an `input_required` round.
+    pub(super) async fn run_modern(&self, f: InFlight, r: Reply2026) -> Outcome {
+        if !r.sse {
+            return match step(f, None).await {
+                Step::Done(a) => self.settle(a, r.after),
+                Step::Ask(f, ask) => self.park_round(f, ask, r),
+            };
+        }
+        // With a stream: answer in JSON unless something comes first.
+        let mut f = f;
+        tokio::select! {
+            biased;
+            a = &mut f.answer => {
+                // Notifications may have come in the same read as the result.
+                let mut early = Vec::new();
+                while let Ok(n) = f.notes.try_recv() {
+                    if !is_ask(&n) {
+                        early.push(n);
+                    }
+                }
+                if early.is_empty() {
+                    return self.settle(a, r.after);
+                }
+                let (body, rx) = mpsc::channel::<Bytes>(early.len() + 1);
+                for n in &early {
+                    let _ = body.try_send(sse_frame(n));
+                }
+                let outcome = self.settle(a, r.after);
+                if let Some(mut rec) = outcome.record {
+                    rec.request_id = Some(r.request_id);
+                    self.0.audit(rec);
+                }
+                if let super::Reply::Rpc(_, v) = outcome.reply {
+                    let _ = body.try_send(sse_frame(&v));
+                }
+                Outcome::reply(super::Reply::Stream(held::ChannelBody { rx }.boxed()))
+            }
+            Some(n) = f.notes.recv() => {
+                if is_ask(&n) {
+                    return self.park_round(f, n, r);
+                }
+                // Not an ask: a notification, so answer with a stream.
+                let (body, rx) = mpsc::channel::<Bytes>(16);
+                let _ = body.try_send(sse_frame(&n));
+                let me = self.clone();
+                let request_id = r.request_id.clone();
+                tokio::spawn(async move {
+                    let outcome = match step(f, Some(&body)).await {
+                        Step::Done(a) => me.settle(a, r.after),
+                        Step::Ask(f, ask) => me.park_round(f, ask, r),
+                    };
+                    if let Some(mut rec) = outcome.record {
+                        rec.request_id = Some(request_id);
+                        me.0.audit(rec);
+                    }
+                    if let super::Reply::Rpc(_, v) = outcome.reply {
+                        let _ = body.send(sse_frame(&v)).await;
+                    }
+                });
+                Outcome::reply(super::Reply::Stream(held::ChannelBody { rx }.boxed()))
+            }
+        }
+    }
+
+    /// Parks `f` at the upstream's `ask` and answers the agent with an
+    /// `input_required` round carrying it.
+    fn park_round(&self, f: InFlight, ask: Value, r: Reply2026) -> Outcome {
+        let id = ask
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let method = ask.get("method").cloned().unwrap_or(Value::Null);
+        let Reply2026 {
+            after,
+            agent,
+            args_sha256,
+            ..
+        } = r;
+        let parked = ParkedCall {
+            call: f,
+            agent: agent.clone(),
+            tool: after.tool.clone(),
+            args_sha256: args_sha256.clone(),
+            expires: Instant::now() + after.upstream.timeout(),
+        };
+        let Some(state) = self.0.parked.park(parked) else {
+            return self.settle(
+                Ok(Answer::Error(serde_json::json!({"code": code::INTERNAL,
+                    "message": "the tool asked for input, but too many calls are waiting for input"}))),
+                after,
+            );
+        };
+        if let Some((hold, sha)) = &after.grant {
+            // The approved call's next round is this call, not a new one.
+            self.0
+                .rounds
+                .offer(&agent, &after.tool, sha, Some(&state), hold);
+        }
+        let mut request = Map::new();
+        request.insert("method".into(), method);
+        if let Some(p) = ask.get("params") {
+            request.insert("params".into(), p.clone());
+        }
+        let mut requests = Map::new();
+        requests.insert(id, Value::Object(request));
+        let round = serde_json::json!({
+            "resultType": "input_required",
+            "inputRequests": requests,
+            "requestState": state,
+        });
+        tracing::info!(agent.id = %agent, tool.name = %after.tool, "the upstream asked mid-call: an input_required round for the agent");
+        self.settle(Ok(Answer::Result(round)), after)
+    }
+
+    /// A 2026-07-28 agent's retry of a parked call: its answers go to the
+    /// upstream session that asked, and the parked call runs on.
+    pub(super) async fn resume(
+        &self,
+        state: &str,
+        responses: Option<Map<String, Value>>,
+        upstream: &Arc<Upstream>,
+        r: Reply2026,
+    ) -> Outcome {
+        let Some(f) = self
+            .0
+            .parked
+            .take(state, &r.agent, &r.after.tool, &r.args_sha256)
+        else {
+            return self.settle(
+                Ok(Answer::Error(serde_json::json!({"code": code::INVALID_PARAMS,
+                    "message": "requestState names no call waiting for this agent's input (expired, or not this call); call again without it"}))),
+                r.after,
+            );
+        };
+        for (key, result) in responses.unwrap_or_default() {
+            let mut reply = Map::new();
+            reply.insert("result".into(), result);
+            if let Err(e) = upstream.answer(&r.agent, &key, &reply).await {
+                tracing::warn!(agent.id = %r.agent, error = %e, "an input response not passed on");
+            }
+        }
+        self.run_modern(f, r).await
     }
 }

@@ -28,8 +28,8 @@ Tools:
     refund(invoice_id: str, amount: float) -> {"ok": true, "invoice_id": <id>, "refunded": <amount>}
         amount <= 0  -> tool error (CallToolResult.isError = true, text "amount must be positive")
     echo(text: str) -> <text>
-    confirm_refund(invoice_id: str) -> "refunded <id>" once the client confirms (2.x only: asks
-        with an elicitation, as an input_required round on 2026-07-28)
+    confirm_refund(invoice_id: str) -> "refunded <id>" once the client confirms (asks with an
+        elicitation: mid-call on 1.x; as an input_required round on 2026-07-28 with 2.x)
 """
 
 from __future__ import annotations
@@ -97,6 +97,22 @@ def echo(text: str) -> str:
     """Echo the text back."""
     return text
 
+
+if MCP_MAJOR < 2:
+    # Asks the user before refunding, mid-call (2025-11-25 elicitation/create).
+    from pydantic import BaseModel
+
+    from mcp.server.fastmcp import Context
+
+    class Confirmation(BaseModel):
+        ok: bool
+
+    @mcp.tool()
+    async def confirm_refund(invoice_id: str, ctx: Context) -> str:
+        """Refund an invoice once the user confirms."""
+        answer = await ctx.elicit(message=f"Refund invoice {invoice_id}?", schema=Confirmation)
+        ok = answer.action == "accept" and answer.data is not None and answer.data.ok
+        return f"refunded {invoice_id}" if ok else f"kept {invoice_id}"
 
 if MCP_MAJOR >= 2:
     # Asks the user before refunding: on 2026-07-28 the SDK answers the first
