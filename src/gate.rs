@@ -89,6 +89,8 @@ pub struct Shared {
     /// Bumped when what agents may list changes (an upstream's tool list,
     /// a policy reload); agents' GET streams send `list_changed` on it.
     pub(crate) listed: tokio::sync::watch::Sender<u64>,
+    /// Open `subscriptions/listen` streams.
+    pub(crate) listeners: std::sync::atomic::AtomicUsize,
     /// Delivers alerts to `alerts.url`, if configured.
     pub alert_sink: Option<Notifier>,
     refresh: tokio::sync::Mutex<()>,
@@ -257,6 +259,9 @@ impl Ctx {
     }
 }
 
+/// `subscriptions/listen` streams open at once.
+const MAX_LISTENERS: usize = 1024;
+
 fn rpc_error(status: StatusCode, id: Option<&Id>, code: i64, message: &str, data: Value) -> Reply {
     Reply::Rpc(status, mcp::error_response(id, code, message, Some(data)))
 }
@@ -328,6 +333,7 @@ impl Gate {
             asked: rounds::Asked::default(),
             parked: rounds::Parked::default(),
             listed: tokio::sync::watch::Sender::new(0),
+            listeners: std::sync::atomic::AtomicUsize::new(0),
             alert_sink,
             config,
             refresh: tokio::sync::Mutex::new(()),
@@ -861,25 +867,47 @@ impl Gate {
         if session.listening.swap(true, Ordering::AcqRel) {
             return Outcome::reply(Reply::Status(StatusCode::CONFLICT));
         }
+        let (me, sid, agent) = (self.clone(), sid.to_owned(), caller.agent.clone());
+        let note =
+            sse_frame(&json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}));
+        self.change_stream(
+            None,
+            Some(note),
+            move || me.0.sessions.get(&sid, &agent).is_ok(),
+            move || session.listening.store(false, Ordering::Release),
+        )
+    }
+
+    /// An event stream of `note` on every change of what agents may list:
+    /// `first` before anything, keep-alives, until the client goes away or
+    /// `alive` (asked at each keep-alive) says no; then `done`.
+    fn change_stream(
+        &self,
+        first: Option<Bytes>,
+        note: Option<Bytes>,
+        alive: impl Fn() -> bool + Send + 'static,
+        done: impl FnOnce() + Send + 'static,
+    ) -> Outcome {
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
         let mut changes = self.0.listed.subscribe();
         changes.mark_unchanged();
-        let (me, sid, agent) = (self.clone(), sid.to_owned(), caller.agent.clone());
+        if let Some(f) = first {
+            let _ = tx.try_send(f);
+        }
         tokio::spawn(async move {
             let mut keepalive = tokio::time::interval_at(
                 tokio::time::Instant::now() + held::KEEPALIVE,
                 held::KEEPALIVE,
             );
-            let note =
-                sse_frame(&json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}));
             loop {
                 let chunk = tokio::select! {
-                    r = changes.changed() => match r {
-                        Ok(()) => note.clone(),
-                        Err(_) => break,
+                    r = changes.changed() => match (r, &note) {
+                        (Ok(()), Some(n)) => n.clone(),
+                        (Ok(()), None) => continue,
+                        (Err(_), _) => break,
                     },
                     _ = keepalive.tick() => {
-                        if me.0.sessions.get(&sid, &agent).is_err() {
+                        if !alive() {
                             break;
                         }
                         Bytes::from_static(b": keepalive\n\n")
@@ -890,9 +918,67 @@ impl Gate {
                     break;
                 }
             }
-            session.listening.store(false, Ordering::Release);
+            done();
         });
         Outcome::reply(Reply::Stream(held::ChannelBody { rx }.boxed()))
+    }
+
+    /// 2026-07-28 `subscriptions/listen`: an event stream acknowledging the
+    /// notifications toolgate honours (`toolsListChanged`; others are left
+    /// out of the acknowledgment, as the revision says), then each one,
+    /// stamped with the listen request's id. Bounded: [`MAX_LISTENERS`].
+    fn subscriptions_listen(&self, req: &mcp::Request, id: &Id, ctx: &Ctx) -> Outcome {
+        use std::sync::atomic::Ordering;
+        let fail = |code: i64, msg: &str| {
+            Outcome::reply(Reply::Rpc(
+                StatusCode::OK,
+                mcp::error_response(Some(id), code, msg, None),
+            ))
+        };
+        if !ctx.accepts_sse {
+            return fail(
+                code::INVALID_REQUEST,
+                "subscriptions/listen answers with an event stream: accept text/event-stream",
+            );
+        }
+        let Some(filter) = req.params.get("notifications").and_then(Value::as_object) else {
+            return fail(
+                code::INVALID_PARAMS,
+                "params.notifications must be an object",
+            );
+        };
+        let tools = filter.get("toolsListChanged") == Some(&Value::Bool(true));
+        if self.0.listeners.fetch_add(1, Ordering::AcqRel) >= MAX_LISTENERS {
+            self.0.listeners.fetch_sub(1, Ordering::AcqRel);
+            return fail(
+                code::INTERNAL,
+                "too many subscriptions/listen streams are open",
+            );
+        }
+        let stamp = json!({ mcp::META_SUBSCRIPTION_ID: id.to_value() });
+        let mut honored = Map::new();
+        if tools {
+            honored.insert("toolsListChanged".into(), Value::Bool(true));
+        }
+        let ack = sse_frame(
+            &json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+            "params": {"notifications": honored, "_meta": stamp}}),
+        );
+        let note = tools.then(|| {
+            sse_frame(
+                &json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
+                "params": {"_meta": stamp}}),
+            )
+        });
+        let me = self.clone();
+        self.change_stream(
+            Some(ack),
+            note,
+            || true,
+            move || {
+                me.0.listeners.fetch_sub(1, Ordering::AcqRel);
+            },
+        )
     }
 
     fn delete_session(&self, headers: &HeaderMap, caller: &Caller) -> Outcome {
@@ -940,6 +1026,7 @@ impl Gate {
         match req.method.as_str() {
             "initialize" if !modern => self.initialize(&req, &id, caller, ctx),
             "server/discover" => ok(cacheable(self.discover_result())),
+            "subscriptions/listen" if modern => self.subscriptions_listen(&req, &id, ctx),
             "ping" if !modern => ok(json!({})),
             "tools/list" => {
                 let tools = self.tools_for(&caller.agent).await;

@@ -542,3 +542,24 @@ async fn input_rounds(server_line: u8) {
     );
     assert!(toolgate::audit::verify(&h.dir.join("audit.jsonl")).is_ok());
 }
+
+/// The Python 2.x SDK's `listen()` accepts toolgate's acknowledgment of
+/// `subscriptions/listen`: tool list changes honoured, prompt list changes
+/// (not offered) left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_2x_client_listens_for_list_changes_through_toolgate() {
+    let (_server, url) = upstream(2);
+    let h = Harness::with(Opts {
+        upstream: Some(url),
+        ..Opts::default()
+    })
+    .await;
+    let out = client(2, None, &h.url, &h.token("billing-bot"), vec![s("listen")]).await;
+    assert_eq!(out[0]["era"], "modern", "{out:?}");
+    assert_eq!(out[1]["scenario"], "listen", "{out:?}");
+    assert_eq!(
+        out[1]["honored"],
+        json!({"toolsListChanged": true}),
+        "{out:?}"
+    );
+}

@@ -462,3 +462,79 @@ async fn a_reload_tells_listening_agents_their_tools_may_have_changed() {
     let note: Value = serde_json::from_str(data).unwrap();
     assert_eq!(note["method"], "notifications/tools/list_changed");
 }
+
+#[tokio::test]
+async fn a_2026_agent_listens_for_list_changes_with_subscriptions_listen() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let body = json!({"jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen",
+        "params": {"notifications": {"toolsListChanged": true, "resourceSubscriptions": ["billing://x"]},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                      "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let req = http::Request::post(&h.url)
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "subscriptions/listen")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let resp = h.client.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = resp.into_body();
+    let mut text = String::new();
+    let ack = next_event(&mut stream, &mut text).await;
+    assert_eq!(
+        ack["method"], "notifications/subscriptions/acknowledged",
+        "{ack}"
+    );
+    // Only what toolgate honours is acknowledged.
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"toolsListChanged": true})
+    );
+    assert_eq!(
+        ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+        "listen-1"
+    );
+    std::fs::write(
+        h.dir.join("tool-manifests/billing-bot.yaml"),
+        "agent: billing-bot\ntools: [ { name: billing__echo } ]\n",
+    )
+    .unwrap();
+    let (s, v) = h
+        .admin(Method::POST, "/v1/reload", Some(&approver()), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let note = next_event(&mut stream, &mut text).await;
+    assert_eq!(note["method"], "notifications/tools/list_changed", "{note}");
+    assert_eq!(
+        note["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+        "listen-1"
+    );
+}
+
+/// The next SSE event's data from `body` (`text` keeps what was read).
+async fn next_event(body: &mut hyper::body::Incoming, text: &mut String) -> Value {
+    use http_body_util::BodyExt;
+    loop {
+        if let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            if let Some(d) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
+                return serde_json::from_str(d).unwrap();
+            }
+            continue;
+        }
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("an event")
+            .expect("the stream goes on")
+            .unwrap();
+        if let Ok(d) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&d));
+        }
+    }
+}

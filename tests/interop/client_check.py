@@ -20,6 +20,9 @@ Usage:
 Scenarios (argv tokens, consumed left to right):
     list_tools                      -> {"scenario":"list_tools","ok":true,"tools":["echo","get_invoice","refund"]}
     call TOOL ARGS_JSON             -> see "call result" below (repeatable)
+    listen                          -> 2.x on 2026-07-28: {"scenario":"listen","ok":true,"honored":{...}}
+                                       (subscriptions/listen for tool and prompt list changes; the
+                                       acknowledged subset)
     calls N TOOL ARGS_JSON          -> N back-to-back sequential calls, e.g. to trip a rate limit:
         {"scenario":"calls","tool":T,"n":N,"codes":[0,0,-32003,...],"ok_count":k,"error_count":m,
          "errors":[<first error object, or omitted if none>]}
@@ -253,6 +256,9 @@ def parse_scenarios(argv: list[str]) -> list[tuple]:
         elif tok == "calls":
             out.append(("calls", int(argv[i + 1]), argv[i + 2], json.loads(argv[i + 3])))
             i += 4
+        elif tok == "listen":
+            out.append(("listen",))
+            i += 1
         else:
             raise ValueError(f"unknown scenario {tok!r}")
     return out
@@ -288,6 +294,10 @@ async def run_scenarios(conn: Facade, scenarios: list[tuple], state: dict) -> No
             if errors:
                 line["errors"] = errors
             emit(line)
+        elif sc[0] == "listen":
+            # 2.x on 2026-07-28: open subscriptions/listen, report the ack.
+            async with conn.session.listen(tools_list_changed=True, prompts_list_changed=True) as sub:
+                emit({"scenario": "listen", "ok": True, "honored": _dump(sub.honored)})
     state["current"] = "close"
 
 
