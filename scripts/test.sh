@@ -23,7 +23,17 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 
 echo "== tests"
-cargo test --all-targets --locked
+# The conformance parity test (tests/interop_node.rs) leaves its pass counts
+# and sets here; cargo hides a passing test's output, so print the file.
+report="${CARGO_TARGET_DIR:-target}/conformance-report.txt"
+rm -f "$report"
+status=0
+cargo test --all-targets --locked || status=$?
+if [ -f "$report" ]; then
+  echo "== conformance report ($report)"
+  cat "$report"
+fi
+[ "$status" -eq 0 ] || exit "$status"
 
 echo "== fuzz smoke (30 s per target; longer runs: bash scripts/fuzz.sh SECONDS)"
 bash scripts/fuzz.sh "${TOOLGATE_FUZZ_SECONDS:-30}"

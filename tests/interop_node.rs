@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::{Harness, Opts};
 
 struct Kill(Child);
@@ -87,10 +87,17 @@ async fn everything() -> (Kill, String) {
     (guard, format!("http://127.0.0.1:{port}/mcp"))
 }
 
+/// What one conformance run found.
+struct Run {
+    /// Every check, as `scenario/check-id` -> status.
+    checks: BTreeMap<String, String>,
+    /// The tool names the `tools-list` scenario saw listed.
+    listed: BTreeSet<String>,
+}
+
 /// Runs the conformance suite's server scenarios against `url` (with the
-/// agent token on every request when given); returns every check as
-/// `scenario/check-id` -> status.
-async fn conformance(url: &str, token: Option<&str>) -> BTreeMap<String, String> {
+/// agent token on every request when given).
+async fn conformance(url: &str, token: Option<&str>) -> Run {
     let out_dir = support::temp_dir("conformance");
     let mut c = Command::new(node());
     c.current_dir(node_dir());
@@ -106,6 +113,7 @@ async fn conformance(url: &str, token: Option<&str>) -> BTreeMap<String, String>
         .arg(&out_dir);
     let out = run(c).await;
     let mut checks = BTreeMap::new();
+    let mut listed = BTreeSet::new();
     for entry in std::fs::read_dir(&out_dir).unwrap() {
         let dir = entry.unwrap().path();
         // server-<scenario>-<timestamp with 6 dashes>
@@ -117,6 +125,10 @@ async fn conformance(url: &str, token: Option<&str>) -> BTreeMap<String, String>
         let text = std::fs::read_to_string(dir.join("checks.json")).unwrap();
         let list: Vec<Value> = serde_json::from_str(&text).unwrap();
         for c in list {
+            if scenario == "tools-list" {
+                let names = c["details"]["tools"].as_array().into_iter().flatten();
+                listed.extend(names.filter_map(Value::as_str).map(str::to_owned));
+            }
             checks.insert(
                 format!("{scenario}/{}", c["id"].as_str().unwrap()),
                 c["status"].as_str().unwrap().to_owned(),
@@ -130,7 +142,57 @@ async fn conformance(url: &str, token: Option<&str>) -> BTreeMap<String, String>
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    checks
+    Run { checks, listed }
+}
+
+/// Where the parity test leaves its report: cargo shows a passing test's
+/// output to nobody, so `scripts/test.sh` prints this file after the tests.
+fn report_path() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target"))
+        .join("conformance-report.txt")
+}
+
+/// Writes the pass counts and sets of `runs`, and how each differs from
+/// the first.
+fn write_report(runs: &[(&str, &Run)]) {
+    use std::fmt::Write;
+    let mut out = String::from(
+        "conformance suite 0.1.16 against server-everything 2026.8.31 (tests/interop_node.rs)\n",
+    );
+    let base = passing(&runs[0].1.checks);
+    for (name, r) in runs {
+        let p = passing(&r.checks);
+        let _ = writeln!(
+            out,
+            "{name:>8}: {} of {} checks pass; tools-list saw {} tools",
+            p.len(),
+            r.checks.len(),
+            r.listed.len()
+        );
+        for k in p.difference(&base) {
+            let _ = writeln!(out, "          + {k}");
+        }
+        for k in base.difference(&p) {
+            let _ = writeln!(out, "          - {k}");
+        }
+    }
+    if runs.iter().any(|(n, _)| *n == "hidden") {
+        let _ = writeln!(
+            out,
+            "hidden: the run with the test_* tools, get-sum and gzip-file-as-resource hidden"
+        );
+    }
+    for (name, r) in runs {
+        let _ = writeln!(out, "{name} passes:");
+        for k in passing(&r.checks) {
+            let _ = writeln!(out, "  {k}");
+        }
+    }
+    let path = report_path();
+    let _ = std::fs::create_dir_all(path.parent().unwrap());
+    std::fs::write(&path, out).unwrap();
 }
 
 fn passing(checks: &BTreeMap<String, String>) -> BTreeSet<String> {
@@ -154,9 +216,14 @@ resources: ["**"]
 prompts: ["*"]
 "#;
 
-/// Lists server-everything's own tools by name: the conformance suite's
-/// `test_*` tools are not listed, so toolgate refuses them (-32003).
-const HIDE_TEST_TOOLS: &str = r#"
+/// Lists server-everything's own tools by name, so the conformance suite's
+/// `test_*` tools (which server-everything does not implement) are refused
+/// (-32003), and hides two real server-everything tools as well: `get-sum`
+/// denied, `gzip-file-as-resource` not listed. No scenario the suite passes
+/// calls a real server-everything tool (they call `test_*` tools, prompts and
+/// resources, which server-everything lacks, or only list), so hiding the
+/// real ones changes no check; the `tools-list` scenario sees them gone.
+const HIDE_TOOLS: &str = r#"
 agent: conformance
 rate_limit: 100000/min
 tools:
@@ -164,9 +231,20 @@ tools:
   - name: "get-*"
   - name: "trigger-*"
   - name: "toggle-*"
+  - name: simulate-research-query
+deny:
+  - name: get-sum
+    reason: hidden from the conformance run
 resources: ["**"]
 prompts: ["*"]
 "#;
+
+/// The real server-everything tools [`HIDE_TOOLS`] hides, with the rule
+/// that refuses each.
+const HIDDEN_REAL: [(&str, &str); 2] = [
+    ("get-sum", "deny[0]"),
+    ("gzip-file-as-resource", "unlisted"),
+];
 
 /// The one check toolgate passes and server-everything does not: it checks
 /// Host and Origin itself (DNS-rebinding protection).
@@ -185,25 +263,17 @@ async fn the_conformance_suite_passes_the_same_checks_through_toolgate_as_direct
     .await;
     let token = h.token("conformance");
     let through = conformance(&h.url, Some(&token)).await;
+    write_report(&[("direct", &direct), ("through", &through)]);
 
-    let (d, t) = (passing(&direct), passing(&through));
-    println!(
-        "direct:  {} of {} checks pass: {d:?}",
-        d.len(),
-        direct.len()
-    );
-    println!(
-        "through: {} of {} checks pass: {t:?}",
-        t.len(),
-        through.len()
-    );
+    let (d, t) = (passing(&direct.checks), passing(&through.checks));
     assert!(
         d.contains("server-initialize/server-initialize") && d.contains("tools-list/tools-list"),
-        "the direct run itself is broken: {direct:?}"
+        "the direct run itself is broken: {:?}",
+        direct.checks
     );
     assert_eq!(
-        direct.keys().collect::<Vec<_>>(),
-        through.keys().collect::<Vec<_>>(),
+        direct.checks.keys().collect::<Vec<_>>(),
+        through.checks.keys().collect::<Vec<_>>(),
         "the same checks ran"
     );
     let mut want = d.clone();
@@ -212,22 +282,35 @@ async fn the_conformance_suite_passes_the_same_checks_through_toolgate_as_direct
         t, want,
         "through toolgate: the direct pass set plus Host/Origin checking"
     );
+    assert_eq!(
+        through.listed, direct.listed,
+        "the suite saw the same tools listed"
+    );
+    for (tool, _) in HIDDEN_REAL {
+        assert!(
+            direct.listed.contains(tool),
+            "{tool} is a real tool: {:?}",
+            direct.listed
+        );
+    }
     drop(h);
 
-    // Hide the tools two scenarios call: exactly those fail now.
+    // Hide the `test_*` tools two scenarios call, and two real tools:
+    // exactly those scenarios fail now.
     let h = Harness::with(Opts {
-        manifests: &[("conformance.yaml", HIDE_TEST_TOOLS)],
+        manifests: &[("conformance.yaml", HIDE_TOOLS)],
         upstreams: Some(everything_upstream(&url)),
         ..Opts::default()
     })
     .await;
-    let hidden = conformance(&h.url, Some(&h.token("conformance"))).await;
-    let hp = passing(&hidden);
-    println!(
-        "hidden:  {} of {} checks pass: {hp:?}",
-        hp.len(),
-        hidden.len()
-    );
+    let token = h.token("conformance");
+    let hidden = conformance(&h.url, Some(&token)).await;
+    write_report(&[
+        ("direct", &direct),
+        ("through", &through),
+        ("hidden", &hidden),
+    ]);
+    let hp = passing(&hidden.checks);
     let uses_hidden =
         |k: &str| k.starts_with("tools-call-simple-text/") || k.starts_with("tools-call-error/");
     let want: BTreeSet<String> = t.iter().filter(|k| !uses_hidden(k)).cloned().collect();
@@ -236,16 +319,68 @@ async fn the_conformance_suite_passes_the_same_checks_through_toolgate_as_direct
         t.iter().any(|k| uses_hidden(k)),
         "they passed before hiding"
     );
+    // The suite's own tools/list no longer shows the hidden real tools, and
+    // shows every other tool as before.
+    let mut want = through.listed.clone();
+    for (tool, _) in HIDDEN_REAL {
+        want.remove(tool);
+    }
+    assert_eq!(
+        hidden.listed, want,
+        "the tools-list scenario saw them hidden"
+    );
+
+    // Asked directly: absent from tools/list, refused with -32003 and the
+    // rule, each refusal audited.
+    let sid = h.initialize(&token).await;
+    let (_, v) = h.in_session(&token, &sid, "tools/list", json!({})).await;
+    let names: BTreeSet<&str> = v["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(names.contains("echo"), "{names:?}");
+    for (tool, rule) in HIDDEN_REAL {
+        assert!(!names.contains(tool), "{tool} listed: {names:?}");
+        let args = json!({"a": 1, "b": 2, "name": "x", "data": "https://example.com/x"});
+        let (_, v) = h
+            .in_session(
+                &token,
+                &sid,
+                "tools/call",
+                json!({"name": tool, "arguments": args}),
+            )
+            .await;
+        assert_eq!(v["error"]["code"], -32003, "{tool}: {v}");
+        assert_eq!(v["error"]["data"]["rule"], rule, "{tool}: {v}");
+    }
     let refused: Vec<Value> = h
         .audit()
         .await
         .into_iter()
-        .filter(|r| r["event"] == "call" && r["rule"] == "unlisted")
+        .filter(|r| r["event"] == "call" && r["decision"] == "deny")
         .collect();
-    let names: BTreeSet<&str> = refused.iter().filter_map(|r| r["tool"].as_str()).collect();
-    assert!(
-        names.contains("test_simple_text") && names.contains("test_error_handling"),
-        "{refused:?}"
+    let names: BTreeSet<(&str, &str)> = refused
+        .iter()
+        .filter_map(|r| Some((r["tool"].as_str()?, r["rule"].as_str()?)))
+        .collect();
+    for (tool, rule) in HIDDEN_REAL.into_iter().chain([
+        ("test_simple_text", "unlisted"),
+        ("test_error_handling", "unlisted"),
+    ]) {
+        assert!(
+            names.contains(&(tool, rule)),
+            "{tool} by {rule}: {refused:?}"
+        );
+    }
+    assert_eq!(
+        refused
+            .iter()
+            .filter(|r| HIDDEN_REAL.iter().any(|(t, _)| r["tool"] == *t))
+            .count(),
+        2,
+        "one record per refused call of a hidden real tool: {refused:?}"
     );
 }
 
