@@ -2,9 +2,10 @@
 //!
 //! [`ToolServer`] is a small but real MCP server (Streamable HTTP, revision
 //! 2025-11-25 with sessions, JSON responses) offering billing-flavoured
-//! tools. It records every `tools/call` it receives, which makes it the
-//! recording upstream of toolgate's own tests: what it did not record never
-//! reached it.
+//! tools, among them `media` (every content kind and schema feature, see
+//! `demo/media.rs`). It records every `tools/call` it receives, with its `_meta`,
+//! which makes it the recording upstream of toolgate's own tests: what it
+//! did not record never reached it.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -18,12 +19,15 @@ use tokio::net::TcpListener;
 
 use crate::gate::{full, Body};
 
-/// A call the tool server received: tool name, arguments, and the headers
-/// that came with it.
+mod media;
+
+/// A call the tool server received: tool name, arguments, the request's
+/// `_meta` (Null when absent), and the headers that came with it.
 #[derive(Debug, Clone)]
 pub struct Received {
     pub tool: String,
     pub arguments: Value,
+    pub meta: Value,
     pub headers: http::HeaderMap,
 }
 
@@ -48,7 +52,7 @@ impl Default for ToolServer {
 
 /// The tools it offers.
 pub fn tool_definitions() -> Value {
-    json!([
+    let mut tools = json!([
         {
             "name": "get_invoice",
             "description": "Fetch an invoice by id.",
@@ -79,7 +83,11 @@ pub fn tool_definitions() -> Value {
             "description": "Refund an invoice once the user confirms (asks in a 2026-07-28 input_required round).",
             "inputSchema": {"type": "object", "properties": {"invoice_id": {"type": "string"}}, "required": ["invoice_id"]}
         }
-    ])
+    ]);
+    if let Value::Array(t) = &mut tools {
+        t.push(media::definition());
+    }
+    tools
 }
 
 impl ToolServer {
@@ -190,6 +198,7 @@ impl ToolServer {
                     r.push(Received {
                         tool: format!("{method}:{target}"),
                         arguments: params.get("arguments").cloned().unwrap_or(Value::Null),
+                        meta: params.get("_meta").cloned().unwrap_or(Value::Null),
                         headers: parts.headers.clone(),
                     });
                 }
@@ -214,6 +223,7 @@ impl ToolServer {
                     r.push(Received {
                         tool: tool.clone(),
                         arguments: args.clone(),
+                        meta: params.get("_meta").cloned().unwrap_or(Value::Null),
                         headers: parts.headers.clone(),
                     });
                 }
@@ -470,6 +480,7 @@ fn call(tool: &str, args: &Value) -> Value {
             json!({"granted": true}),
         ),
         "echo" => (s("text"), json!({"text": s("text")})),
+        "media" => return media::call(args),
         other => {
             return json!({"isError": true, "content": [{"type": "text", "text": format!("unknown tool {other}")}]});
         }

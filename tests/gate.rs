@@ -584,6 +584,7 @@ async fn several_upstreams_are_aggregated_and_routed_by_prefix() {
             "billing__echo",
             "billing__get_invoice",
             "billing__grant_role",
+            "billing__media",
             "billing__refund",
             "crm_echo"
         ],

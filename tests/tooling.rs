@@ -134,7 +134,7 @@ async fn check_against_warns_about_rules_that_match_no_live_tool() {
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("upstream billing: 6 tool(s)"), "{stdout}");
+    assert!(stdout.contains("upstream billing: 7 tool(s)"), "{stdout}");
     assert!(
         stdout.contains("a.yaml:4: a: tools[1] \"billing__get_invoce\" matches no upstream tool"),
         "{stdout}"

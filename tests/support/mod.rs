@@ -56,6 +56,8 @@ deny:
 pub struct Harness {
     pub server: Server,
     pub tools: ToolServer,
+    /// The recording tool server's own MCP endpoint (to ask it directly).
+    pub tools_url: String,
     pub dir: PathBuf,
     pub url: String,
     pub client: hyper_util::client::legacy::Client<
@@ -176,6 +178,7 @@ limits:
         Harness {
             server,
             tools,
+            tools_url: format!("http://{taddr}/mcp"),
             dir,
             url,
             client: toolgate::upstream::http_client(),
