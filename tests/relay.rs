@@ -263,3 +263,48 @@ async fn the_agents_own_meta_keys_reach_the_upstream_and_progress_still_flows() 
         "the agent's hop envelope is not forwarded to a 2025-11-25 server: {meta}"
     );
 }
+
+#[tokio::test]
+async fn a_stdio_servers_definitions_and_results_are_relayed_unchanged_too() {
+    // The stdio demo serves the same media tool as the HTTP one.
+    let h = Harness::with(Opts {
+        manifests: &[(
+            "media-bot.yaml",
+            "agent: media-bot\ntools:\n  - name: local__media\n",
+        )],
+        upstreams: Some(format!(
+            "upstreams:\n  - name: local\n    command: [\"{}\", demo-tools]\n",
+            env!("CARGO_BIN_EXE_toolgate")
+        )),
+        ..Opts::default()
+    })
+    .await;
+    let mut want = upstream_definition(&h).await;
+    want["name"] = json!("local__media");
+    let args = json!({"invoice_id": "INV-000042"});
+    let result = direct(
+        &h,
+        "tools/call",
+        json!({"name": "media", "arguments": args}),
+    )
+    .await;
+    let t = h.token("media-bot");
+    let sid = h.initialize(&t).await;
+    let (_, v) = h.in_session(&t, &sid, "tools/list", json!({})).await;
+    assert_eq!(v["result"]["tools"], json!([want]), "{v}");
+    let (_, v) = h
+        .in_session(
+            &t,
+            &sid,
+            "tools/call",
+            json!({"name": "local__media", "arguments": args}),
+        )
+        .await;
+    assert_eq!(v["result"], result, "2025-11-25");
+    let v = h.call(&t, "local__media", args).await;
+    assert_eq!(
+        without_2026_additions(v["result"].clone()),
+        result,
+        "2026-07-28"
+    );
+}

@@ -233,6 +233,79 @@ async fn progress_of_a_stdio_call_reaches_the_agent_that_asked_for_it() {
 }
 
 #[tokio::test]
+async fn a_stdio_servers_stderr_reaches_the_operator_log_and_its_log_messages_the_calling_agent() {
+    let log = support::operator_log();
+    let h = harness().await;
+    let t = h.token("bot");
+    let server = pid(&h, &t).await;
+    let line = format!("stderr line of test process {}", std::process::id());
+
+    // With an event stream open, the server's logging notification reaches
+    // the agent before the result.
+    let (ct, msgs) = h
+        .call_messages(
+            &t,
+            "application/json, text/event-stream",
+            "local__log",
+            json!({"text": line}),
+            json!({}),
+        )
+        .await;
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let methods: Vec<&str> = msgs
+        .iter()
+        .map(|m| m["method"].as_str().unwrap_or("(response)"))
+        .collect();
+    assert_eq!(methods, ["notifications/message", "(response)"], "{msgs:?}");
+    assert_eq!(msgs[0]["params"]["data"], line.as_str(), "{msgs:?}");
+    assert_eq!(msgs[0]["params"]["level"], "info", "{msgs:?}");
+    assert_eq!(text(&msgs[1]), "logged", "{msgs:?}");
+
+    // What it wrote to stderr is in toolgate's operator log, naming the
+    // upstream and the process.
+    let entry = log
+        .wait_for(|l| l["fields"]["stderr"] == line.as_str())
+        .await
+        .unwrap_or_else(|| panic!("no stderr line in the operator log: {:?}", log.lines()));
+    assert_eq!(entry["fields"]["message"], "stdio server stderr", "{entry}");
+    assert_eq!(entry["fields"]["upstream.name"], "local", "{entry}");
+    assert_eq!(entry["fields"]["pid"], server, "{entry}");
+    assert_eq!(entry["level"], "INFO", "{entry}");
+
+    // A session agent taking JSON only has no stream to relay it on: the
+    // logging notification goes to the operator log instead, and the agent
+    // gets the result alone.
+    let quiet = format!("{line}, no stream open");
+    let sid = h.initialize(&t).await;
+    let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "local__log", "arguments": {"text": quiet}}});
+    let (s, hd, v) = h
+        .post(
+            Some(&t),
+            &[
+                ("accept", "application/json"),
+                ("mcp-session-id", &sid),
+                ("mcp-protocol-version", "2025-11-25"),
+            ],
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(hd["content-type"], "application/json", "{v}");
+    assert_eq!(text(&v), "logged", "{v}");
+    let entry = log
+        .wait_for(|l| {
+            l["fields"]["message"] == "stdio server log"
+                && l["fields"]["data"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(&quiet))
+        })
+        .await
+        .unwrap_or_else(|| panic!("no log message in the operator log: {:?}", log.lines()));
+    assert_eq!(entry["fields"]["pid"], server, "{entry}");
+}
+
+#[tokio::test]
 async fn a_tools_list_changed_notification_refreshes_the_catalog() {
     let dir = support::temp_dir("stdio-reveal");
     let h = Harness::with(Opts {

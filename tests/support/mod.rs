@@ -525,3 +525,64 @@ impl Webhook {
         self.got.lock().expect("lock").clone()
     }
 }
+
+/// toolgate's operator log in this test process: every `tracing` event at
+/// info and above, as the JSON lines `--log-format json` writes, from the
+/// first call of [`operator_log`] on (it installs the process's subscriber).
+pub struct OperatorLog(&'static std::sync::Mutex<Vec<u8>>);
+
+static OPERATOR_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// The operator log, capturing from now on.
+pub fn operator_log() -> OperatorLog {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        struct Writer;
+        impl std::io::Write for Writer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                OPERATOR_LOG
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(|| Writer)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
+    });
+    OperatorLog(&OPERATOR_LOG)
+}
+
+impl OperatorLog {
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<Value> {
+        let text = String::from_utf8_lossy(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned();
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("log line is JSON"))
+            .collect()
+    }
+
+    /// Waits (up to 10 s) for a line that `pred` accepts; returns it.
+    pub async fn wait_for(&self, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        for _ in 0..200 {
+            if let Some(l) = self.lines().into_iter().find(&pred) {
+                return Some(l);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
