@@ -84,7 +84,7 @@ pub(crate) struct Session {
 /// On whose behalf a request goes upstream: the agent, and the agent's own
 /// MCP session when it has one (2025-era revisions). A session-based
 /// upstream gets one session per `Who`: never shared between agents, nor
-/// between two sessions of one agent. stdio processes are per agent.
+/// between two sessions of one agent; nor is a stdio process.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Who {
     pub agent: Arc<str>,
@@ -227,12 +227,9 @@ impl Upstream {
         relay: Option<Relay>,
     ) -> Result<Answer, UpstreamError> {
         if let Some(pool) = &self.stdio {
-            return tokio::time::timeout(
-                self.timeout,
-                pool.request(&who.agent, method, params, relay),
-            )
-            .await
-            .map_err(|_| UpstreamError::Timeout(self.name.clone()))?;
+            return tokio::time::timeout(self.timeout, pool.request(who, method, params, relay))
+                .await
+                .map_err(|_| UpstreamError::Timeout(self.name.clone()))?;
         }
         let relay = relay.as_ref().map(|r| (&who.agent, r));
         let fut = async {
@@ -257,9 +254,13 @@ impl Upstream {
         self.timeout
     }
 
-    /// Forgets `who`'s upstream session (its agent session ended).
+    /// Forgets `who`'s upstream session (its agent session ended),
+    /// stopping its stdio process.
     pub fn forget(&self, who: &Who) {
         self.sessions.remove(who);
+        if let Some(p) = &self.stdio {
+            p.forget(who);
+        }
     }
 
     async fn session(&self, who: &Who) -> Result<Session, UpstreamError> {
@@ -470,7 +471,7 @@ impl Upstream {
             ));
         };
         if let Some(pool) = &self.stdio {
-            return pool.send_to(agent, &msg).await;
+            return pool.send_to(agent, id, &msg).await;
         }
         let Some(session) = asked_in else {
             return Err(UpstreamError::Protocol(

@@ -115,6 +115,178 @@ async fn each_agent_gets_its_own_process_with_a_clean_environment() {
     assert!(v["result"]["structuredContent"]["value"].is_string(), "{v}");
 }
 
+/// The pid of the process serving `token`'s session `sid`.
+async fn session_pid(h: &Harness, token: &str, sid: &str) -> u32 {
+    let (_, v) = h
+        .in_session(
+            token,
+            sid,
+            "tools/call",
+            json!({"name": "local__pid", "arguments": {}}),
+        )
+        .await;
+    v["result"]["structuredContent"]["pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pid: {v}")) as u32
+}
+
+/// Waits (up to 10 s) until `cond` holds.
+async fn eventually(cond: impl Fn() -> bool) -> bool {
+    for _ in 0..200 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}
+
+#[tokio::test]
+async fn each_agent_session_gets_its_own_process_and_ending_the_session_stops_it() {
+    let h = harness().await;
+    let (a, b) = (h.token("bot"), h.token("other-bot"));
+    let (s1, s2) = (h.initialize(&a).await, h.initialize(&a).await);
+    let (p1, p2) = (
+        session_pid(&h, &a, &s1).await,
+        session_pid(&h, &a, &s2).await,
+    );
+    assert_ne!(
+        p1, p2,
+        "two sessions of one agent must not share a stdio session"
+    );
+    assert_eq!(
+        session_pid(&h, &a, &s1).await,
+        p1,
+        "a session keeps its process"
+    );
+    assert_eq!(
+        session_pid(&h, &a, &s2).await,
+        p2,
+        "a session keeps its process"
+    );
+    // Sessionless (2026-07-28) calls of the agent share one process of
+    // their own.
+    let stateless = pid(&h, &a).await;
+    assert!(![p1, p2].contains(&stateless), "{stateless}");
+    assert_eq!(pid(&h, &a).await, stateless);
+    // Another agent shares none of them, with or without a session.
+    let sb = h.initialize(&b).await;
+    for p in [session_pid(&h, &b, &sb).await, pid(&h, &b).await] {
+        assert!(![p1, p2, stateless].contains(&p), "{p} is another agent's");
+    }
+
+    // Ending a session stops its process, and only its.
+    let (s, _, _) = h
+        .send(
+            http::Method::DELETE,
+            Some(&a),
+            &[("mcp-session-id", &s1)],
+            bytes::Bytes::new(),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(
+        eventually(|| !running(p1)).await,
+        "{p1} outlived its session"
+    );
+    assert!(running(p2) && running(stateless));
+    assert_eq!(session_pid(&h, &a, &s2).await, p2);
+    let s3 = h.initialize(&a).await;
+    let p3 = session_pid(&h, &a, &s3).await;
+    assert!(
+        ![p1, p2, stateless].contains(&p3),
+        "a new session, a new process"
+    );
+}
+
+/// Opens a tools/call in `sid` that answers with an event stream.
+async fn streaming_call(
+    h: &Harness,
+    token: &str,
+    sid: &str,
+    id: u32,
+    tool: &str,
+    args: Value,
+    meta: Value,
+) -> hyper::body::Incoming {
+    let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": tool, "arguments": args, "_meta": meta}});
+    let req = http::Request::post(&h.url)
+        .header("content-type", "application/json")
+        .header("accept", "text/event-stream, application/json")
+        .header("authorization", format!("Bearer {token}"))
+        .header("mcp-session-id", sid)
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            call.to_string(),
+        )))
+        .expect("request");
+    let resp = h.client.request(req).await.expect("toolgate answers");
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    resp.into_body()
+}
+
+#[tokio::test]
+async fn a_stdio_servers_ask_reaches_the_session_whose_call_made_it() {
+    let h = harness().await;
+    let t = h.token("bot");
+    let (busy, asking) = (h.initialize(&t).await, h.initialize(&t).await);
+    // One session has calls in flight with streams open...
+    let mut busy_calls = Vec::new();
+    for n in 1..=3 {
+        let mut body = streaming_call(
+            &h,
+            &t,
+            &busy,
+            n,
+            "local__sleep",
+            json!({"ms": 1500}),
+            json!({"progressToken": n}),
+        )
+        .await;
+        let (mut buf, mut seen) = (String::new(), 0);
+        let first = next_event(&mut body, &mut buf, &mut seen).await.unwrap();
+        assert_eq!(first["params"]["progressToken"], n, "{first}");
+        busy_calls.push((n, body, buf, seen));
+    }
+    // ...when the other's call makes its server ask: the ask reaches the
+    // call that made it.
+    let mut a = streaming_call(
+        &h,
+        &t,
+        &asking,
+        9,
+        "local__ask",
+        json!({"message": "Which session?"}),
+        json!({}),
+    )
+    .await;
+    let (mut abuf, mut aseen) = (String::new(), 0);
+    let ask = next_event(&mut a, &mut abuf, &mut aseen).await.unwrap();
+    assert_eq!(ask["method"], "elicitation/create", "{ask}");
+    assert_eq!(ask["params"]["message"], "Which session?");
+    let reply = json!({"jsonrpc": "2.0", "id": ask["id"], "result": {"action": "decline"}});
+    let session = [
+        ("mcp-session-id", asking.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let (s, _, _) = h.post(Some(&t), &session, reply.to_string()).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let result = next_event(&mut a, &mut abuf, &mut aseen).await.unwrap();
+    assert_eq!(result["id"], 9, "{result}");
+    assert_eq!(
+        result["result"]["structuredContent"]["answer"]["action"], "decline",
+        "{result}"
+    );
+    // The busy session saw nothing of it: each call's next event is its
+    // result.
+    for (n, mut body, mut buf, mut seen) in busy_calls {
+        let done = next_event(&mut body, &mut buf, &mut seen).await.unwrap();
+        assert_eq!(done["id"], n, "{done}");
+        assert_eq!(text(&done), "slept 1500 ms", "{done}");
+    }
+}
+
 #[tokio::test]
 async fn a_crash_mid_call_fails_that_call_at_once_and_the_next_call_restarts_it() {
     let h = harness().await;
@@ -277,6 +449,7 @@ async fn a_stdio_servers_stderr_reaches_the_operator_log_and_its_log_messages_th
     // gets the result alone.
     let quiet = format!("{line}, no stream open");
     let sid = h.initialize(&t).await;
+    let session_server = session_pid(&h, &t, &sid).await;
     let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
         "params": {"name": "local__log", "arguments": {"text": quiet}}});
     let (s, hd, v) = h
@@ -302,7 +475,7 @@ async fn a_stdio_servers_stderr_reaches_the_operator_log_and_its_log_messages_th
         })
         .await
         .unwrap_or_else(|| panic!("no log message in the operator log: {:?}", log.lines()));
-    assert_eq!(entry["fields"]["pid"], server, "{entry}");
+    assert_eq!(entry["fields"]["pid"], session_server, "{entry}");
 }
 
 #[tokio::test]

@@ -1,10 +1,14 @@
 //! MCP tool servers reached over stdio: spawned, initialized, supervised.
 //!
 //! A stdio server is one session, so toolgate runs one child process per
-//! agent: an upstream session is never shared between agents. Processes are
-//! started on an agent's first call, bounded per upstream ([`MAX_PROCESSES`],
-//! least recently used idle one stopped first), and stopped after
-//! [`IDLE`] without calls. When one dies, its calls in flight fail at once
+//! agent session ([`Who`]): an upstream session is never shared between
+//! agents, nor between two MCP sessions of one agent (an agent's
+//! sessionless 2026-07-28 calls share one process of their own). So a
+//! server's request to its client can only reach a call of the session the
+//! process serves. Processes are started on a session's first call,
+//! bounded per upstream ([`MAX_PROCESSES`], least recently used idle one
+//! stopped first), stopped when their agent session is deleted
+//! ([`Pool::forget`]), and stopped after [`IDLE`] without calls. When one dies, its calls in flight fail at once
 //! (-32004, never a hang) and the next call restarts it, after an
 //! exponential backoff when it keeps dying. Its stderr goes to the operator
 //! log, line by line, bounded.
@@ -26,10 +30,10 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{oneshot, watch, Mutex};
 
-use super::{asks, Answer, Relay, UpstreamError};
+use super::{asks, Answer, Relay, UpstreamError, Who};
 use crate::mcp;
 
-/// Child processes per stdio upstream (one per agent).
+/// Child processes per stdio upstream (one per agent session).
 pub const MAX_PROCESSES: usize = 64;
 /// A process without calls for this long is stopped.
 pub const IDLE: Duration = Duration::from_secs(600);
@@ -69,10 +73,20 @@ struct Slot {
     last_used: Option<Instant>,
 }
 
-/// The processes of one stdio upstream, one per agent.
+/// Which process asked: toolgate's id of each ask relayed to an agent ->
+/// the key of the process that asked, and when.
+type Asked = Arc<StdMutex<HashMap<String, (Who, Instant)>>>;
+
+/// Asks remembered per upstream, as many as [`asks::Asks`] keeps pending,
+/// for as long as it keeps one.
+const MAX_ASKED: usize = 256;
+const ASK_TTL: Duration = Duration::from_secs(600);
+
+/// The processes of one stdio upstream, one per agent session.
 pub struct Pool {
     spec: Arc<Spec>,
-    slots: StdMutex<HashMap<Arc<str>, Arc<Mutex<Slot>>>>,
+    slots: StdMutex<HashMap<Who, Arc<Mutex<Slot>>>>,
+    asked: Asked,
     version: ArcSwap<Option<&'static str>>,
 }
 
@@ -81,6 +95,7 @@ impl Pool {
         Pool {
             spec: Arc::new(spec),
             slots: StdMutex::default(),
+            asked: Asked::default(),
             version: ArcSwap::from_pointee(None),
         }
     }
@@ -90,26 +105,39 @@ impl Pool {
         **self.version.load()
     }
 
-    /// The process ids of running processes, by agent ("" is toolgate's own).
+    /// The process ids of running processes, by agent ("" is toolgate's
+    /// own); an agent with several sessions appears once per session.
     pub fn pids(&self) -> Vec<(Arc<str>, u32)> {
         self.slots()
             .iter()
             .filter_map(|(k, s)| {
                 let s = s.try_lock().ok()?;
                 let p = s.proc.as_ref().filter(|p| p.alive())?;
-                Some((k.clone(), p.pid?))
+                Some((k.agent.clone(), p.pid?))
             })
             .collect()
     }
 
-    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Mutex<Slot>>>> {
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<Who, Arc<Mutex<Slot>>>> {
         self.slots.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Writes `msg` (an answer to one of its requests) to `who`'s running
-    /// process.
-    pub async fn send_to(&self, who: &Arc<str>, msg: &Value) -> Result<(), UpstreamError> {
-        let slot = self.slots().get(who).cloned();
+    /// Writes `msg`, `agent`'s answer to the ask toolgate numbered `id`, to
+    /// the running process that asked.
+    pub async fn send_to(
+        &self,
+        agent: &Arc<str>,
+        id: &str,
+        msg: &Value,
+    ) -> Result<(), UpstreamError> {
+        let who = self
+            .asked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id)
+            .map(|(w, _)| w)
+            .filter(|w| w.agent == *agent);
+        let slot = who.and_then(|w| self.slots().get(&w).cloned());
         let proc = match slot {
             Some(s) => s.lock().await.proc.clone().filter(|p| p.alive()),
             None => None,
@@ -126,7 +154,7 @@ impl Pool {
     /// Sends one request to `who`'s process, starting it as needed.
     pub async fn request(
         &self,
-        who: &Arc<str>,
+        who: &Who,
         method: &str,
         params: Value,
         relay: Option<Relay>,
@@ -135,7 +163,21 @@ impl Pool {
         proc.request(method, Some(params), relay).await
     }
 
-    async fn process(&self, who: &Arc<str>) -> Result<Arc<Proc>, UpstreamError> {
+    /// Stops `who`'s process (its agent session ended), once the call
+    /// starting it, if any, is through.
+    pub fn forget(&self, who: &Who) {
+        let Some(slot) = self.slots().remove(who) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let proc = slot.lock().await.proc.take();
+            if let Some(p) = proc {
+                p.stop().await;
+            }
+        });
+    }
+
+    async fn process(&self, who: &Who) -> Result<Arc<Proc>, UpstreamError> {
         let slot = {
             let mut slots = self.slots();
             match slots.get(who) {
@@ -180,7 +222,7 @@ impl Pool {
                 ),
             ));
         }
-        match Proc::start(&self.spec, who).await {
+        match Proc::start(&self.spec, who, &self.asked).await {
             Ok(p) => {
                 self.version.store(Arc::new(Some(p.version())));
                 slot.not_before = None;
@@ -197,9 +239,9 @@ impl Pool {
 
     /// Drops slots idle past [`IDLE`] and, at the bound, the least recently
     /// used idle one, stopping their processes.
-    fn reap(&self, slots: &mut HashMap<Arc<str>, Arc<Mutex<Slot>>>) {
+    fn reap(&self, slots: &mut HashMap<Who, Arc<Mutex<Slot>>>) {
         let now = Instant::now();
-        let mut idle: Vec<(Arc<str>, Instant)> = Vec::new();
+        let mut idle: Vec<(Who, Instant)> = Vec::new();
         for (k, s) in slots.iter() {
             // Busy (locked, or with calls in flight) slots are kept.
             let Ok(s) = s.try_lock() else { continue };
@@ -271,14 +313,16 @@ pub struct Proc {
     kill: StdMutex<Option<oneshot::Sender<()>>>,
     exited: watch::Receiver<bool>,
     tools_changed: Arc<std::sync::atomic::AtomicBool>,
-    /// The agent this process serves, and the upstream's asks.
-    agent: Arc<str>,
+    /// The agent session this process serves, the upstream's asks, and
+    /// which process asked each.
+    who: Who,
     asks: Arc<asks::Asks>,
+    asked: Asked,
 }
 
 impl Proc {
     /// Spawns the server and runs the initialize handshake.
-    async fn start(spec: &Spec, agent: &Arc<str>) -> Result<Arc<Proc>, UpstreamError> {
+    async fn start(spec: &Spec, who: &Who, asked: &Asked) -> Result<Arc<Proc>, UpstreamError> {
         let name = spec.name.clone();
         let mut cmd = Command::new(&spec.command[0]);
         cmd.args(&spec.command[1..]).env_clear();
@@ -324,8 +368,9 @@ impl Proc {
             kill: StdMutex::new(Some(kill_tx)),
             exited,
             tools_changed: spec.tools_changed.clone(),
-            agent: agent.clone(),
+            who: who.clone(),
             asks: spec.asks.clone(),
+            asked: asked.clone(),
         });
         tokio::spawn(log_stderr(name.clone(), pid, stderr));
         tokio::spawn(read_loop(
@@ -336,7 +381,7 @@ impl Proc {
             exited_tx,
             spec.max_line,
         ));
-        tracing::info!(upstream.name = %name, pid, command = ?spec.command, "stdio upstream started");
+        tracing::info!(upstream.name = %name, pid, agent.id = %who.agent, command = ?spec.command, "stdio upstream started");
         let params = json!({
             "protocolVersion": mcp::V2025_11_25,
             "capabilities": asks::client_capabilities(),
@@ -491,10 +536,11 @@ impl Proc {
                 }
             }
             (Some(method), Some(id)) => {
-                // A request from the server: an ask goes to this agent's
-                // call in flight that has a stream (the process is this
-                // agent's alone); the rest is answered here, off the read
-                // loop: a server blocked on a full stdout must not
+                // A request from the server: an ask goes to a call in
+                // flight with a stream (the process serves one agent
+                // session, so it is a call of that session: stdio carries
+                // no hint of which); the rest is answered here, off the
+                // read loop: a server blocked on a full stdout must not
                 // deadlock us.
                 if asks::RELAYED.contains(&method.as_str()) {
                     let relay = self
@@ -505,13 +551,19 @@ impl Proc {
                         .next()
                         .map(|(_, r)| r.clone());
                     if let Some(r) = relay {
-                        if let Some(m) = self.asks.register(&self.name, &self.agent, None, msg) {
+                        let agent = &self.who.agent;
+                        if let Some(m) = self.asks.register(&self.name, agent, None, msg) {
                             let ours = m["id"].as_str().unwrap_or_default().to_owned();
+                            self.remember_ask(&ours);
                             if r.try_send(m).is_ok() {
-                                tracing::info!(upstream.name = %self.name, agent.id = %self.agent, %method, "relaying a server request to the agent");
+                                tracing::info!(upstream.name = %self.name, agent.id = %agent, %method, "relaying a server request to the agent");
                                 return;
                             }
                             self.asks.forget(&ours);
+                            self.asked
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .remove(&ours);
                         }
                     }
                 }
@@ -554,6 +606,26 @@ impl Proc {
             }
             (None, None) => {}
         }
+    }
+
+    /// Notes that this process asked toolgate's ask `id`, so its answer
+    /// comes back here. Bounded: beyond [`MAX_ASKED`], asks past
+    /// [`ASK_TTL`] are forgotten, then the oldest.
+    fn remember_ask(&self, id: &str) {
+        let mut asked = self.asked.lock().unwrap_or_else(PoisonError::into_inner);
+        if asked.len() >= MAX_ASKED {
+            asked.retain(|_, (_, at)| at.elapsed() < ASK_TTL);
+            if asked.len() >= MAX_ASKED {
+                let oldest = asked
+                    .iter()
+                    .min_by_key(|(_, (_, at))| *at)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    asked.remove(&k);
+                }
+            }
+        }
+        asked.insert(id.to_owned(), (self.who.clone(), Instant::now()));
     }
 
     /// Closes stdin (a well-behaved server exits), then kills after a grace
