@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,6 +31,9 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 /// Records that may wait for the writer.
 pub const QUEUE: usize = 16_384;
+
+/// How long the writer lets records gather after a write.
+const GATHER: Duration = Duration::from_millis(1);
 
 /// One audit record, before the writer chains it.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -332,30 +335,87 @@ fn last_link(path: &Path) -> Result<(u64, String), String> {
 }
 
 /// One chained record as its JSON line and hash (what the writer appends).
+///
+/// The line is written straight from the record in canonical form (keys
+/// sorted, see [`crate::mcp::canonical_json`]), with `hash` in its sorted
+/// place: the hash covers exactly the line's bytes without the `hash`
+/// member, so no JSON tree is built and nothing is serialised twice.
 pub fn chain_line(r: &Record, ts: SystemTime, seq: u64, prev: &str) -> (Vec<u8>, String) {
-    let (obj, hash) = chain(r, ts, seq, prev);
-    let mut line = serde_json::to_vec(&Value::Object(obj)).unwrap_or_default();
+    use crate::mcp::{write_canonical, write_str};
+    fn key(out: &mut Vec<u8>, k: &str) {
+        if out.last() != Some(&b'{') {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b"\":");
+    }
+    fn opt_str(out: &mut Vec<u8>, k: &str, v: Option<&str>) {
+        key(out, k);
+        match v {
+            Some(s) => write_str(s, out),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+    fn opt_value(out: &mut Vec<u8>, k: &str, v: Option<&Value>) {
+        key(out, k);
+        match v {
+            Some(v) => write_canonical(v, out),
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+    // Members before "hash" in key order, then those after it.
+    let mut head = Vec::with_capacity(384);
+    head.push(b'{');
+    opt_str(&mut head, "agent", r.agent.as_deref());
+    opt_str(&mut head, "approver", r.approver.as_deref());
+    opt_value(&mut head, "args", r.args.as_ref());
+    opt_str(&mut head, "args_sha256", r.args_sha256.as_deref());
+    opt_str(&mut head, "decision", r.decision);
+    if let Some(d) = &r.detail {
+        opt_value(&mut head, "detail", Some(d));
+    }
+    opt_str(&mut head, "event", Some(r.event));
+    // `tail` starts with a comma: it follows `head` (or the hash member).
+    let mut tail = Vec::with_capacity(256);
+    opt_str(&mut tail, "hold_id", r.hold_id.as_deref());
+    key(&mut tail, "latency_us");
+    match r.latency_us {
+        Some(l) => {
+            let _ = std::io::Write::write_fmt(&mut tail, format_args!("{l}"));
+        }
+        None => tail.extend_from_slice(b"null"),
+    }
+    opt_str(&mut tail, "prev", Some(prev));
+    opt_str(&mut tail, "reason", r.reason.as_deref());
+    if let Some(id) = &r.request_id {
+        opt_str(&mut tail, "request_id", Some(id));
+    }
+    opt_str(&mut tail, "rule", r.rule.as_deref());
+    key(&mut tail, "seq");
+    let _ = std::io::Write::write_fmt(&mut tail, format_args!("{seq}"));
+    opt_str(&mut tail, "tool", r.tool.as_deref());
+    key(&mut tail, "ts");
+    tail.push(b'"');
+    let _ = std::io::Write::write_fmt(
+        &mut tail,
+        format_args!("{}", humantime::format_rfc3339_micros(ts)),
+    );
+    tail.extend_from_slice(b"\"}");
+    let hash = hex::encode(
+        Sha256::new()
+            .chain_update(&head)
+            .chain_update(&tail)
+            .finalize(),
+    );
+    let mut line = head;
+    line.reserve(tail.len() + 80);
+    line.extend_from_slice(b",\"hash\":\"");
+    line.extend_from_slice(hash.as_bytes());
+    line.push(b'"');
+    line.extend_from_slice(&tail);
     line.push(b'\n');
     (line, hash)
-}
-
-/// Turns a record into its chained JSON object and its hash.
-fn chain(r: &Record, ts: SystemTime, seq: u64, prev: &str) -> (Map<String, Value>, String) {
-    let mut v = serde_json::to_value(r).unwrap_or_else(|_| Value::Object(Map::new()));
-    if let Value::Object(obj) = &mut v {
-        obj.insert(
-            "ts".into(),
-            Value::String(humantime::format_rfc3339_micros(ts).to_string()),
-        );
-        obj.insert("seq".into(), Value::from(seq));
-        obj.insert("prev".into(), Value::String(prev.to_owned()));
-    }
-    let hash = hex::encode(Sha256::digest(canonical_json(&v).as_bytes()));
-    let Value::Object(mut obj) = v else {
-        return (Map::new(), hash);
-    };
-    obj.insert("hash".into(), Value::String(hash.clone()));
-    (obj, hash)
 }
 
 async fn writer(
@@ -440,9 +500,11 @@ async fn writer(
                 last_checkpoint = tokio::time::Instant::now();
             }
         }
+        let mut wrote = false;
         if !pending.is_empty() {
             match file.write_all(&pending).and_then(|()| file.flush()) {
                 Ok(()) => {
+                    wrote = true;
                     state.written.fetch_add(pending_records, Ordering::Relaxed);
                     pending.clear();
                     pending_records = 0;
@@ -471,6 +533,13 @@ async fn writer(
         // `healthy()` to learn the outcome.
         for f in flushes.drain(..) {
             let _ = f.send(());
+        }
+        // Let records gather for a moment: at most one write (and one
+        // wake-up of this task) per millisecond, instead of one per record
+        // or handful of records. Calls do not wait for this (their records
+        // were handed over already), and a quiet log is written at once.
+        if wrote {
+            tokio::time::sleep(GATHER).await;
         }
     }
     // Shutdown: sign what is unsigned, so a closed log ends on a checkpoint.
@@ -702,6 +771,58 @@ mod tests {
             tool: Some(tool.into()),
             decision: Some("allow"),
             ..Record::default()
+        }
+    }
+
+    /// The line written straight from the record is the canonical JSON of
+    /// the record as a tree (what `verify` recomputes), plus its hash.
+    #[test]
+    fn chain_line_is_the_canonical_record_with_its_hash() {
+        let ts = SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_000_000_123_456);
+        let full = Record {
+            event: "call",
+            request_id: Some("r-1".into()),
+            agent: Some(Arc::from("bot \"q\" \u{e9}")),
+            tool: Some("billing__x".into()),
+            decision: Some("allow"),
+            rule: Some("tools[0]".into()),
+            reason: Some("line\nbreak".into()),
+            args_sha256: Some("ab".into()),
+            args: Some(json!({"z": [1.0, 2.5, {"b": null, "a": true}], "a": "\u{1F600}", "n": -3})),
+            hold_id: Some("h".into()),
+            approver: Some("alice".into()),
+            latency_us: Some(42),
+            detail: Some(json!({"upstream": "billing"})),
+        };
+        for r in [full, Record::default(), rec("t")] {
+            let (line, hash) = chain_line(&r, ts, 7, GENESIS);
+            assert_eq!(line.last(), Some(&b'\n'));
+            let mut parsed: serde_json::Map<String, Value> = serde_json::from_slice(&line).unwrap();
+            assert_eq!(parsed.remove("hash"), Some(Value::String(hash.clone())));
+            // The tree the record serialises to, with the chain's members.
+            let mut tree = match serde_json::to_value(&r).unwrap() {
+                Value::Object(o) => o,
+                _ => unreachable!(),
+            };
+            tree.insert(
+                "ts".into(),
+                Value::String(humantime::format_rfc3339_micros(ts).to_string()),
+            );
+            tree.insert("seq".into(), Value::from(7));
+            tree.insert("prev".into(), Value::from(GENESIS));
+            let canonical = canonical_json(&Value::Object(tree));
+            assert_eq!(
+                canonical_json(&Value::Object(parsed)),
+                canonical,
+                "the line holds exactly the record"
+            );
+            assert_eq!(hash, hex::encode(Sha256::digest(canonical.as_bytes())));
+            // And the line is itself canonical, hash member aside.
+            let text = String::from_utf8(line).unwrap();
+            let without = text
+                .trim_end()
+                .replace(&format!(",\"hash\":\"{hash}\""), "");
+            assert_eq!(without, canonical);
         }
     }
 

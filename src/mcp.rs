@@ -453,13 +453,16 @@ pub fn error_response(id: Option<&Id>, code: i64, message: &str, data: Option<Va
 /// numbers spelled one way (an integral float such as `1.0` or `1e0` becomes
 /// `1`), so that equal arguments hash equally however the client wrote them.
 pub fn canonical_json(v: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::with_capacity(128);
     write_canonical(v, &mut out);
-    out
+    // Only JSON text (UTF-8) is ever written.
+    String::from_utf8(out).unwrap_or_default()
 }
 
-fn write_canonical(v: &Value, out: &mut String) {
-    use std::fmt::Write as _;
+/// Appends the canonical JSON of `v` to `out` (see [`canonical_json`]),
+/// without allocating per key or value: it runs for every audit record.
+pub fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+    use std::io::Write as _;
     match v {
         Value::Number(n) => {
             if n.is_f64() {
@@ -472,33 +475,52 @@ fn write_canonical(v: &Value, out: &mut String) {
             let _ = write!(out, "{n}");
         }
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(x, out);
             }
-            out.push(']');
+            out.push(b']');
         }
         Value::Object(o) => {
-            // Sorted explicitly: a dependency may turn on serde_json's
-            // `preserve_order`, which would keep insertion order.
-            let mut entries: Vec<_> = o.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
-            for (i, (k, x)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
+            out.push(b'{');
+            // serde_json's map iterates in key order unless a dependency
+            // turns on `preserve_order`; sort only when it does not.
+            if o.keys().is_sorted() {
+                for (i, (k, x)) in o.iter().enumerate() {
+                    write_entry(i, k, x, out);
                 }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                write_canonical(x, out);
+            } else {
+                let mut entries: Vec<_> = o.iter().collect();
+                entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                for (i, (k, x)) in entries.into_iter().enumerate() {
+                    write_entry(i, k, x, out);
+                }
             }
-            out.push('}');
+            out.push(b'}');
         }
-        other => out.push_str(&other.to_string()),
+        Value::String(s) => write_str(s, out),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Null => out.extend_from_slice(b"null"),
     }
+}
+
+fn write_entry(i: usize, k: &str, x: &Value, out: &mut Vec<u8>) {
+    if i > 0 {
+        out.push(b',');
+    }
+    write_str(k, out);
+    out.push(b':');
+    write_canonical(x, out);
+}
+
+/// Appends `s` as a JSON string, escaped as serde_json escapes it.
+pub fn write_str(s: &str, out: &mut Vec<u8>) {
+    // Writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 #[cfg(test)]
