@@ -1,5 +1,6 @@
 //! The tamper-evident audit log: typed [`Record`]s, the chained writer task,
-//! and [`verify`].
+//! signed [`Checkpointer`] records, and [`verify`] / [`verify_signed`]
+//! (in `audit/verify.rs`).
 //!
 //! Invariants:
 //! - one task owns the file and the chain: it assigns `seq`, `prev` and
@@ -13,7 +14,7 @@
 //!   (keys sorted), so verification does not depend on byte layout;
 //! - arguments are redacted before they are recorded ([`redact`]).
 
-use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,6 +26,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::mcp::canonical_json;
+
+mod verify;
+pub use verify::{verify, verify_signed, Anchors, Broken, Signed};
 
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -56,11 +60,24 @@ pub struct Record {
     pub detail: Option<Value>,
 }
 
-/// Signs checkpoint records: every `every` records or `interval`, and at
-/// shutdown, the writer appends a record carrying an Ed25519 signature over
-/// the (seq, hash) of the record before it. Rewriting the log wholesale
-/// then needs the key; cutting its tail can only remove what came after
-/// the last checkpoint (`audit verify --key` reports that count).
+/// Signs checkpoint records: every `every` records, every `interval` (also
+/// while the log is idle) and at shutdown, the writer appends a record
+/// carrying an Ed25519 signature over the (seq, hash) of the record before
+/// it and the time of signing.
+///
+/// What that proves, checked by `toolgate audit verify --key PUB`:
+/// - rewriting the log wholesale, or any record a checkpoint covers, needs
+///   the key (a re-chained record no longer matches the checkpoint after
+///   it: "does not cover");
+/// - records after the last checkpoint are not covered yet: verify counts
+///   them, and `--require-tail-signed` refuses them in a closed log;
+/// - a chain cannot show that it was cut *right after* an earlier
+///   checkpoint: what is left is a shorter, validly signed log. That needs
+///   an anchor kept outside the file, so each checkpoint is also published
+///   to the operator log (`audit checkpoint signed`, with `audit.seq` and
+///   `audit.hash`), and verify takes `--expect-seq N` (the last signed seq
+///   seen there) and `--max-age D` (the newest checkpoint of a live log is
+///   at most `interval` old, and its signed time cannot be forged).
 #[derive(Clone)]
 pub struct Checkpointer {
     key: ed25519_dalek::SigningKey,
@@ -81,8 +98,15 @@ pub fn key_id(k: &ed25519_dalek::VerifyingKey) -> String {
     hex::encode(&Sha256::digest(k.as_bytes())[..8])
 }
 
-fn checkpoint_message(seq: u64, hash: &str) -> Vec<u8> {
-    format!("toolgate-audit-checkpoint:v1:{seq}:{hash}").into_bytes()
+/// What a checkpoint signs. v2 also signs the time, so that the age of the
+/// newest checkpoint (`verify --max-age`) cannot be edited without the key;
+/// v1 checkpoints (no `signed_at`) still verify.
+fn checkpoint_message(seq: u64, hash: &str, signed_at: Option<&str>) -> Vec<u8> {
+    match signed_at {
+        Some(at) => format!("toolgate-audit-checkpoint:v2:{seq}:{hash}:{at}"),
+        None => format!("toolgate-audit-checkpoint:v1:{seq}:{hash}"),
+    }
+    .into_bytes()
 }
 
 impl Checkpointer {
@@ -107,17 +131,37 @@ impl Checkpointer {
         Ok(ed25519_dalek::SigningKey::from_bytes(&seed))
     }
 
+    /// The checkpoint record signing `covers_seq`/`covers_hash`, published
+    /// to the operator log as well: that line is the anchor kept outside
+    /// the file (see the type's docs). It is logged when signed, just
+    /// before the writer appends it; a checkpoint whose write fails is kept
+    /// and retried like any record, so the anchor never names a seq the log
+    /// is not meant to hold.
     fn record(&self, covers_seq: u64, covers_hash: &str) -> Record {
         use base64::Engine as _;
         use ed25519_dalek::Signer as _;
-        let sig = self.key.sign(&checkpoint_message(covers_seq, covers_hash));
+        let signed_at = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
+        let sig = self.key.sign(&checkpoint_message(
+            covers_seq,
+            covers_hash,
+            Some(&signed_at),
+        ));
+        let key_id = key_id(&self.key.verifying_key());
+        tracing::info!(
+            audit.seq = covers_seq,
+            audit.hash = %covers_hash,
+            audit.signed_at = %signed_at,
+            audit.key_id = %key_id,
+            "audit checkpoint signed"
+        );
         Record {
             event: "checkpoint",
             reason: Some(format!("records 1..={covers_seq} signed")),
             detail: Some(serde_json::json!({
                 "covers_seq": covers_seq,
                 "covers_hash": covers_hash,
-                "key_id": key_id(&self.key.verifying_key()),
+                "signed_at": signed_at,
+                "key_id": key_id,
                 "signature": base64::engine::general_purpose::STANDARD.encode(sig.to_bytes()),
             })),
             ..Record::default()
@@ -433,10 +477,9 @@ async fn writer(
     let mut pending_records = 0u64;
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
-        let due = checkpoints
-            .as_ref()
-            .filter(|_| unsigned > 0)
-            .map(|c| last_checkpoint + c.interval);
+        // Also while idle: the newest checkpoint of a live log is then at
+        // most `interval` old, which `verify --max-age` relies on.
+        let due = checkpoints.as_ref().map(|c| last_checkpoint + c.interval);
         let first = if pending.is_empty() {
             let next = match due {
                 Some(at) => tokio::select! {
@@ -489,7 +532,7 @@ async fn writer(
             }
         }
         if let Some(c) = &checkpoints {
-            if unsigned > 0 && (unsigned >= c.every || last_checkpoint.elapsed() >= c.interval) {
+            if unsigned >= c.every || last_checkpoint.elapsed() >= c.interval {
                 let r = c.record(seq, &prev);
                 seq += 1;
                 let (line, hash) = chain_line(&r, SystemTime::now(), seq, &prev);
@@ -605,152 +648,6 @@ fn looks_like_token(s: &str) -> bool {
 /// SHA-256 of the canonical arguments.
 pub fn args_sha256(args: &Value) -> String {
     hex::encode(Sha256::digest(canonical_json(args).as_bytes()))
-}
-
-/// The first broken place in a log.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("line {line} (seq {seq}): {why}")]
-pub struct Broken {
-    pub line: u64,
-    /// The `seq` the record carries, or the one expected if unreadable.
-    pub seq: u64,
-    pub why: String,
-}
-
-/// What a verification with a key found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Signed {
-    pub records: u64,
-    pub checkpoints: u64,
-    /// Records after the last checkpoint (not yet covered by a signature).
-    pub unsigned_tail: u64,
-    pub last_checkpoint_ts: Option<String>,
-}
-
-/// Checks the chain and every checkpoint's signature with `key`. A log with
-/// records but no valid checkpoint is broken: it could have been rewritten
-/// wholesale by someone without the key.
-pub fn verify_signed(path: &Path, key: &ed25519_dalek::VerifyingKey) -> Result<Signed, Broken> {
-    use base64::Engine as _;
-    let records = verify(path)?;
-    let f = std::fs::File::open(path).map_err(|e| Broken {
-        line: 0,
-        seq: 0,
-        why: e.to_string(),
-    })?;
-    let mut out = Signed {
-        records,
-        checkpoints: 0,
-        unsigned_tail: 0,
-        last_checkpoint_ts: None,
-    };
-    let mut prev_hash = GENESIS.to_owned();
-    let mut prev_seq = 0u64;
-    for (i, line) in std::io::BufReader::new(f).split(b'\n').enumerate() {
-        let line = line.map_err(|e| Broken {
-            line: i as u64 + 1,
-            seq: 0,
-            why: e.to_string(),
-        })?;
-        let v: Value = serde_json::from_slice(&line).unwrap_or(Value::Null);
-        let seq = v["seq"].as_u64().unwrap_or(0);
-        if v["event"] == "checkpoint" {
-            let bad = |why: &str| Broken {
-                line: i as u64 + 1,
-                seq,
-                why: why.to_owned(),
-            };
-            let d = &v["detail"];
-            let covers_seq = d["covers_seq"]
-                .as_u64()
-                .ok_or_else(|| bad("checkpoint without covers_seq"))?;
-            let covers_hash = d["covers_hash"]
-                .as_str()
-                .ok_or_else(|| bad("checkpoint without covers_hash"))?;
-            if covers_seq != prev_seq || covers_hash != prev_hash {
-                return Err(bad("checkpoint does not cover the record before it"));
-            }
-            let sig = d["signature"]
-                .as_str()
-                .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
-                .and_then(|b| <[u8; 64]>::try_from(b).ok())
-                .map(|b| ed25519_dalek::Signature::from_bytes(&b))
-                .ok_or_else(|| bad("checkpoint signature is malformed"))?;
-            key.verify_strict(&checkpoint_message(covers_seq, covers_hash), &sig)
-                .map_err(|_| bad("checkpoint signature does not verify with this key"))?;
-            out.checkpoints += 1;
-            out.unsigned_tail = 0;
-            out.last_checkpoint_ts = v["ts"].as_str().map(str::to_owned);
-        } else {
-            out.unsigned_tail += 1;
-        }
-        prev_seq = seq;
-        prev_hash = v["hash"].as_str().unwrap_or("").to_owned();
-    }
-    if out.records > 0 && out.checkpoints == 0 {
-        return Err(Broken {
-            line: 1,
-            seq: 1,
-            why: "no signed checkpoint in the log: it may have been rewritten by someone without the key".into(),
-        });
-    }
-    Ok(out)
-}
-
-/// Checks the whole chain; returns the number of records.
-pub fn verify(path: &Path) -> Result<u64, Broken> {
-    let f = std::fs::File::open(path).map_err(|e| Broken {
-        line: 0,
-        seq: 0,
-        why: format!("cannot open {}: {e}", path.display()),
-    })?;
-    let mut prev = GENESIS.to_owned();
-    let mut expect_seq: Option<u64> = None;
-    let mut n = 0u64;
-    for (i, line) in std::io::BufReader::new(f).split(b'\n').enumerate() {
-        let line_no = i as u64 + 1;
-        let want = expect_seq.unwrap_or(1);
-        let bad = |why: String, seq: u64| Broken {
-            line: line_no,
-            seq,
-            why,
-        };
-        let line = line.map_err(|e| bad(format!("read error: {e}"), want))?;
-        let mut obj = match serde_json::from_slice::<Value>(&line) {
-            Ok(Value::Object(o)) => o,
-            _ => return Err(bad("not a JSON record".into(), want)),
-        };
-        let seq = obj
-            .get("seq")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| bad("no seq".into(), want))?;
-        if expect_seq.is_some_and(|e| e != seq) || (expect_seq.is_none() && seq == 0) {
-            return Err(bad(format!("seq {seq} where {want} was expected"), seq));
-        }
-        let hash = match obj.remove("hash") {
-            Some(Value::String(h)) => h,
-            _ => return Err(bad("no hash".into(), seq)),
-        };
-        let rec_prev = obj.get("prev").and_then(Value::as_str).unwrap_or("");
-        // The first record of a log may continue a rotated one; every later
-        // record must link to its predecessor.
-        if (expect_seq.is_some() || seq == 1) && rec_prev != prev {
-            return Err(bad(
-                "prev does not match the previous record's hash".into(),
-                seq,
-            ));
-        }
-        let computed = hex::encode(Sha256::digest(
-            canonical_json(&Value::Object(obj)).as_bytes(),
-        ));
-        if computed != hash {
-            return Err(bad("hash does not match the record's content".into(), seq));
-        }
-        prev = hash;
-        expect_seq = Some(seq + 1);
-        n += 1;
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
@@ -1020,6 +917,60 @@ mod tests {
             .unwrap_err()
             .why
             .contains("does not verify"));
+    }
+
+    /// The time trigger: a checkpoint after `interval` with records
+    /// unsigned, and another after `interval` of idleness (what keeps the
+    /// newest checkpoint of a live log fresh for `verify --max-age`). A
+    /// real 200 ms interval (tokio's paused clock needs its test-util
+    /// feature, which the crate does not enable).
+    #[tokio::test]
+    async fn interval_checkpoints_sign_the_tail_and_keep_an_idle_log_fresh() {
+        let p = tmp("interval");
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
+        let public = key.verifying_key();
+        let (a, _t) = Auditor::start_signed(
+            &p,
+            Some(Checkpointer::new(key, 1000, Duration::from_millis(200))),
+        )
+        .unwrap();
+        a.submit(rec("t0")).unwrap();
+        a.flush().await;
+        let started = tokio::time::Instant::now();
+        let s = verify_signed(&p, &public).unwrap_err();
+        assert!(s.why.contains("no signed checkpoint"), "not yet: {s}");
+        // Waits (up to 5 s) until `n` checkpoints are in the log.
+        let until = |n: u64| {
+            let (p, public) = (p.clone(), public);
+            async move {
+                for _ in 0..100 {
+                    if let Ok(s) = verify_signed(&p, &public) {
+                        if s.checkpoints >= n {
+                            return s;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("no checkpoint {n} within 5 s");
+            }
+        };
+        let s = until(1).await;
+        assert!(started.elapsed() >= Duration::from_millis(150), "by time");
+        assert_eq!(
+            (s.records, s.checkpoints, s.unsigned_tail, s.last_signed_seq),
+            (2, 1, 0, 1),
+            "{s:?}"
+        );
+        let first_at = s.last_signed_at.clone().expect("a signed time");
+        // Idle: no record, and still a checkpoint every interval, signing
+        // the checkpoint before it.
+        let s = until(2).await;
+        assert_eq!(
+            (s.records, s.checkpoints, s.last_signed_seq),
+            (3, 2, 2),
+            "an idle log is checkpointed too: {s:?}"
+        );
+        assert!(s.last_signed_at.expect("a signed time") > first_at);
     }
 
     #[test]

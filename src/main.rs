@@ -187,6 +187,19 @@ enum AuditCmd {
         /// closed log: toolgate signs the tail when it shuts down).
         #[arg(long, requires = "key")]
         require_tail_signed: bool,
+        /// Fail unless the log signs at least seq N: the `audit.seq` of the
+        /// last `audit checkpoint signed` line of the operator log (or
+        /// however it was kept outside the file). Catches a log cut back to
+        /// an earlier checkpoint, which the signatures alone cannot.
+        #[arg(long, requires = "key", value_name = "N")]
+        expect_seq: Option<u64>,
+        /// Fail when the newest checkpoint was signed longer than DURATION
+        /// ago (e.g. 5m), for a live log: toolgate checkpoints every
+        /// `audit.checkpoint.interval`, idle or not, so a log cut back to an
+        /// old checkpoint (or whose writer stopped) shows. Choose more than
+        /// the interval.
+        #[arg(long, requires = "key", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        max_age: Option<std::time::Duration>,
     },
     /// Generate an Ed25519 key pair for audit checkpoints: DIR/audit.key
     /// (secret, mode 0600) and DIR/audit.pub.
@@ -296,6 +309,8 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     path,
                     key,
                     require_tail_signed,
+                    expect_seq,
+                    max_age,
                 },
         } => {
             let Some(key) = key else {
@@ -311,31 +326,54 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 });
             };
             let key = toolgate::audit::load_public_key(&key).map_err(anyhow::Error::msg)?;
-            match toolgate::audit::verify_signed(&path, &key) {
-                Ok(s) => {
-                    println!(
-                        "ok: {} records, chain intact, {} signed checkpoint(s), last at {} ({})",
-                        s.records,
-                        s.checkpoints,
-                        s.last_checkpoint_ts.as_deref().unwrap_or("-"),
-                        path.display()
-                    );
-                    if s.unsigned_tail > 0 {
-                        println!(
-                            "warning: {} record(s) after the last checkpoint are not signed yet",
-                            s.unsigned_tail
-                        );
-                        if require_tail_signed {
-                            return Ok(ExitCode::from(1));
-                        }
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
+            let s = match toolgate::audit::verify_signed(&path, &key) {
+                Ok(s) => s,
                 Err(b) => {
                     println!("BROKEN: {}: {b}", path.display());
-                    Ok(ExitCode::from(1))
+                    return Ok(ExitCode::from(1));
                 }
+            };
+            let summary = format!(
+                "{} records{}, chain intact, {} signed checkpoint(s), last signed seq {} at {}",
+                s.records,
+                if s.first_seq > 1 {
+                    format!(" (from seq {}: continues a rotated log)", s.first_seq)
+                } else {
+                    String::new()
+                },
+                s.checkpoints,
+                s.last_signed_seq,
+                s.last_signed_at
+                    .as_deref()
+                    .or(s.last_checkpoint_ts.as_deref())
+                    .unwrap_or("-"),
+            );
+            let anchors = toolgate::audit::Anchors {
+                expect_seq,
+                max_age,
+                now: std::time::SystemTime::now(),
+            };
+            let why = match s.check(&anchors) {
+                Err(why) => Some(why),
+                Ok(()) if require_tail_signed && s.unsigned_tail > 0 => Some(format!(
+                    "{} record(s) after the last checkpoint are not signed (--require-tail-signed)",
+                    s.unsigned_tail
+                )),
+                Ok(()) => None,
+            };
+            if let Some(why) = why {
+                println!("BROKEN: {}: {why}", path.display());
+                println!("  ({summary})");
+                return Ok(ExitCode::from(1));
             }
+            println!("ok: {summary} ({})", path.display());
+            if s.unsigned_tail > 0 {
+                println!(
+                    "warning: {} record(s) after the last checkpoint are not signed yet",
+                    s.unsigned_tail
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Audit {
             cmd: AuditCmd::Keygen { out },
