@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The load benchmark: the same tools/call load against the upstream directly,
 # through a bare pass-through (bench/passthrough.rs), and through toolgate
-# (JWT + schema validation + rate limit + audit), at concurrency 1 and 64,
-# with wrk. Prints throughput, p50, p99, the ratios against the targets,
-# toolgate's RSS and CPU per call (from /proc), and rewrites BENCHMARKS.md.
+# (JWT + schema validation + rate limit + audit, with 10,000 other agents'
+# manifests loaded), at concurrency 1 and 64, with wrk; then again at 64
+# while manifests are edited and reloaded, checking that no call fails; then
+# the memory benchmark (bench/memory.rs). Prints throughput, p50, p99, the
+# ratios against the targets, toolgate's RSS and CPU per call (from /proc),
+# and rewrites BENCHMARKS.md.
 #
 #   bash bench/load.sh                 # DURATION=10s by default
 #   DURATION=30s bash bench/load.sh
@@ -16,7 +19,7 @@ if ! command -v wrk >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get install -y -qq wrk >/dev/null
 fi
-cargo build --release --quiet --bin toolgate --example bench-upstream --example passthrough
+cargo build --release --quiet --bin toolgate --example bench-upstream --example passthrough --example memory
 bin=target/release
 work=$(mktemp -d)
 pids=()
@@ -65,12 +68,29 @@ tools:
 deny:
   - name: "*__delete_*"
 YAML
+# 10,000 other agents, so the decision runs against a realistic policy set.
+python3 - "$work/tool-manifests" <<'PY'
+import sys
+d = sys.argv[1]
+tool = """  - name: svc__tool_{t}
+    rate_limit: 600/min
+    arguments:
+      type: object
+      properties:
+        invoice_id: {{ type: string, pattern: "^INV-[0-9]{{6}}$" }}
+      required: [invoice_id]
+      additionalProperties: false
+"""
+for a in range(10000):
+    with open(f"{d}/agent-{a}.yaml", "w") as f:
+        f.write(f"agent: agent-{a}\nrate_limit: 120/min\ntools:\n" + "".join(tool.format(t=t) for t in range(20)) + 'deny:\n  - name: "*__delete_*"\n')
+PY
 export BENCH_SECRET=bench-secret-0123456789abcdef0123456789
 RUST_LOG=warn "$bin/toolgate" serve --config "$work/toolgate.yaml" > "$work/tg.log" 2>&1 & pids+=($!); TG_PID=$!
 TOKEN=$("$bin/toolgate" token --config "$work/toolgate.yaml" --agent bench-bot --ttl 2h)
 export TOKEN
 for p in $UP $PT $TG; do
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
 done
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -100,6 +120,43 @@ for c in 1 64; do
 done
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$TG_PID/status")
 
+# Under load, edit a manifest (the watcher reloads) and ask for reloads
+# (POST /v1/reload) every 250 ms: no call may fail.
+ADMIN_TOKEN=$("$bin/toolgate" token --config "$work/toolgate.yaml" --agent bench-admin --plane admin --roles approver --ttl 1h)
+reloads_accepted() { curl -s "http://127.0.0.1:$ADM/metrics" | awk '/^toolgate_reloads_total\{result="accepted"\}/ {print $2}' | head -1; }
+reloads_rejected() { curl -s "http://127.0.0.1:$ADM/metrics" | awk '/^toolgate_reloads_total\{result="rejected"\}/ {print $2}' | head -1; }
+R0=$(reloads_accepted); R0=${R0:-0}
+cp "$work/tool-manifests/agent-1234.yaml" "$work/agent-1234.orig"
+(
+  end=$((SECONDS + ${DURATION%s}))
+  i=0
+  while [ $SECONDS -lt $end ]; do
+    i=$((i + 1))
+    m="$work/tool-manifests/agent-1234.yaml"
+    { cat "$work/agent-1234.orig"; echo "description: edit $i"; } > "$m.tmp" && mv "$m.tmp" "$m"
+    curl -s -o /dev/null -X POST -H "Authorization: Bearer $ADMIN_TOKEN" "http://127.0.0.1:$ADM/v1/reload"
+    sleep 0.25
+  done
+) &
+EDITOR=$!
+line=$(wrk -t2 -c64 -d"$DURATION" --latency -s bench/call_check.lua "http://127.0.0.1:$TG/mcp" | grep '^BENCH')
+wait $EDITOR || true
+R1=$(reloads_accepted); R1=${R1:-0}
+RELOADS=$(awk -v a="$R1" -v b="$R0" 'BEGIN { printf "%d", a - b }')
+RL_REQ=$(sed -E 's/.*requests=([0-9]+).*/\1/' <<<"$line")
+RL_RPS=$(sed -E 's/.*rps=([0-9.]+).*/\1/' <<<"$line")
+RL_FAILED=$(sed -E 's/.*failed=([0-9]+).*/\1/' <<<"$line")
+RL_NON200=$(sed -E 's/.*non_200=([0-9]+).*/\1/' <<<"$line")
+printf 'during reloads c=64 %10s req/s  %s calls, %s failed, %s non-200, %s reloads accepted\n' "$RL_RPS" "$RL_REQ" "$RL_FAILED" "$RL_NON200" "$RELOADS"
+[ "$RELOADS" -gt 0 ] || { echo "no reload happened during the run" >&2; exit 1; }
+REJECTED=$(reloads_rejected)
+[ "${REJECTED:-0}" = "0" ] || { echo "$REJECTED reloads were rejected: the edits must be valid" >&2; exit 1; }
+
+# Memory and compile time at scale, in a process of its own.
+MEM=$("$bin/examples/memory" | grep '^MEMORY') || { echo "memory benchmark failed: $MEM" >&2; exit 1; }
+echo "$MEM"
+mem() { sed -E "s/.* $1=([0-9.]+).*/\1/" <<<"$MEM"; }
+
 # Every toolgate request must have been an allowed, forwarded call.
 ALLOWED=$(curl -s "http://127.0.0.1:$ADM/metrics" | awk '/^toolgate_decisions_total\{event="call",decision="allow"\}/ {print $2}')
 [ "$ALLOWED" -gt 0 ] || { echo "toolgate allowed nothing" >&2; exit 1; }
@@ -113,6 +170,8 @@ echo "throughput ratio at c=64: $ratio (target >= 0.70: $(verdict "$ratio >= 0.7
 echo "added p50 at c=1: ${added} us (target <= 30 us: $(verdict "$added <= 30"))"
 echo "extra CPU per call: ${cpu_more} us (target <= 20 us: $(verdict "$cpu_more <= 20"))"
 echo "toolgate RSS: $((RSS_KB / 1024)) MiB; allowed calls audited: $ALLOWED"
+echo "calls failed during $RELOADS reloads: $RL_FAILED of $RL_REQ (target 0: $(verdict "$RL_FAILED == 0 && $RL_NON200 == 0"))"
+echo "RSS with 10k manifests x 20 tools and $(mem keys) rate-limit keys: $(mem rss_keys_mib) MiB (target <= 100 MB: $(verdict "$(mem rss_keys_mib) * 1048576 <= 100000000")); idle keys after reclaim: $(mem keys_after_reclaim)"
 
 {
   echo "# Benchmarks"
@@ -122,8 +181,8 @@ echo "toolgate RSS: $((RSS_KB / 1024)) MiB; allowed calls audited: $ALLOWED"
   echo
   echo "Method: the same 2026-07-28 \`tools/call\` (JSON body ~250 bytes) against the bundled demo tool server directly, through a bare"
   echo "hyper pass-through (\`bench/passthrough.rs\`: no auth, no parsing, no policy), and through toolgate with an HS256 JWT,"
-  echo "schema validation, agent and tool rate limits and the audit log on. CPU per call is the server process's utime+stime"
-  echo "(from /proc) over the run divided by the requests served."
+  echo "schema validation, agent and tool rate limits and the audit log on, and 10,000 other agents' manifests (20 tools each)"
+  echo "loaded. CPU per call is the server process's utime+stime (from /proc) over the run divided by the requests served."
   echo
   echo "| target | conc | req/s | p50 µs | p99 µs | CPU µs/call |"
   echo "|---|---|---|---|---|---|"
@@ -136,7 +195,11 @@ echo "toolgate RSS: $((RSS_KB / 1024)) MiB; allowed calls audited: $ALLOWED"
   echo "| throughput vs pass-through, c=64 | ≥ 0.70 | $ratio | $(verdict "$ratio >= 0.70") |"
   echo "| added median latency, c=1 | ≤ 30 µs | ${added} µs | $(verdict "$added <= 30") |"
   echo "| extra CPU per call | ≤ 20 µs | ${cpu_more} µs | $(verdict "$cpu_more <= 20") |"
-  echo "| toolgate RSS after the runs | — | $((RSS_KB / 1024)) MiB | |"
+  echo "| toolgate RSS after the runs (10k manifests loaded) | ≤ 100 MB | $((RSS_KB / 1024)) MiB | $(verdict "$RSS_KB * 1024 <= 100000000") |"
+  echo "| failed calls during reloads under load (c=64, $RELOADS reloads, $RL_REQ calls) | 0 | $RL_FAILED | $(verdict "$RL_FAILED == 0 && $RL_NON200 == 0") |"
+  echo "| RSS, 10k manifests x 20 tools + $(mem keys) limiter keys (\`bench/memory.rs\`) | ≤ 100 MB | $(mem rss_keys_mib) MiB | $(verdict "$(mem rss_keys_mib) * 1048576 <= 100000000") |"
+  echo "| idle limiter keys after reclaim | 0 | $(mem keys_after_reclaim) | $(verdict "$(mem keys_after_reclaim) == 0") |"
+  echo "| cold compile of 10k manifests (all changed) | < 1 s | $(mem compile_ms) ms | $(verdict "$(mem compile_ms) < 1000") |"
   echo
   echo "Micro-benchmarks of the decision path, parsing, JWT verification and audit hashing: \`cargo bench\` (criterion; see \`benches/\`)."
 } > "$OUT.tmp"
