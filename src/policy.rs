@@ -156,10 +156,32 @@ impl Guard {
     }
 
     /// Whether a string argument names a protected path, whole or as a token
-    /// (a shell command, say).
+    /// (a shell command, say), also as a `file:` URI (any case, empty or
+    /// `localhost` authority, or `file:/path`) and percent-encoded (decoded
+    /// until nothing changes, so `%252F` counts too): a tool may well
+    /// decode what it is given, and when in doubt, hold.
     pub fn names_policy_path(&self, s: &str) -> bool {
+        if self.names_plain_policy_path(s) {
+            return true;
+        }
+        let mut text = Cow::Borrowed(s);
+        for _ in 0..4 {
+            match percent_decode(&text) {
+                Some(d) => {
+                    if self.names_plain_policy_path(&d) {
+                        return true;
+                    }
+                    text = Cow::Owned(d);
+                }
+                None => break,
+            }
+        }
+        false
+    }
+
+    fn names_plain_policy_path(&self, s: &str) -> bool {
         let check = |tok: &str| {
-            let tok = tok.strip_prefix("file://").unwrap_or(tok);
+            let tok = strip_file_uri(tok);
             if tok.is_empty() || !self.looks_like_path(tok) {
                 return false;
             }
@@ -177,11 +199,66 @@ impl Guard {
     }
 }
 
+/// The path of a `file:` URI (`file:///p`, `FILE://localhost/p`, `file:/p`;
+/// another host's path too: it may be mounted here), or `tok` itself.
+fn strip_file_uri(tok: &str) -> &str {
+    let Some(rest) = tok
+        .get(..5)
+        .filter(|s| s.eq_ignore_ascii_case("file:"))
+        .map(|_| &tok[5..])
+    else {
+        return tok;
+    };
+    match rest.strip_prefix("//") {
+        Some(authority_and_path) => authority_and_path
+            .find('/')
+            .map_or("", |i| &authority_and_path[i..]),
+        None => rest,
+    }
+}
+
+/// `s` with its `%XX` escapes decoded, when it has any (invalid UTF-8 after
+/// decoding is replaced, not trusted).
+fn percent_decode(s: &str) -> Option<String> {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                out.push(h << 4 | l);
+                changed = true;
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    changed.then(|| String::from_utf8_lossy(&out).into_owned())
+}
+
 /// Folds an identity for generous comparison: Unicode compatibility forms
-/// (NFKC), case, and invisible characters.
+/// (NFKC), case, invisible characters, and confusables: the UTS #39
+/// skeleton (the table rustc's `confusable_idents` lint uses), so that a
+/// Cyrillic `і` or `о`, or a digit `0` or `1`, stands for the Latin letter
+/// it looks like. Folding more than needed only holds more: when in doubt,
+/// hold.
 pub fn fold_identity(s: &str) -> String {
-    s.nfkc()
+    let plain: String = s
+        .nfkc()
         .filter(|c| !is_invisible(*c))
+        .flat_map(char::to_lowercase)
+        .collect();
+    // Prototypes may be capitals (`0` -> `O`): lower again.
+    unicode_security::confusable_detection::skeleton(&plain)
         .flat_map(char::to_lowercase)
         .collect()
 }
@@ -690,6 +767,16 @@ deny:
             format!("sh -c 'rm -rf {}/.toolgate'", b.display()),
             "innocent/billing-bot.yaml".to_owned(),
             format!("file://{}/.toolgate/audit.jsonl", b.display()),
+            format!("FILE://localhost{}/toolgate.yaml", b.display()),
+            format!("file:{}/toolgate.yaml", b.display()),
+            format!("see file://{}/tool-manifests/x.yaml", b.display()),
+            format!("{}/tool-manifests/billing%2Dbot.yaml", b.display()),
+            b.join("toolgate.yaml")
+                .display()
+                .to_string()
+                .replace('/', "%2F"),
+            format!("file://{}", b.join("toolgate.yaml").display()).replace('/', "%252f"),
+            format!("curl -d path={}%2Ftoolgate.yaml x", b.display()),
         ];
         for arg in held {
             let dec = decide(
@@ -701,7 +788,14 @@ deny:
             );
             assert_eq!(dec.rule, Rule::PolicyPath, "{arg}");
         }
-        for arg in ["notes.txt", "/srv/data/x", "tool-manifests-backup"] {
+        for arg in [
+            "notes.txt",
+            "/srv/data/x",
+            "tool-manifests-backup",
+            "file:///srv/data/x",
+            "100%25 done",
+            "%zz%",
+        ] {
             let dec = decide(
                 &g,
                 Some(&m),
@@ -712,6 +806,36 @@ deny:
             assert_eq!(dec.verdict, Verdict::Allow, "{arg}");
         }
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn self_identity_guard_folds_confusables() {
+        for evasion in [
+            "b\u{456}lling-bot",                    // Cyrillic i
+            "billing-b\u{43e}t",                    // Cyrillic o
+            "bi11ing-bot",                          // digits one for l
+            "billing-b0t",                          // digit zero for o
+            "B\u{406}LLING-BOT",                    // Cyrillic capital I
+            "agents/b\u{456}lling-b\u{43e}t/roles", // inside a path
+        ] {
+            let dec = d("fs__grant_access", json!({"who": evasion}));
+            assert_eq!(dec.rule, Rule::SelfIdentity, "{evasion:?}");
+        }
+        // Folding is of look-alikes only: other names still pass.
+        for other in ["billing-bat", "bi11ing-bots", "filling-bot"] {
+            let dec = d("fs__grant_access", json!({"who": other}));
+            assert_eq!(dec.verdict, Verdict::Allow, "{other:?}");
+        }
+        // And in hold_when conditions on ${agent}.
+        let dec = d(
+            "iam__grant_role",
+            json!({"principal": "b\u{456}lling-bot", "role": "reader"}),
+        );
+        assert_eq!(dec.rule, Rule::HoldWhen(2, 0));
+        assert_eq!(
+            fold_identity("b\u{456}lling-bot"),
+            fold_identity("billing-bot")
+        );
     }
 
     #[test]

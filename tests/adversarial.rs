@@ -746,6 +746,24 @@ async fn malformed_json_rpc_is_refused_before_any_decision() {
         )
         .await;
     }
+    // No Content-Type at all: not assumed to be JSON.
+    let no_ct = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {}\r\nAccept: application/json, text/event-stream\r\nMcp-Protocol-Version: 2025-11-25\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        s.h.server.addr.port(),
+        s.good,
+        body.len()
+    );
+    s.case(
+        "no Content-Type header",
+        rpc(StatusCode::UNSUPPORTED_MEDIA_TYPE, -32600),
+        async {
+            let (st, text) = s.raw(no_ct.as_bytes()).await;
+            let v: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or(""))
+                .unwrap_or(Value::Null);
+            (StatusCode::from_u16(st).unwrap(), v)
+        },
+    )
+    .await;
     // Case and parameters of a JSON media type are fine.
     for ct in [
         "Application/JSON",
@@ -766,6 +784,88 @@ async fn malformed_json_rpc_is_refused_before_any_decision() {
             .await;
         assert_eq!(st, StatusCode::OK, "{ct}: {v}");
         assert!(v.get("result").is_some(), "{ct}: {v}");
+    }
+}
+
+/// A 2026-07-28 tools/call of `billing__echo` whose `arguments` are the raw
+/// JSON text `args` (so that number literals reach toolgate as written).
+async fn echo_raw(s: &Suite, args: &str) -> (StatusCode, Value) {
+    let body = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"billing__echo","arguments":{args},"_meta":{{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{{}}}}}}}}"#
+    );
+    let (st, _, v) =
+        s.h.post(
+            Some(&s.good),
+            &[
+                ("mcp-protocol-version", "2026-07-28"),
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "billing__echo"),
+            ],
+            body,
+        )
+        .await;
+    (st, v)
+}
+
+/// Integers that fit 64 bits, beyond what a double holds exactly (2^53),
+/// are forwarded digit for digit: what was checked is what is forwarded.
+#[tokio::test]
+async fn integers_up_to_64_bits_are_forwarded_exactly() {
+    let s = Suite::new().await;
+    for (lit, want) in [
+        ("9007199254740993", json!(9_007_199_254_740_993u64)),
+        ("18446744073709551615", json!(u64::MAX)),
+        ("-9223372036854775808", json!(i64::MIN)),
+    ] {
+        let before = s.h.tools.received().len();
+        let (st, v) = echo_raw(&s, &format!(r#"{{"text":"n","n":{lit}}}"#)).await;
+        assert_eq!(st, StatusCode::OK, "{lit}: {v}");
+        assert!(v.get("result").is_some(), "{lit}: {v}");
+        let got = s.h.tools.received();
+        assert_eq!(got.len(), before + 1, "{lit}");
+        let n = &got.last().unwrap().arguments["n"];
+        assert_eq!(n, &want, "{lit} reached the upstream as {n}");
+        assert_eq!(n.to_string(), lit);
+    }
+    s.no_secret_logged("64-bit integers");
+}
+
+/// An integer literal beyond 64 bits cannot be held exactly by toolgate's
+/// parser (serde_json reads it as a double): forwarding it sends the
+/// upstream another number than the one the agent wrote (today
+/// 18446744073709551616 is forwarded as 1.8446744073709552e19, and
+/// 18446744073709551617 as the same). It must be refused, -32700 naming its
+/// JSON pointer, like 1e400 is.
+///
+/// The fix belongs in `mcp::parse_strict` (owned by another developer):
+/// `visit_f64` cannot tell `1e19` from an overflowing integer, so scan the
+/// bytes once before parsing, outside strings, classifying each number
+/// token in document order (integer = no `.`, `e` or `E`; overflowing =
+/// does not parse as i64 or u64), and let `StrictSeed` pop one class per
+/// `visit_i64`/`visit_u64`/`visit_f64`; in `visit_f64`, an overflowing
+/// integer sets `ParseError::Json("integer at /deep/0/n does not fit 64
+/// bits")` from `pointer_of(path)`.
+#[tokio::test]
+#[ignore = "needs the parse_strict change described above (src/mcp.rs)"]
+async fn integers_beyond_64_bits_are_refused_not_altered() {
+    let s = Suite::new().await;
+    for lit in [
+        "18446744073709551616",
+        "-9223372036854775809",
+        "123456789012345678901234567890",
+    ] {
+        s.case(
+            &format!("integer literal {lit}"),
+            rpc(StatusCode::BAD_REQUEST, -32700),
+            async {
+                let (st, v) =
+                    echo_raw(&s, &format!(r#"{{"text":"n","deep":[{{"n":{lit}}}]}}"#)).await;
+                let msg = v["error"]["message"].as_str().unwrap_or("");
+                assert!(msg.contains("/deep/0/n"), "{lit}: names the pointer: {v}");
+                (st, v)
+            },
+        )
+        .await;
     }
 }
 
@@ -1005,7 +1105,13 @@ async fn sessions_belong_to_one_agent_and_headers_must_match_the_body() {
 
 #[tokio::test]
 async fn disguised_self_grants_and_policy_paths_are_held() {
-    let s = Suite::new().await;
+    // More cases than the default bound on pending holds per agent.
+    let s = Suite::with(Opts {
+        manifests: &[("billing-bot.yaml", AGENT)],
+        holds: "holds: { wait: 300ms, ttl: 1h, max_pending_per_agent: 100 }",
+        ..Opts::default()
+    })
+    .await;
     let dir = s.h.dir.display().to_string();
     let cases: Vec<(&str, &str, Value)> = vec![
         (
@@ -1039,6 +1145,21 @@ async fn disguised_self_grants_and_policy_paths_are_held() {
             json!({"principal": "agent://billing-bot", "role": "viewer"}),
         ),
         (
+            "self with a Cyrillic i (U+0456)",
+            "billing__grant_role",
+            json!({"principal": "b\u{456}lling-bot", "role": "viewer"}),
+        ),
+        (
+            "self with Cyrillic i and o",
+            "billing__grant_role",
+            json!({"principal": "b\u{456}lling-b\u{43e}t", "role": "viewer"}),
+        ),
+        (
+            "self with a digit zero for o",
+            "billing__grant_role",
+            json!({"principal": "billing-b0t", "role": "viewer"}),
+        ),
+        (
             "self nested deep",
             "billing__grant_role",
             json!({"subjects": [{"ids": ["x", "Billing-Bot"]}], "role": "viewer"}),
@@ -1069,6 +1190,36 @@ async fn disguised_self_grants_and_policy_paths_are_held() {
             json!({"path": format!("{dir}/toolgate.yaml")}),
         ),
         (
+            "config path as a file URI",
+            "billing__echo",
+            json!({"uri": format!("file://{dir}/toolgate.yaml")}),
+        ),
+        (
+            "config path as an upper-case FILE URI with a host",
+            "billing__echo",
+            json!({"uri": format!("FILE://localhost{dir}/toolgate.yaml")}),
+        ),
+        (
+            "config path as a file: URI without slashes",
+            "billing__echo",
+            json!({"uri": format!("file:{dir}/toolgate.yaml")}),
+        ),
+        (
+            "manifest path with a percent-encoded letter",
+            "billing__echo",
+            json!({"path": format!("{dir}/tool-manifests/billing%2Dbot.yaml")}),
+        ),
+        (
+            "audit log path with every slash percent-encoded",
+            "billing__echo",
+            json!({"path": format!("{dir}/audit.jsonl").replace('/', "%2F")}),
+        ),
+        (
+            "state path double-encoded in a file URI",
+            "billing__echo",
+            json!({"uri": format!("file://{dir}/state.db").replace('/', "%252f")}),
+        ),
+        (
             "a new manifest in the directory",
             "billing__echo",
             json!({"path": format!("{dir}/tool-manifests/evil.yaml")}),
@@ -1082,14 +1233,26 @@ async fn disguised_self_grants_and_policy_paths_are_held() {
     for (name, tool, args) in cases {
         s.case(name, HELD, s.call(tool, args)).await;
     }
-    // Not held: another principal with a name that merely contains ours.
-    let (_, v) = s
-        .call(
+    // Not held: another principal with a name that merely contains ours,
+    // or merely looks like a path.
+    for (tool, args) in [
+        (
             "billing__grant_role",
             json!({"principal": "billing-botanist", "role": "viewer"}),
-        )
-        .await;
-    assert!(v.get("result").is_some(), "{v}");
+        ),
+        (
+            "billing__grant_role",
+            json!({"principal": "b\u{456}lling-bots", "role": "viewer"}),
+        ),
+        (
+            "billing__echo",
+            json!({"text": "file:///srv/data/report.txt"}),
+        ),
+        ("billing__echo", json!({"text": "100%25 done"})),
+    ] {
+        let (_, v) = s.call(tool, args.clone()).await;
+        assert!(v.get("result").is_some(), "{args}: {v}");
+    }
 }
 
 // ---- approvals ----------------------------------------------------------
@@ -1133,6 +1296,7 @@ async fn approvals_are_single_use_bound_to_the_arguments_and_never_revived() {
     .await;
     // Concurrent identical retries: one forward, the rest are held anew.
     let before = s.h.tools.received().len();
+    let records_before = s.records().await.len();
     let answers =
         futures_all((0..8).map(|_| s.call("billing__refund", refund("INV-000001")))).await;
     let forwarded = answers
@@ -1145,6 +1309,31 @@ async fn approvals_are_single_use_bound_to_the_arguments_and_never_revived() {
         .iter()
         .filter(|(_, v)| v.get("result").is_none())
         .all(|(_, v)| v["error"]["code"] == -32010));
+    // Exactly one record per call: the forward is the approval's use
+    // (grant_used), the first retry after it opens a new hold
+    // (hold_created) and the other six join it.
+    let records = s.records().await;
+    let new = &records[records_before..];
+    assert_eq!(new.len(), 8, "one record per call: {new:#?}");
+    let ids: std::collections::HashSet<&str> = new
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 8, "each of a distinct call: {new:#?}");
+    let count = |event: &str, decision: &str| {
+        new.iter()
+            .filter(|r| r["event"] == event && r["decision"] == decision)
+            .count()
+    };
+    assert_eq!(
+        (
+            count("grant_used", "approved"),
+            count("hold_created", "hold"),
+            count("call", "hold")
+        ),
+        (1, 1, 6),
+        "{new:#?}"
+    );
     // Replay: the approval is spent.
     s.case(
         "replay of an approved call",
@@ -1478,6 +1667,7 @@ async fn a_slow_header_client_is_cut_off_while_others_are_served() {
     let started = std::time::Instant::now();
     // Others are served meanwhile.
     s.still_serving("during a slowloris").await;
+    let records_before = s.records().await.len();
     let mut buf = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut buf)).await;
     assert!(r.is_ok(), "the half-sent request was never cut off");
@@ -1485,7 +1675,17 @@ async fn a_slow_header_client_is_cut_off_while_others_are_served() {
         started.elapsed() >= Duration::from_secs(5),
         "cut off after the header timeout, not at once"
     );
+    // hyper's header timeout closes the connection without an answer: no
+    // status line, nothing the client could mistake for a response.
+    assert!(
+        buf.is_empty(),
+        "answered instead of closing: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
     assert!(s.h.tools.received().len() == 1);
+    // Refused in the HTTP layer before a request exists: no record.
+    assert_eq!(s.records().await.len(), records_before);
+    s.still_serving("after a slowloris").await;
     s.no_secret_logged("slowloris");
 }
 
@@ -1520,6 +1720,7 @@ async fn rate_limits_hold_at_the_boundary_under_bursts_and_across_agents() {
     // agent do not touch the next agent's budget.
     let burst = s.secret(s.h.token("burst-bot"));
     let before = s.h.tools.received().len();
+    let records_before = s.records().await.len();
     let answers = futures_all((0..20).map(|_| s.call_as(&burst, "billing__echo", echo()))).await;
     let passed = answers
         .iter()
@@ -1534,15 +1735,32 @@ async fn rate_limits_hold_at_the_boundary_under_bursts_and_across_agents() {
         .filter(|(_, v)| v.get("result").is_none())
         .all(|(_, v)| v["error"]["code"] == -32029));
     assert_eq!(s.h.tools.received().len(), before + 5);
+    let records = s.records().await;
+    let new = &records[records_before..];
+    assert_eq!(new.len(), 20, "one record per call of the burst: {new:#?}");
+    let count = |d: &str| new.iter().filter(|r| r["decision"] == d).count();
+    assert_eq!((count("allow"), count("rate_limited")), (5, 15), "{new:#?}");
+    assert!(new.iter().all(|r| r["agent"] == "burst-bot"), "{new:#?}");
+    s.still_serving("after the burst").await;
+    s.no_secret_logged("the burst");
     // Many agents without manifests: each is denied, and neither the
     // limiter nor anything else grows a key for them.
     let keys = s.h.server.gate.0.snapshot.load().limiters.key_count();
+    let records_before = s.records().await.len();
     for i in 0..300 {
-        let t = token_with(json!({"sub": format!("stranger-{i}")}));
+        let t = s.secret(token_with(json!({"sub": format!("stranger-{i}")})));
         let (_, v) = s.call_as(&t, "billing__echo", echo()).await;
         assert_eq!(v["error"]["code"], -32003, "{v}");
     }
     assert_eq!(s.h.server.gate.0.snapshot.load().limiters.key_count(), keys);
+    let records = s.records().await;
+    let new = &records[records_before..];
+    assert_eq!(new.len(), 300, "one record per stranger's call");
+    assert!(
+        new.iter()
+            .all(|r| r["decision"] == "deny" && r["rule"] == "no_manifest"),
+        "{new:#?}"
+    );
     s.case("a stranger after the flood", DENIED, async {
         let t = s.secret(token_with(json!({"sub": "stranger-x"})));
         s.call_as(&t, "billing__echo", echo()).await
