@@ -7,11 +7,14 @@
 #
 #   bash scripts/fuzz.sh [SECONDS_PER_TARGET=60] [TARGET...]
 #
-# Runs on the stable toolchain (no sanitizer, RUSTC_BOOTSTRAP for the flags
-# cargo-fuzz passes); cargo-fuzz is installed pinned into .ci-cache. Every
-# file under fuzz/seeds/<target>/ is replayed first, so a finding saved there
-# is a regression test from then on. A crash exits non-zero and leaves the
-# input in fuzz/artifacts/<target>/.
+# Runs on the stable toolchain (no sanitizer, so no nightly flags); cargo-fuzz
+# is installed pinned into .ci-cache, and libFuzzer itself is C++ (built by
+# libfuzzer-sys), so Debian's g++ is installed when no C++ compiler is there.
+# The properties live in fuzz/properties.rs. Every file under
+# fuzz/seeds/<target>/ is replayed first here, and by `cargo test` through
+# tests/fuzz_seeds.rs, so a finding saved there is a regression test from
+# then on. A crash exits non-zero and leaves the input in
+# fuzz/artifacts/<target>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,9 +30,18 @@ if ! "$ROOT/bin/cargo-fuzz" --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION
   cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --root "$ROOT" --quiet
 fi
 export PATH="$ROOT/bin:$PATH"
-export RUSTC_BOOTSTRAP=1
+
+if ! command -v c++ >/dev/null 2>&1; then
+  echo "== installing Debian's g++ (libFuzzer is C++)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq g++ >/dev/null
+fi
 
 echo "== building fuzz targets"
+# cargo-fuzz has no --locked; this fails, as --locked would, when
+# fuzz/Cargo.lock is not up to date, and the build then uses it unchanged.
+cargo metadata --locked --manifest-path fuzz/Cargo.toml --format-version 1 >/dev/null
 cargo fuzz build -s none --fuzz-dir fuzz
 
 for t in "${TARGETS[@]}"; do
