@@ -429,6 +429,122 @@ pub fn strip_capabilities(params: &mut Value) {
     }
 }
 
+/// The JSON-RPC message toolgate sends an upstream: `params` as the agent's
+/// checked call left them, with `_meta` fitted to the upstream's revision
+/// (2026-07-28: toolgate's envelope added; older: the 2026 capabilities
+/// removed, as [`strip_capabilities`]), serialised straight from the
+/// borrowed tree instead of a copy of it: this runs for every forwarded call.
+pub fn upstream_message(
+    id: Option<i64>,
+    method: &str,
+    params: Option<&Value>,
+    modern: bool,
+) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Msg<'a> {
+        jsonrpc: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<i64>,
+        method: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        params: Option<Outgoing<'a>>,
+    }
+    let msg = Msg {
+        jsonrpc: "2.0",
+        id,
+        method,
+        params: params.map(|p| Outgoing { params: p, modern }),
+    };
+    // Serialising a tree of valid values into memory cannot fail.
+    serde_json::to_vec(&msg).unwrap_or_default()
+}
+
+/// `params` with `_meta` fitted to the upstream (see [`upstream_message`]).
+struct Outgoing<'a> {
+    params: &'a Value,
+    modern: bool,
+}
+
+/// `_meta` for a 2026-07-28 upstream: the agent's keys, then toolgate's
+/// envelope (revision and client info replace the agent's; capabilities
+/// kept when the agent's call carries them).
+struct ModernMeta<'a>(Option<&'a Map<String, Value>>);
+
+impl serde::Serialize for ModernMeta<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        let mut has_capabilities = false;
+        for (k, v) in self.0.into_iter().flatten() {
+            match k.as_str() {
+                META_VERSION | META_CLIENT_INFO => {}
+                META_CAPABILITIES => {
+                    has_capabilities = true;
+                    m.serialize_entry(k, v)?;
+                }
+                _ => m.serialize_entry(k, v)?,
+            }
+        }
+        m.serialize_entry(META_VERSION, V2026_07_28)?;
+        if !has_capabilities {
+            m.serialize_entry(META_CAPABILITIES, &Map::new())?;
+        }
+        m.serialize_entry(
+            META_CLIENT_INFO,
+            &serde_json::json!({"name": "toolgate", "version": env!("CARGO_PKG_VERSION")}),
+        )?;
+        m.end()
+    }
+}
+
+/// `_meta` for a session-era upstream: the agent's keys but the 2026
+/// capabilities.
+struct SessionMeta<'a>(&'a Map<String, Value>);
+
+impl serde::Serialize for SessionMeta<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in self.0 {
+            if k != META_CAPABILITIES {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.end()
+    }
+}
+
+impl serde::Serialize for Outgoing<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Value::Object(o) = self.params else {
+            return self.params.serialize(s);
+        };
+        let meta = o.get("_meta");
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in o {
+            if k != "_meta" {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        match (meta, self.modern) {
+            // Not an object: passed as it came (the upstream judges it).
+            (Some(v), _) if !v.is_object() => m.serialize_entry("_meta", v)?,
+            (meta, true) => {
+                m.serialize_entry("_meta", &ModernMeta(meta.and_then(Value::as_object)))?
+            }
+            (Some(Value::Object(meta)), false) => {
+                let only_capabilities = meta.len() == 1 && meta.contains_key(META_CAPABILITIES);
+                if !only_capabilities {
+                    m.serialize_entry("_meta", &SessionMeta(meta))?;
+                }
+            }
+            (_, false) => {}
+        }
+        m.end()
+    }
+}
+
 /// Serialises a JSON-RPC success response.
 pub fn result_response(id: &Id, result: Value) -> Value {
     serde_json::json!({"jsonrpc": "2.0", "id": id.to_value(), "result": result})
@@ -526,6 +642,72 @@ pub fn write_str(s: &str, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the upstream gets is what copying the params and fitting
+    /// `_meta` in the tree gave (the way it was built before).
+    #[test]
+    fn upstream_messages_fit_meta_without_copying_the_params() {
+        fn reference(id: Option<i64>, method: &str, params: Option<&Value>, modern: bool) -> Value {
+            let mut msg = Map::new();
+            msg.insert("jsonrpc".into(), Value::from("2.0"));
+            if let Some(id) = id {
+                msg.insert("id".into(), Value::from(id));
+            }
+            msg.insert("method".into(), Value::from(method));
+            if let Some(p) = params {
+                let mut p = p.clone();
+                if !modern {
+                    strip_capabilities(&mut p);
+                } else if let Value::Object(o) = &mut p {
+                    let meta = o.entry("_meta").or_insert_with(|| serde_json::json!({}));
+                    if let Value::Object(m) = meta {
+                        m.insert(META_VERSION.into(), Value::from(V2026_07_28));
+                        m.entry(META_CAPABILITIES)
+                            .or_insert_with(|| serde_json::json!({}));
+                        m.insert(
+                            META_CLIENT_INFO.into(),
+                            serde_json::json!({"name": "toolgate", "version": env!("CARGO_PKG_VERSION")}),
+                        );
+                    }
+                }
+                msg.insert("params".into(), p);
+            }
+            Value::Object(msg)
+        }
+        let cases = [
+            serde_json::json!({"name": "t", "arguments": {"a": [1, {"b": "c"}]}}),
+            serde_json::json!({"name": "t", "arguments": {}, "_meta": {"progressToken": 7, "com.example/x": "y"}}),
+            serde_json::json!({"name": "t", "_meta": {META_CAPABILITIES: {"sampling": {}}}}),
+            serde_json::json!({"name": "t", "_meta": {META_CAPABILITIES: {}, "progressToken": "p", META_VERSION: "2025-11-25", META_CLIENT_INFO: {"name": "agent"}}}),
+            serde_json::json!({"name": "t", "_meta": "not an object"}),
+            serde_json::json!({"uri": "file:///x"}),
+            serde_json::json!([1, 2]),
+        ];
+        for p in &cases {
+            for modern in [true, false] {
+                for id in [Some(3), None] {
+                    let bytes = upstream_message(id, "tools/call", Some(p), modern);
+                    let got: Value = serde_json::from_slice(&bytes).unwrap();
+                    assert_eq!(
+                        got,
+                        reference(id, "tools/call", Some(p), modern),
+                        "{p} modern={modern}"
+                    );
+                }
+            }
+        }
+        let got: Value = serde_json::from_slice(&upstream_message(
+            None,
+            "notifications/initialized",
+            None,
+            false,
+        ))
+        .unwrap();
+        assert_eq!(
+            got,
+            reference(None, "notifications/initialized", None, false)
+        );
+    }
 
     #[test]
     fn refuses_duplicate_keys_at_any_depth() {

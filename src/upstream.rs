@@ -509,41 +509,13 @@ impl Upstream {
     ) -> Result<(Option<Answer>, Option<HeaderValue>), UpstreamError> {
         let notification = method.starts_with("notifications/");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = Map::new();
-        msg.insert("jsonrpc".into(), Value::from("2.0"));
-        if !notification {
-            msg.insert("id".into(), Value::from(id));
-        }
-        msg.insert("method".into(), Value::from(method));
         let modern = s.version == mcp::V2026_07_28;
-        let mut name_header = None;
-        if let Some(p) = params {
-            let mut p = p.clone();
-            if !modern {
-                mcp::strip_capabilities(&mut p);
-            }
-            if modern {
-                if let Value::Object(o) = &mut p {
-                    name_header = o
-                        .get("name")
-                        .or_else(|| o.get("uri"))
-                        .and_then(Value::as_str)
-                        .map(mcp::encode_header_value);
-                    let meta = o.entry("_meta").or_insert_with(|| json!({}));
-                    if let Value::Object(m) = meta {
-                        m.insert(mcp::META_VERSION.into(), Value::from(mcp::V2026_07_28));
-                        m.entry(mcp::META_CAPABILITIES).or_insert_with(|| json!({}));
-                        m.insert(
-                            mcp::META_CLIENT_INFO.into(),
-                            json!({"name": "toolgate", "version": env!("CARGO_PKG_VERSION")}),
-                        );
-                    }
-                }
-            }
-            msg.insert("params".into(), p);
-        }
-        let body = serde_json::to_vec(&Value::Object(msg))
-            .map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
+        let name_header = params
+            .filter(|_| modern)
+            .and_then(|p| p.get("name").or_else(|| p.get("uri")))
+            .and_then(Value::as_str)
+            .map(mcp::encode_header_value);
+        let body = mcp::upstream_message((!notification).then_some(id), method, params, modern);
         let mut req = self.post(s, method != "initialize");
         if modern {
             req = req.header("mcp-method", method);
