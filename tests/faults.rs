@@ -1,5 +1,5 @@
 //! Fault injection: a misbehaving upstream (slow, garbage, oversized, cut
-//! mid-stream, resetting), an audit log that fills and frees, a state
+//! mid-stream, resetting, resetting in the middle of an event), an audit log that fills and frees, a state
 //! database that is locked or corrupt, and `kill -9` of the toolgate binary
 //! during a pending hold and during an approved forward. toolgate must fail
 //! closed, say why, keep serving, and keep holds exactly-once.
@@ -330,6 +330,200 @@ async fn an_upstream_that_is_down_then_back_is_used_again() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(last["result"]["content"][0]["text"], "fine", "{last}");
+}
+
+// ---- an upstream that resets in the middle of an event ------------------------
+
+/// An upstream speaking just enough HTTP/1.1 by hand to tear a response
+/// where no HTTP library would: `torn` starts an event stream, sends half
+/// of a `data:` line and resets the TCP connection (SO_LINGER 0, so an RST,
+/// not a FIN); `torn_after_progress` first sends a whole notification
+/// event. `ok` answers normally. Counts tool calls by name.
+async fn torn_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let hits = h.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                // One request after another on the connection.
+                loop {
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
+                    let json = |status: &str, v: Value| {
+                        let b = v.to_string();
+                        format!("HTTP/1.1 {status}\r\ncontent-type: application/json\r\nmcp-session-id: torn-session\r\ncontent-length: {}\r\n\r\n{b}", b.len())
+                    };
+                    if !head.starts_with("post ") {
+                        let _ = s
+                            .write_all(
+                                b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n",
+                            )
+                            .await;
+                        continue;
+                    }
+                    let msg: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let id = msg["id"].clone();
+                    let result =
+                        |r: Value| json("200 OK", json!({"jsonrpc": "2.0", "id": id, "result": r}));
+                    let answer = match msg["method"].as_str().unwrap_or("") {
+                        "initialize" => result(json!({
+                            "protocolVersion": "2025-11-25",
+                            "capabilities": {"tools": {}},
+                            "serverInfo": {"name": "torn", "version": "1"}
+                        })),
+                        "tools/list" => {
+                            let tools: Vec<Value> = ["ok", "torn", "torn_after_progress"]
+                                .iter()
+                                .map(|n| json!({"name": n, "inputSchema": {"type": "object"}}))
+                                .collect();
+                            result(json!({ "tools": tools }))
+                        }
+                        "tools/call" => {
+                            let tool = msg["params"]["name"].as_str().unwrap_or("").to_owned();
+                            hits.lock().unwrap().push(tool.clone());
+                            if tool == "ok" {
+                                result(json!({"content": [{"type": "text", "text": "fine"}]}))
+                            } else {
+                                let mut events = String::new();
+                                if tool == "torn_after_progress" {
+                                    let note = json!({"jsonrpc": "2.0", "method": "notifications/message",
+                                        "params": {"level": "info", "data": "working"}});
+                                    events.push_str(&format!("event: message\ndata: {note}\n\n"));
+                                }
+                                events.push_str(&format!(
+                                    "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"content\":[{{\"type\":\"te"
+                                ));
+                                let torn = format!(
+                                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nmcp-session-id: torn-session\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{events}\r\n",
+                                    events.len()
+                                );
+                                let _ = s.write_all(torn.as_bytes()).await;
+                                let _ = s.flush().await;
+                                // Let the bytes go out before the reset.
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                let _ = s.set_zero_linger();
+                                return; // dropped: RST
+                            }
+                        }
+                        _ if id.is_null() => {
+                            "HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n".to_owned()
+                        }
+                        _ => result(json!({})),
+                    };
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, hits)
+}
+
+#[tokio::test]
+async fn an_upstream_reset_in_the_middle_of_an_event_gets_32004_audited_at_once() {
+    let (addr, hits) = torn_upstream().await;
+    let h = Harness::with(Opts {
+        manifests: &[(
+            "torn-bot.yaml",
+            "agent: torn-bot\ntools:\n  - name: \"torn__*\"\n",
+        )],
+        upstreams: Some(format!(
+            "upstreams:\n  - name: torn\n    url: http://{addr}/mcp\n"
+        )),
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("torn-bot");
+    let sid = h.initialize(&t).await;
+    let hit = |tool: &str| hits.lock().unwrap().iter().filter(|t| *t == tool).count();
+    let mut n = 0;
+    for (tool, session) in [
+        ("torn", false),
+        ("torn_after_progress", false),
+        ("torn_after_progress", true),
+    ] {
+        n += 1;
+        let before = h.audit().await.len();
+        let started = Instant::now();
+        let v = if session {
+            h.in_session(
+                &t,
+                &sid,
+                "tools/call",
+                json!({"name": format!("torn__{tool}"), "arguments": {}}),
+            )
+            .await
+            .1
+        } else {
+            h.call(&t, &format!("torn__{tool}"), json!({})).await
+        };
+        assert_eq!(code(&v), -32004, "{tool}: {v}");
+        assert_eq!(v["error"]["data"]["upstream"], "torn", "{tool}: {v}");
+        // A reset is seen at once, not when the 2 s upstream timeout ends.
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{tool}: took {:?}",
+            started.elapsed()
+        );
+        let audit = h.audit().await;
+        let new: Vec<(&str, &str)> = audit[before..]
+            .iter()
+            .map(|r| {
+                (
+                    r["event"].as_str().unwrap(),
+                    r["decision"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            new,
+            [("call", "allow"), ("upstream_error", "error")],
+            "{tool}"
+        );
+        assert_eq!(
+            hit("torn") + hit("torn_after_progress"),
+            n,
+            "{tool}: forwarded once, not retried"
+        );
+        // Still serving, over the same upstream.
+        let v = h.call(&t, "torn__ok", json!({})).await;
+        assert_eq!(
+            v["result"]["content"][0]["text"], "fine",
+            "after {tool}: {v}"
+        );
+    }
+    assert_eq!(
+        toolgate::audit::verify(&h.dir.join("audit.jsonl")).map(|n| n > 0),
+        Ok(true)
+    );
 }
 
 // ---- the audit log fills and frees -------------------------------------------
