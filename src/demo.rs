@@ -1,9 +1,9 @@
 //! The bundled demo tool server, and the `toolgate demo` quickstart.
 //!
 //! [`ToolServer`] is a small but real MCP server (Streamable HTTP, revision
-//! 2025-11-25 with sessions, JSON responses) offering billing-flavoured
-//! tools, among them `media` (every content kind and schema feature, see
-//! `demo/media.rs`). It records every `tools/call` it receives, with its `_meta`,
+//! 2025-11-25 with sessions, JSON responses, no GET stream: a GET gets 405)
+//! offering billing-flavoured tools, among them `media` (every content kind
+//! and schema feature, see `demo/media.rs`). It records every `tools/call` it receives, with its `_meta`,
 //! which makes it the recording upstream of toolgate's own tests: what it
 //! did not record never reached it.
 
@@ -37,6 +37,7 @@ pub struct ToolServer {
     received: Arc<Mutex<Vec<Received>>>,
     record: bool,
     sessions: Arc<std::sync::atomic::AtomicU64>,
+    gets: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for ToolServer {
@@ -46,6 +47,7 @@ impl Default for ToolServer {
             received: Arc::default(),
             record: true,
             sessions: Arc::default(),
+            gets: Arc::default(),
         }
     }
 }
@@ -98,6 +100,7 @@ impl ToolServer {
             received: Arc::default(),
             record: false,
             sessions: Arc::default(),
+            gets: Arc::default(),
         }
     }
 
@@ -128,6 +131,12 @@ impl ToolServer {
         Ok(local)
     }
 
+    /// GET requests received so far (it offers no GET stream: each is
+    /// answered 405).
+    pub fn gets(&self) -> u64 {
+        self.gets.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Every tools/call received so far.
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().map(|r| r.clone()).unwrap_or_default()
@@ -136,6 +145,9 @@ impl ToolServer {
     async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         if parts.method != http::Method::POST {
+            if parts.method == http::Method::GET {
+                self.gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             return status(StatusCode::METHOD_NOT_ALLOWED);
         }
         let Ok(bytes) = http_body_util::Limited::new(body, 1 << 20)

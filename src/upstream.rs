@@ -6,6 +6,8 @@
 //! is bounded by `limits.upstream_timeout` and `limits.max_upstream_body`, and
 //! reuses pooled keep-alive connections. Responses may be JSON or an SSE
 //! stream; either way only the JSON-RPC response to our request id is taken.
+//! Each upstream session also has its standalone GET stream (`listen`),
+//! where the server says its tools changed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -29,6 +31,7 @@ use crate::config::{Transport, UpstreamConfig};
 use crate::mcp;
 
 pub mod asks;
+mod listen;
 pub mod stdio;
 
 /// The session-based revisions toolgate accepts from a tool server: those
@@ -81,6 +84,13 @@ pub(crate) struct Session {
     id: Option<HeaderValue>,
 }
 
+/// An upstream session held for a [`Who`], with the guard of its GET
+/// stream: the stream ends when the entry leaves the map.
+struct Held {
+    session: Session,
+    _stream: Option<listen::Guard>,
+}
+
 /// On whose behalf a request goes upstream: the agent, and the agent's own
 /// MCP session when it has one (2025-era revisions). A session-based
 /// upstream gets one session per `Who`: never shared between agents, nor
@@ -119,8 +129,10 @@ pub struct Upstream {
     /// Sessions with a session-based upstream, one per [`Who`] (and one,
     /// agent "", for toolgate's own catalog requests): an upstream session
     /// is never shared between agents or agent sessions. Bounded by
-    /// [`MAX_SESSIONS`].
-    sessions: DashMap<Who, Session>,
+    /// [`MAX_SESSIONS`]. Each has its GET stream (see `listen`).
+    sessions: DashMap<Who, Held>,
+    /// The GET streams of the sessions.
+    streams: Arc<listen::Streams>,
     /// The revision this upstream speaks, once learned.
     version: ArcSwap<Option<&'static str>>,
     connecting: Mutex<()>,
@@ -158,6 +170,15 @@ impl Upstream {
                 })),
             ),
         };
+        let streams = Arc::new(listen::Streams::new(
+            cfg.name.clone(),
+            url.clone(),
+            headers.clone(),
+            client.clone(),
+            timeout,
+            max_body,
+            tools_changed.clone(),
+        ));
         Upstream {
             name: cfg.name.clone(),
             prefix: cfg.prefix.clone(),
@@ -168,6 +189,7 @@ impl Upstream {
             max_body,
             next_id: AtomicI64::new(1),
             sessions: DashMap::new(),
+            streams,
             version: ArcSwap::from_pointee(None),
             connecting: Mutex::new(()),
             stdio,
@@ -197,8 +219,15 @@ impl Upstream {
         self.stdio.as_ref().map(|p| p.pids()).unwrap_or_default()
     }
 
-    /// Stops what this upstream runs (stdio processes).
+    /// The GET streams open (or reopening) to this upstream: one per
+    /// session that has one.
+    pub fn streams_running(&self) -> usize {
+        self.streams.running()
+    }
+
+    /// Stops what this upstream runs (GET streams, stdio processes).
     pub async fn shutdown(&self) {
+        self.streams.stop();
         if let Some(p) = &self.stdio {
             p.shutdown().await;
         }
@@ -273,11 +302,11 @@ impl Upstream {
             return Ok(modern);
         }
         if let Some(s) = self.sessions.get(who) {
-            return Ok(s.clone());
+            return Ok(s.session.clone());
         }
-        let _guard = self.connecting.lock().await;
+        let guard = self.connecting.lock().await;
         if let Some(s) = self.sessions.get(who) {
-            return Ok(s.clone());
+            return Ok(s.session.clone());
         }
         let s = self.initialize().await?;
         self.version.store(Arc::new(Some(s.version)));
@@ -294,7 +323,18 @@ impl Upstream {
                 self.sessions.remove(&k);
             }
         }
-        self.sessions.insert(who.clone(), s.clone());
+        let (stream, ready) = self.streams.open(&s).unzip();
+        self.sessions.insert(
+            who.clone(),
+            Held {
+                session: s.clone(),
+                _stream: stream,
+            },
+        );
+        drop(guard);
+        if let Some(ready) = ready {
+            self.streams.wait_ready(ready).await;
+        }
         Ok(s)
     }
 
@@ -681,6 +721,11 @@ pub struct SseReader {
 }
 
 impl SseReader {
+    /// Bytes received of an event not yet complete.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Feeds bytes; returns the data of every event completed by them.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<Vec<u8>> {
         self.buf.extend_from_slice(chunk);

@@ -820,6 +820,63 @@ async fn each_session_of_an_agent_has_its_own_upstream_session() {
     assert_eq!(h.server.gate.0.upstreams[0].session_count(), before - 1);
 }
 
+/// The demo tool server offers no standalone GET stream (it answers 405):
+/// toolgate asks at most once per upstream session opened before it knew,
+/// then opens none for later sessions, and retries nothing.
+#[tokio::test]
+async fn an_upstream_answering_405_to_get_is_not_asked_again() {
+    let h = Harness::with(Opts {
+        manifests: &[
+            (
+                "a.yaml",
+                "agent: agent-a\ntools:\n  - name: billing__echo\n",
+            ),
+            (
+                "b.yaml",
+                "agent: agent-b\ntools:\n  - name: billing__echo\n",
+            ),
+        ],
+        ..Opts::default()
+    })
+    .await;
+    let (ta, tb) = (h.token("agent-a"), h.token("agent-b"));
+    for t in [&ta, &tb] {
+        let v = h.call(t, "billing__echo", json!({"text": "x"})).await;
+        assert!(v.get("result").is_some(), "{v}");
+    }
+    let u = &h.server.gate.0.upstreams[0];
+    for _ in 0..200 {
+        if u.streams_running() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(u.streams_running(), 0, "a stream task still runs after 405");
+    let gets = h.tools.gets();
+    let sessions = u.session_count() as u64;
+    assert!(
+        (1..=sessions).contains(&gets),
+        "{gets} GETs for {sessions} upstream sessions"
+    );
+    // New upstream sessions (a session-era agent session, another
+    // agent's calls) open no stream.
+    let sid = h.initialize(&ta).await;
+    let (status, v) = h
+        .in_session(
+            &ta,
+            &sid,
+            "tools/call",
+            json!({"name": "billing__echo", "arguments": {"text": "y"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let v = h.call(&tb, "billing__echo", json!({"text": "z"})).await;
+    assert!(v.get("result").is_some(), "{v}");
+    assert_eq!(u.session_count() as u64, sessions + 1);
+    assert_eq!(h.tools.gets(), gets, "GET asked again after 405");
+    assert_eq!(u.streams_running(), 0);
+}
+
 #[tokio::test]
 async fn progress_and_log_notifications_are_relayed_before_the_result() {
     let h = Harness::start().await;

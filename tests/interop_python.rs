@@ -563,3 +563,96 @@ async fn sdk_2x_client_listens_for_list_changes_through_toolgate() {
         "{out:?}"
     );
 }
+
+/// A 1.x server's `notifications/tools/list_changed` that belongs to no
+/// request goes out on the standalone GET stream of the session whose call
+/// changed the tools (`send_tool_list_changed()` in the SDK): toolgate holds
+/// that stream open for each upstream session, so a tool added at runtime
+/// is listed within moments (not when the 30 s catalog cache runs out), and
+/// agents hear of it on their own streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1x_servers_tool_list_change_on_its_get_stream_reaches_toolgate_and_agents() {
+    let (_server, url) = upstream(1);
+    let h = Harness::with(Opts {
+        upstream: Some(url),
+        manifests: &[(
+            "lister.yaml",
+            "agent: lister\ntools:\n  - name: billing__reveal\n  - name: billing__hidden\n  - name: billing__echo\n",
+        )],
+        ..Opts::default()
+    })
+    .await;
+    let token = h.token("lister");
+    let listed = |v: &Value| -> Vec<String> {
+        v["result"]["tools"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (_, before) = h.modern(&token, "tools/list", json!({})).await;
+    assert_eq!(listed(&before), ["billing__echo", "billing__reveal"]);
+    let asked = std::time::Instant::now();
+    let out = client(
+        1,
+        None,
+        &h.url,
+        &token,
+        vec![
+            s("list_tools"),
+            s("call"),
+            s("billing__reveal"),
+            s("{}"),
+            s("wait_tools_changed"),
+            s("10"),
+            s("list_tools"),
+            s("call"),
+            s("billing__hidden"),
+            s("{}"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        out[1]["tools"],
+        json!(["billing__echo", "billing__reveal"]),
+        "{out:?}"
+    );
+    assert_eq!(out[2]["text"], "revealed", "{out:?}");
+    // The SDK client heard it on its GET stream to toolgate.
+    assert_eq!(
+        out[3],
+        json!({"scenario": "tools_changed", "ok": true}),
+        "{out:?}"
+    );
+    assert_eq!(
+        out[4]["tools"],
+        json!(["billing__echo", "billing__hidden", "billing__reveal"]),
+        "{out:?}"
+    );
+    assert_eq!(out[5]["text"], "found", "{out:?}");
+    // And any agent's listing shows it, long before the cache expires.
+    let mut now = Vec::new();
+    for _ in 0..100 {
+        let (_, v) = h.modern(&token, "tools/list", json!({})).await;
+        now = listed(&v);
+        if now.iter().any(|n| n == "billing__hidden") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(now.iter().any(|n| n == "billing__hidden"), "{now:?}");
+    assert!(asked.elapsed() < std::time::Duration::from_secs(20));
+    // The agent's session ended (the SDK client DELETEs it on close), and
+    // its upstream session's GET stream with it: toolgate's own remains.
+    let u = &h.server.gate.0.upstreams[0];
+    let mut running = usize::MAX;
+    for _ in 0..100 {
+        running = u.streams_running();
+        if running == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!((running, u.session_count()), (1, 1));
+}

@@ -20,6 +20,10 @@ Usage:
 Scenarios (argv tokens, consumed left to right):
     list_tools                      -> {"scenario":"list_tools","ok":true,"tools":["echo","get_invoice","refund"]}
     call TOOL ARGS_JSON             -> see "call result" below (repeatable)
+    wait_tools_changed SECONDS      -> {"scenario":"tools_changed","ok":true|false}: whether a
+                                       notifications/tools/list_changed arrived (within SECONDS) since
+                                       connecting or the last list_tools (the SDK's own GET stream on
+                                       the session-based revisions)
     listen                          -> 2.x on 2026-07-28: {"scenario":"listen","ok":true,"honored":{...}}
                                        (subscriptions/listen for tool and prompt list changes; the
                                        acknowledged subset)
@@ -131,10 +135,11 @@ def summarize_result(res: Any) -> dict:
 class Facade:
     """Uniform view over the 1.x ClientSession and the 2.x Client (both expose list_tools/call_tool)."""
 
-    def __init__(self, session: Any, info: dict):
-        self.session, self.info = session, info
+    def __init__(self, session: Any, info: dict, tools_changed: asyncio.Event):
+        self.session, self.info, self.tools_changed = session, info, tools_changed
 
     async def list_tools(self) -> list[str]:
+        self.tools_changed.clear()
         res = await self.session.list_tools()
         return sorted(t.name for t in res.tools)
 
@@ -146,6 +151,12 @@ class Facade:
 async def connect(url: str, token: str | None, mode: str, timeout: float):
     """Yield a connected Facade. Everything runs in the caller's task (the SDKs need that)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    tools_changed = asyncio.Event()
+
+    async def on_message(msg):  # noqa: ANN001 - a notification, a server request, or an exception
+        if getattr(getattr(msg, "root", msg), "method", None) == "notifications/tools/list_changed":
+            tools_changed.set()
+
     if MCP_MAJOR >= 2:
         import httpx2
         from mcp import Client
@@ -153,7 +164,7 @@ async def connect(url: str, token: str | None, mode: str, timeout: float):
         from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
         async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(timeout, read=max(timeout, 300))) as http:
-            extra = {}
+            extra = {"message_handler": on_message}
             if os.environ.get("TOOLGATE_CONFIRM"):
                 import mcp_types
 
@@ -179,6 +190,7 @@ async def connect(url: str, token: str | None, mode: str, timeout: float):
                         "era": "modern" if pv in MODERN_PROTOCOL_VERSIONS else "handshake",
                         "server_name": getattr(server_info, "name", None),
                     },
+                    tools_changed,
                 )
     else:
         from datetime import timedelta
@@ -187,7 +199,7 @@ async def connect(url: str, token: str | None, mode: str, timeout: float):
         from mcp.client.streamable_http import streamable_http_client
         from mcp.shared._httpx_utils import create_mcp_http_client
 
-        extra = {}
+        extra = {"message_handler": on_message}
         if os.environ.get("TOOLGATE_CONFIRM"):
             from mcp import types as mcp_types
 
@@ -209,6 +221,7 @@ async def connect(url: str, token: str | None, mode: str, timeout: float):
                             "era": "handshake",
                             "server_name": init.serverInfo.name,
                         },
+                        tools_changed,
                     )
 
 
@@ -259,6 +272,9 @@ def parse_scenarios(argv: list[str]) -> list[tuple]:
         elif tok == "listen":
             out.append(("listen",))
             i += 1
+        elif tok == "wait_tools_changed":
+            out.append(("wait_tools_changed", float(argv[i + 1])))
+            i += 2
         else:
             raise ValueError(f"unknown scenario {tok!r}")
     return out
@@ -294,6 +310,12 @@ async def run_scenarios(conn: Facade, scenarios: list[tuple], state: dict) -> No
             if errors:
                 line["errors"] = errors
             emit(line)
+        elif sc[0] == "wait_tools_changed":
+            try:
+                await asyncio.wait_for(conn.tools_changed.wait(), timeout=sc[1])
+                emit({"scenario": "tools_changed", "ok": True})
+            except asyncio.TimeoutError:
+                emit({"scenario": "tools_changed", "ok": False})
         elif sc[0] == "listen":
             # 2.x on 2026-07-28: open subscriptions/listen, report the ack.
             async with conn.session.listen(tools_list_changed=True, prompts_list_changed=True) as sub:

@@ -30,6 +30,10 @@ Tools:
     echo(text: str) -> <text>
     confirm_refund(invoice_id: str) -> "refunded <id>" once the client confirms (asks with an
         elicitation: mid-call on 1.x; as an input_required round on 2026-07-28 with 2.x)
+    reveal() -> "revealed" (1.x only): adds the tool `hidden() -> "found"` at runtime and sends
+        notifications/tools/list_changed with the SDK's `ctx.session.send_tool_list_changed()`,
+        which carries no related request id, so the 1.x transport sends it on the standalone GET
+        stream of the calling session only (dropped if that session has none open)
 """
 
 from __future__ import annotations
@@ -113,6 +117,21 @@ if MCP_MAJOR < 2:
         answer = await ctx.elicit(message=f"Refund invoice {invoice_id}?", schema=Confirmation)
         ok = answer.action == "accept" and answer.data is not None and answer.data.ok
         return f"refunded {invoice_id}" if ok else f"kept {invoice_id}"
+
+    def hidden() -> str:
+        """Offered once `reveal` was called."""
+        return "found"
+
+    _revealed = {"done": False}
+
+    @mcp.tool()
+    async def reveal(ctx: Context) -> str:
+        """Offer one more tool (`hidden`) and tell the client the tool list changed."""
+        if not _revealed["done"]:
+            mcp.add_tool(hidden)
+            _revealed["done"] = True
+        await ctx.session.send_tool_list_changed()
+        return "revealed"
 
 if MCP_MAJOR >= 2:
     # Asks the user before refunding: on 2026-07-28 the SDK answers the first

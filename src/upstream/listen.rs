@@ -1,0 +1,480 @@
+//! The standalone GET event stream of an upstream session: where a
+//! Streamable-HTTP server of a session-based revision sends what is not
+//! tied to a request, like `notifications/tools/list_changed`.
+//!
+//! As an MCP client SDK does, toolgate opens one for every upstream session
+//! it holds that has an id: its own catalog session and each agent's (a
+//! server may tell only the session whose call changed the tools). One task
+//! per session, spawned when the session is opened; it ends when the
+//! session's [`Guard`] drops (the session is forgotten, replaced or evicted
+//! from the bounded map), on [`Streams::stop`], when the server no longer
+//! knows the session (404) or refuses the request (another 4xx), and for
+//! good on 405 or a 2xx that is not an event stream (the server offers no
+//! stream: no session of this upstream opens one again). A stream that
+//! drops or fails is reopened with a backoff doubling from 500 ms to 30 s.
+//! A new session is used once the server answered its GET (at most 1 s
+//! later), so that what the server sends about the session's first call is
+//! not sent before anyone listens. Reopening sends no `Last-Event-ID`, so
+//! what a server sent while the stream was down is not replayed; the
+//! catalog's 30 s cache still catches such a change.
+//!
+//! 2026-07-28 upstreams are stateless and have no GET stream (their changes
+//! come through `subscriptions/listen`); a session-era server that issues no
+//! session id gets none either (there is no session for it to belong to).
+//!
+//! Only `notifications/tools/list_changed` is acted on: it sets the
+//! upstream's `tools_changed`, and the catalog is fetched again. Other
+//! notifications are logged at debug. Server requests on this stream
+//! (sampling, elicitation or ping not tied to a call) are out of scope:
+//! there is no agent call to relay them to, so they are logged and left
+//! unanswered. Nothing read here is forwarded to agents.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+use tokio::sync::{oneshot, watch};
+
+use super::{connect_reason, HttpClient, Session, SseReader};
+use crate::mcp;
+
+/// The first wait before reopening a stream, doubled per failure.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// The longest wait before reopening a stream.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+/// A stream open this long was healthy: after it drops, the backoff
+/// starts again from [`FIRST_RETRY`].
+const STABLE: Duration = Duration::from_secs(30);
+/// How long opening a session waits for the server to answer its GET, so
+/// that what the server sends there about the session's first call is
+/// heard.
+const READY_WAIT: Duration = Duration::from_secs(1);
+
+/// Ends its session's stream when dropped (held with the session).
+#[derive(Debug)]
+pub(crate) struct Guard {
+    _cancel: oneshot::Sender<()>,
+}
+
+/// One upstream's GET streams: what opening one needs, and their state.
+pub(crate) struct Streams {
+    name: String,
+    url: http::Uri,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    client: HttpClient,
+    /// How long the server may take to answer a GET (not the stream).
+    timeout: Duration,
+    /// The largest event (and unfinished event) accepted.
+    max_event: usize,
+    tools_changed: Arc<AtomicBool>,
+    /// The server offers no GET stream (it answered 405).
+    unsupported: AtomicBool,
+    /// The server once took longer than [`READY_WAIT`] to answer a GET
+    /// (it may hold the answer back until it has an event): sessions are
+    /// no longer kept waiting for it.
+    slow: AtomicBool,
+    /// Streams' tasks running.
+    running: AtomicUsize,
+    stop: watch::Sender<bool>,
+}
+
+/// How one GET ended.
+enum End {
+    /// 405, or a 2xx that is not an event stream.
+    NotOffered(String),
+    /// 404: the server no longer knows the session.
+    SessionGone,
+    /// Another 4xx, which repeating will not change.
+    Refused(StatusCode),
+    /// A stream that was open ended or broke.
+    Dropped(Instant, String),
+    /// No stream was opened (unreachable, 5xx, 409, 429, an oversized event).
+    Failed(String),
+}
+
+/// Counts a running task for as long as it lives.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Streams {
+    pub(crate) fn new(
+        name: String,
+        url: http::Uri,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        client: HttpClient,
+        timeout: Duration,
+        max_event: usize,
+        tools_changed: Arc<AtomicBool>,
+    ) -> Self {
+        Streams {
+            name,
+            url,
+            headers,
+            client,
+            timeout,
+            max_event,
+            tools_changed,
+            unsupported: AtomicBool::new(false),
+            slow: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
+            stop: watch::channel(false).0,
+        }
+    }
+
+    /// Opens `session`'s stream, unless it has none (stateless, no id) or
+    /// the server offers none or toolgate is stopping. Returns the guard
+    /// that ends it and a signal that fires once the server answered the
+    /// first GET (whatever it answered) or the attempt failed.
+    pub(crate) fn open(
+        self: &Arc<Self>,
+        session: &Session,
+    ) -> Option<(Guard, oneshot::Receiver<()>)> {
+        if session.version == mcp::V2026_07_28
+            || session.id.is_none()
+            || self.unsupported.load(Ordering::Acquire)
+            || *self.stop.borrow()
+        {
+            return None;
+        }
+        let (cancel_tx, cancel) = oneshot::channel();
+        let (ready_tx, ready) = oneshot::channel();
+        self.running.fetch_add(1, Ordering::AcqRel);
+        tokio::spawn(self.clone().run(session.clone(), cancel, ready_tx));
+        Some((Guard { _cancel: cancel_tx }, ready))
+    }
+
+    /// Waits, bounded, for a session's stream to be answered (`ready`
+    /// from [`Streams::open`]).
+    pub(crate) async fn wait_ready(&self, ready: oneshot::Receiver<()>) {
+        if self.slow.load(Ordering::Relaxed) {
+            return;
+        }
+        if tokio::time::timeout(READY_WAIT, ready).await.is_err() {
+            self.slow.store(true, Ordering::Relaxed);
+            tracing::debug!(upstream.name = %self.name, "upstream is slow to answer GET; new sessions no longer wait for it");
+        }
+    }
+
+    /// Streams' tasks running now.
+    pub(crate) fn running(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Ends every stream, and opens no more (shutdown).
+    pub(crate) fn stop(&self) {
+        self.stop.send_replace(true);
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        session: Session,
+        mut cancel: oneshot::Receiver<()>,
+        ready: oneshot::Sender<()>,
+    ) {
+        let _running = Running(&self.running);
+        let mut stop = self.stop.subscribe();
+        let mut ready = Some(ready);
+        let mut backoff = FIRST_RETRY;
+        loop {
+            let end = tokio::select! {
+                _ = &mut cancel => return,
+                _ = stop.wait_for(|s| *s) => return,
+                end = self.once(&session, &mut ready) => end,
+            };
+            match end {
+                End::NotOffered(why) => {
+                    tracing::info!(upstream.name = %self.name, reason = %why, "upstream offers no GET stream; tool list changes are heard on call streams only");
+                    return;
+                }
+                End::SessionGone => {
+                    tracing::debug!(upstream.name = %self.name, "upstream session gone; its GET stream ends");
+                    return;
+                }
+                End::Refused(status) => {
+                    tracing::warn!(upstream.name = %self.name, status = status.as_u16(), "upstream refused the GET stream; not retried for this session");
+                    return;
+                }
+                End::Dropped(opened, why) => {
+                    if opened.elapsed() >= STABLE {
+                        backoff = FIRST_RETRY;
+                    }
+                    tracing::debug!(upstream.name = %self.name, reason = %why, retry_ms = backoff.as_millis() as u64, "upstream GET stream ended; reopening");
+                }
+                End::Failed(why) => {
+                    tracing::debug!(upstream.name = %self.name, reason = %why, retry_ms = backoff.as_millis() as u64, "cannot open the upstream GET stream; retrying");
+                }
+            }
+            tokio::select! {
+                _ = &mut cancel => return,
+                _ = stop.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_RETRY);
+        }
+    }
+
+    /// One GET: reads its events until it ends. `ready` fires once the
+    /// answer's status is known (and a 405 recorded), or the GET failed.
+    async fn once(&self, s: &Session, ready: &mut Option<oneshot::Sender<()>>) -> End {
+        let mut fire = || {
+            if let Some(r) = ready.take() {
+                let _ = r.send(());
+            }
+        };
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(self.url.clone())
+            .header(http::header::ACCEPT, "text/event-stream")
+            .header("mcp-protocol-version", s.version);
+        if let Some(sid) = &s.id {
+            req = req.header("mcp-session-id", sid.clone());
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k, v.clone());
+        }
+        let req = match req.body(Full::new(Bytes::new())) {
+            Ok(r) => r,
+            Err(e) => {
+                // The headers were validated with the config; not expected.
+                tracing::warn!(upstream.name = %self.name, error = %e, "cannot build the GET stream request");
+                fire();
+                return End::Refused(StatusCode::BAD_REQUEST);
+            }
+        };
+        let resp = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                fire();
+                return End::Failed(connect_reason(&e));
+            }
+            Err(_) => {
+                fire();
+                return End::Failed("timed out".into());
+            }
+        };
+        let status = resp.status();
+        let is_sse = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let end = match status {
+            StatusCode::METHOD_NOT_ALLOWED => Some(End::NotOffered("HTTP 405".into())),
+            s if s.is_success() && !is_sse => Some(End::NotOffered(format!(
+                "HTTP {} without an event stream",
+                s.as_u16()
+            ))),
+            s if s.is_success() => None,
+            StatusCode::NOT_FOUND => Some(End::SessionGone),
+            StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => {
+                Some(End::Failed(format!("HTTP {}", status.as_u16())))
+            }
+            s if s.is_client_error() => Some(End::Refused(s)),
+            s => Some(End::Failed(format!("HTTP {}", s.as_u16()))),
+        };
+        if matches!(end, Some(End::NotOffered(_))) {
+            // Recorded before `ready` fires, so a session opened next does
+            // not try again.
+            self.unsupported.store(true, Ordering::Release);
+        }
+        fire();
+        if let Some(end) = end {
+            return end;
+        }
+        let opened = Instant::now();
+        let mut body = resp.into_body();
+        let mut sse = SseReader::default();
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => return End::Dropped(opened, e.to_string()),
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            for event in sse.push(&data) {
+                self.event(&event);
+            }
+            if sse.pending() > self.max_event {
+                return End::Failed("an event is larger than the limit".into());
+            }
+        }
+        End::Dropped(opened, "closed by the server".into())
+    }
+
+    /// Acts on one event's data.
+    fn event(&self, data: &[u8]) {
+        let Ok(Value::Object(o)) = serde_json::from_slice::<Value>(data) else {
+            tracing::debug!(upstream.name = %self.name, "not a JSON-RPC message on the GET stream; ignored");
+            return;
+        };
+        let method = o.get("method").and_then(Value::as_str);
+        match (method, o.contains_key("id")) {
+            (Some("notifications/tools/list_changed"), false) => {
+                tracing::debug!(upstream.name = %self.name, "upstream tools changed (GET stream)");
+                self.tools_changed.store(true, Ordering::Relaxed);
+            }
+            (Some(m), false) => {
+                tracing::debug!(upstream.name = %self.name, method = m, "notification on the GET stream ignored");
+            }
+            // Out of scope: a server request outside any call has no agent
+            // to be relayed to; it is not answered.
+            (Some(m), true) => {
+                tracing::debug!(upstream.name = %self.name, method = m, "server request on the GET stream not answered");
+            }
+            (None, _) => {
+                tracing::debug!(upstream.name = %self.name, "response on the GET stream ignored");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A server whose GETs answer, in turn, `answers` (status, body; the
+    /// last repeats), recording each GET's headers.
+    async fn server(
+        answers: Vec<(u16, &'static str)>,
+    ) -> (String, Arc<Mutex<Vec<http::HeaderMap>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let answers = Arc::new(answers);
+        let s = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (s, answers) = (s.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (s, answers) = (s.clone(), answers.clone());
+                            async move {
+                                let n = {
+                                    let mut s = s.lock().unwrap();
+                                    s.push(req.headers().clone());
+                                    s.len() - 1
+                                };
+                                let (status, body) = answers[n.min(answers.len() - 1)];
+                                Ok::<_, std::convert::Infallible>(
+                                    http::Response::builder()
+                                        .status(status)
+                                        .header("content-type", "text/event-stream")
+                                        .body(Full::new(Bytes::from_static(body.as_bytes())))
+                                        .unwrap(),
+                                )
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    fn streams(url: &str) -> (Arc<Streams>, Arc<AtomicBool>) {
+        let changed = Arc::new(AtomicBool::new(false));
+        let s = Streams::new(
+            "t".into(),
+            url.parse().unwrap(),
+            vec![(
+                HeaderName::from_static("x-upstream-key"),
+                HeaderValue::from_static("k"),
+            )],
+            super::super::http_client(),
+            Duration::from_secs(2),
+            1024,
+            changed.clone(),
+        );
+        (Arc::new(s), changed)
+    }
+
+    fn session(id: Option<&'static str>, version: &'static str) -> Session {
+        Session {
+            version,
+            id: id.map(HeaderValue::from_static),
+        }
+    }
+
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("timed out waiting until {what}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_stream_is_reopened_and_hears_list_changed() {
+        let (url, seen) = server(vec![
+            (200, ": nothing yet\n\n"),
+            (
+                200,
+                "event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n",
+            ),
+        ])
+        .await;
+        let (streams, changed) = streams(&url);
+        let (guard, ready) = streams
+            .open(&session(Some("s-1"), mcp::V2025_11_25))
+            .unwrap();
+        ready.await.unwrap();
+        until("list_changed is heard", || changed.load(Ordering::Relaxed)).await;
+        let h = seen.lock().unwrap()[1].clone();
+        assert_eq!(h["accept"], "text/event-stream");
+        assert_eq!(h["mcp-session-id"], "s-1");
+        assert_eq!(h["mcp-protocol-version"], "2025-11-25");
+        assert_eq!(h["x-upstream-key"], "k");
+        assert_eq!(streams.running(), 1);
+        drop(guard);
+        until("the task ends with its guard", || streams.running() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_405_stops_the_stream_for_every_session() {
+        let (url, seen) = server(vec![(405, "")]).await;
+        let (streams, _) = streams(&url);
+        let (_guard, ready) = streams
+            .open(&session(Some("s-1"), mcp::V2025_11_25))
+            .unwrap();
+        ready.await.unwrap();
+        until("the task gives up", || streams.running() == 0).await;
+        assert!(streams
+            .open(&session(Some("s-2"), mcp::V2025_11_25))
+            .is_none());
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn stateless_and_idless_sessions_and_a_stopped_upstream_open_none() {
+        let (url, seen) = server(vec![(200, "")]).await;
+        let (streams, _) = streams(&url);
+        assert!(streams.open(&session(None, mcp::V2026_07_28)).is_none());
+        assert!(streams.open(&session(None, mcp::V2025_11_25)).is_none());
+        let (_guard, ready) = streams
+            .open(&session(Some("s-1"), mcp::V2025_06_18))
+            .unwrap();
+        ready.await.unwrap();
+        streams.stop();
+        until("stop ends the task", || streams.running() == 0).await;
+        assert!(streams
+            .open(&session(Some("s-2"), mcp::V2025_11_25))
+            .is_none());
+        assert!(!seen.lock().unwrap().is_empty());
+    }
+}
