@@ -123,10 +123,13 @@ impl ParseError {
 pub fn parse_strict(bytes: &[u8]) -> Result<Value, ParseError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let mut failure = None;
+    let overflow = overflowing_integers(bytes);
     let seed = StrictSeed {
         depth: 0,
         failure: &mut failure,
         path: &mut Vec::new(),
+        numbers: &mut 0,
+        overflow: &overflow,
     };
     let parsed = seed.deserialize(&mut de).and_then(|v| de.end().map(|()| v));
     match (parsed, failure) {
@@ -140,6 +143,63 @@ struct StrictSeed<'a> {
     depth: usize,
     failure: &'a mut Option<ParseError>,
     path: &'a mut Vec<String>,
+    /// Numbers visited so far, in document order.
+    numbers: &'a mut usize,
+    /// Which of them (by order) are integer literals beyond 64 bits.
+    overflow: &'a [usize],
+}
+
+/// The document-order indexes of the number literals in `bytes` that are
+/// integers (no fraction, no exponent) fitting neither i64 nor u64.
+/// serde_json would read them as the nearest f64, so a forwarded call would
+/// carry another number than the agent sent: they are refused instead.
+/// Almost every message has no digit run that long, and skips the scan.
+fn overflowing_integers(bytes: &[u8]) -> Vec<usize> {
+    let mut run = 0usize;
+    let long_run = bytes.iter().any(|b| {
+        run = if b.is_ascii_digit() { run + 1 } else { 0 };
+        run >= 19
+    });
+    if !long_run {
+        return Vec::new();
+    }
+    let (mut out, mut n, mut i) = (Vec::new(), 0usize, 0usize);
+    let mut in_string = false;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                let lit = &bytes[start..i];
+                let integral = !lit.iter().any(|c| matches!(c, b'.' | b'e' | b'E'));
+                let fits = std::str::from_utf8(lit)
+                    .is_ok_and(|t| t.parse::<i64>().is_ok() || t.parse::<u64>().is_ok());
+                if integral && !fits {
+                    out.push(n);
+                }
+                n += 1;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
 }
 
 impl<'de> DeserializeSeed<'de> for StrictSeed<'_> {
@@ -170,12 +230,23 @@ impl<'de> Visitor<'de> for StrictSeed<'_> {
         Ok(Value::Bool(v))
     }
     fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        *self.numbers += 1;
         Ok(Value::from(v))
     }
     fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        *self.numbers += 1;
         Ok(Value::from(v))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        let nth = *self.numbers;
+        *self.numbers += 1;
+        if self.overflow.contains(&nth) {
+            let at = pointer_of(self.path);
+            *self.failure = Some(ParseError::Json(format!(
+                "the integer at {at} does not fit in 64 bits (it would not reach the tool as sent)"
+            )));
+            return Err(E::custom("integer out of range"));
+        }
         serde_json::Number::from_f64(v)
             .map(Value::Number)
             .ok_or_else(|| E::custom("number out of range"))
@@ -202,6 +273,8 @@ impl<'de> Visitor<'de> for StrictSeed<'_> {
                 depth: self.depth + 1,
                 failure: self.failure,
                 path: self.path,
+                numbers: self.numbers,
+                overflow: self.overflow,
             });
             self.path.pop();
             match next? {
@@ -231,6 +304,8 @@ impl<'de> Visitor<'de> for StrictSeed<'_> {
                 depth: self.depth + 1,
                 failure: self.failure,
                 path: self.path,
+                numbers: self.numbers,
+                overflow: self.overflow,
             });
             let key = self.path.pop().expect("pushed just above");
             out.insert(key, v?);
@@ -707,6 +782,29 @@ mod tests {
             got,
             reference(None, "notifications/initialized", None, false)
         );
+    }
+
+    #[test]
+    fn refuses_integers_beyond_64_bits_naming_the_pointer() {
+        for lit in [
+            "18446744073709551616",
+            "-9223372036854775809",
+            "123456789012345678901234567890",
+        ] {
+            let text = format!(r#"{{"a":"x\"1234567890123456789012","b":[1.5,{{"n":{lit}}}]}}"#);
+            let e = parse_strict(text.as_bytes()).unwrap_err();
+            assert!(
+                matches!(&e, ParseError::Json(m) if m.contains("/b/1/n")),
+                "{lit}: {e}"
+            );
+        }
+        // What fits is read exactly; long digit runs in strings, floats and
+        // exponents are not integers.
+        let ok = br#"{"u":18446744073709551615,"i":-9223372036854775808,"s":"123456789012345678901234","f":1e30,"g":12345678901234567890.5}"#;
+        let v = parse_strict(ok).unwrap();
+        assert_eq!(v["u"].as_u64(), Some(u64::MAX));
+        assert_eq!(v["i"].as_i64(), Some(i64::MIN));
+        assert!(v["f"].is_f64() && v["g"].is_f64());
     }
 
     #[test]
