@@ -1496,13 +1496,21 @@ impl Gate {
                 return self.resume(&state, responses, &upstream, reply).await;
             }
             let (tx, notes) = tokio::sync::mpsc::channel::<Value>(64);
+            let keep = tx.clone();
             let answer = Box::pin(async move {
                 upstream
                     .request_relay(&who, "tools/call", Value::Object(params), Some(tx))
                     .await
             });
             return self
-                .run_modern(rounds::InFlight { answer, notes }, reply)
+                .run_modern(
+                    rounds::InFlight {
+                        answer,
+                        notes,
+                        keep,
+                    },
+                    reply,
+                )
                 .await;
         }
         if !relay {
@@ -1516,6 +1524,9 @@ impl Gate {
         // relays them, then the result. A result that comes first is
         // answered as plain JSON, as without relaying.
         let (tx, mut notes) = tokio::sync::mpsc::channel::<Value>(64);
+        // Closes the channel only once this task's waker is off it (see
+        // `rounds::drain_quietly`).
+        let _keep = tx.clone();
         let asker = Asker {
             upstream: upstream.clone(),
             agent: who.agent.clone(),
@@ -1532,11 +1543,7 @@ impl Gate {
             biased;
             a = &mut answer => {
                 // Notifications may have come in the same read as the result.
-                let mut early = Vec::new();
-                while let Ok(n) = notes.try_recv() {
-                    early.push(n);
-                }
-                (early, Some(a))
+                (rounds::drain_quietly(&mut notes), Some(a))
             }
             Some(n) = notes.recv() => (vec![n], None),
         };
