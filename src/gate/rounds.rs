@@ -404,7 +404,7 @@ pub(super) struct InFlight {
     /// A sender of `notes` kept here, so the channel closes only when the
     /// call is dropped, after [`drain_quietly`] took this task's waker off
     /// it (the upstream's sender goes with `answer`, mid-poll).
-    pub keep: mpsc::Sender<Value>,
+    pub _keep: mpsc::Sender<Value>,
 }
 
 /// Takes what is queued on `notes` and leaves a no-op waker registered on
