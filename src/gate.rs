@@ -1507,7 +1507,7 @@ impl Gate {
                     rounds::InFlight {
                         answer,
                         notes,
-                        keep,
+                        _keep: keep,
                     },
                     reply,
                 )
