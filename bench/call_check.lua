@@ -1,17 +1,8 @@
 -- wrk script: bench/call.lua's tools/call, and every answer is checked: a
 -- JSON-RPC error (or a body without a result) counts as a failed call.
 -- Used for the run during manifest reloads, where no call may fail.
-local token = os.getenv("TOKEN") or ""
-wrk.method = "POST"
-wrk.body = '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__get_invoice","arguments":{"invoice_id":"INV-000042"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}'
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Accept"] = "application/json, text/event-stream"
-wrk.headers["MCP-Protocol-Version"] = "2026-07-28"
-wrk.headers["Mcp-Method"] = "tools/call"
-wrk.headers["Mcp-Name"] = "billing__get_invoice"
-if token ~= "" then
-  wrk.headers["Authorization"] = "Bearer " .. token
-end
+-- (wrk runs from the repository root: see bench/load.sh.)
+dofile("bench/call.lua")
 
 local threads = {}
 function setup(thread)
