@@ -605,6 +605,21 @@ impl Gate {
                 json!({"decision": "deny"}),
             )
         };
+        // Two labels are two readings of one body: which would be meant?
+        if headers
+            .get_all(http::header::CONTENT_TYPE)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            return Err(rpc_error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                None,
+                code::INVALID_REQUEST,
+                "exactly one Content-Type header, application/json (UTF-8)",
+                json!({"decision": "deny"}),
+            ));
+        }
         let ct = header_str(headers, "content-type").unwrap_or("");
         let mut parts = ct.split(';');
         let media = parts.next().unwrap_or("").trim();

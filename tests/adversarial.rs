@@ -764,6 +764,26 @@ async fn malformed_json_rpc_is_refused_before_any_decision() {
         },
     )
     .await;
+    // Two Content-Type headers, even if one is JSON: refused, not guessed.
+    for second in ["text/plain", "application/json"] {
+        let two_ct = format!(
+            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Type: {second}\r\nAccept: application/json, text/event-stream\r\nMcp-Protocol-Version: 2025-11-25\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            s.h.server.addr.port(),
+            s.good,
+            body.len()
+        );
+        s.case(
+            &format!("two Content-Type headers (application/json, {second})"),
+            rpc(StatusCode::UNSUPPORTED_MEDIA_TYPE, -32600),
+            async {
+                let (st, text) = s.raw(two_ct.as_bytes()).await;
+                let v: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or(""))
+                    .unwrap_or(Value::Null);
+                (StatusCode::from_u16(st).unwrap(), v)
+            },
+        )
+        .await;
+    }
     // Case and parameters of a JSON media type are fine.
     for ct in [
         "Application/JSON",
