@@ -224,6 +224,10 @@ fn percent_decode(s: &str) -> Option<String> {
         (b as char).to_digit(16).map(|d| d as u8)
     }
     let b = s.as_bytes();
+    // Every string argument of every call comes here: most have no escape.
+    if !b.contains(&b'%') {
+        return None;
+    }
     let mut out = Vec::with_capacity(b.len());
     let mut changed = false;
     let mut i = 0;
