@@ -231,7 +231,7 @@ struct State {
 const MAX_BACKLOG: usize = 64 << 20;
 
 impl Auditor {
-    /// Opens (or continues) the log at `path` and starts the writer task.
+    /// Opens (or continues) the log at `path` and starts the writer thread.
     /// Refuses to start on a log whose last record cannot be read, so a
     /// damaged chain is never silently extended.
     pub fn start(path: &Path) -> Result<(Auditor, tokio::task::JoinHandle<()>), String> {
@@ -270,7 +270,30 @@ impl Auditor {
             max_backlog,
             path: path.to_path_buf(),
         });
-        let task = tokio::spawn(writer(rx, file, seq, prev, state.clone(), checkpoints));
+        // The writer has a thread (and a timer-only runtime) of its own:
+        // its file writes block, and its wake-ups (one per batch, its
+        // gathering timer, checkpoint intervals) would otherwise land on
+        // the runtime threads serving calls, waking an idle one and moving
+        // calls between them.
+        let fail = |e: std::io::Error| format!("cannot start the audit writer: {e}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(fail)?;
+        let (done, finished) = oneshot::channel::<()>();
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("toolgate-audit".into())
+            .spawn(move || {
+                rt.block_on(writer(rx, file, seq, prev, st, checkpoints));
+                let _ = done.send(());
+            })
+            .map_err(fail)?;
+        // Completes when the writer has written its last line (or died:
+        // then the queue is closed and every submit is refused).
+        let task = tokio::spawn(async move {
+            let _ = finished.await;
+        });
         Ok((Auditor { tx, state }, task))
     }
 
@@ -759,6 +782,29 @@ mod tests {
         ] {
             assert!(first.get(k).is_some(), "record lacks {k}: {first}");
         }
+    }
+
+    #[tokio::test]
+    async fn records_are_written_while_the_callers_runtime_is_busy() {
+        // This test's runtime has one thread, blocked below: a writer that
+        // were a task on it could not write until the block ends.
+        let p = tmp("own-thread");
+        let (a, _t) = Auditor::start(&p).unwrap();
+        a.submit(rec("while-busy")).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < 1
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the record was not written while the runtime was blocked"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(verify(&p), Ok(1));
     }
 
     #[tokio::test]
