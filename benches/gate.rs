@@ -133,7 +133,7 @@ fn parsing(c: &mut Criterion) {
     c.bench_function("parse/strict tools/call + params check + re-serialise", |b| {
         b.iter(|| {
             let toolgate::mcp::Message::Request(r) = toolgate::mcp::parse_message(black_box(BODY)).expect("valid") else { unreachable!() };
-            let call = toolgate::mcp::tool_call(&r.params).expect("valid");
+            let call = toolgate::mcp::tool_call(r.params).expect("valid");
             serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": call.name, "arguments": call.arguments}})).expect("serialises")
         })
     });

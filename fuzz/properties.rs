@@ -28,7 +28,7 @@ pub fn mcp_parse(data: &[u8]) -> &'static str {
             if req.method != "tools/call" {
                 return "request";
             }
-            let Ok(call) = mcp::tool_call(&req.params) else {
+            let Ok(call) = mcp::tool_call(req.params) else {
                 return "tools/call refused";
             };
             assert!(call.arguments.is_object(), "arguments are an object");

@@ -1045,7 +1045,7 @@ impl Gate {
             "ping" if !modern => ok(json!({})),
             "tools/list" => {
                 let tools = self.tools_for(&caller.agent).await;
-                ok(cacheable(json!({ "tools": tools })))
+                ok(cacheable(mcp::object([("tools", Value::Array(tools))])))
             }
             "tools/call" => self.call(req, id, version, caller, ctx).await,
             "resources/list" | "resources/templates/list" | "prompts/list" => {
@@ -1232,7 +1232,7 @@ impl Gate {
         caller: &Caller,
         ctx: &mut Ctx,
     ) -> Outcome {
-        let call = match mcp::tool_call(&req.params) {
+        let call = match mcp::tool_call(req.params) {
             Ok(c) => c,
             Err(e) => {
                 return refused(
@@ -1418,8 +1418,7 @@ impl Gate {
         } = via;
         let request_id = record.request_id.clone().unwrap_or_default();
         let upstream = self.0.upstreams[route.upstream].clone();
-        let data = |decision: &str| json!({"decision": decision, "request_id": request_id, "rule": record.rule.clone().unwrap_or_default()});
-        let d = data("deny");
+        let rule = record.rule.clone().unwrap_or_default();
         record.detail = Some(json!({"upstream": upstream.name}));
         let agent = record.agent.clone();
         let grant = record.hold_id.clone().zip(record.args_sha256.clone());
@@ -1442,7 +1441,7 @@ impl Gate {
                     Some(id),
                     code::AUDIT_UNAVAILABLE,
                     "the audit log cannot be written; nothing was forwarded",
-                    Some(d),
+                    Some(error_data("deny", &request_id, &rule)),
                 ),
             ));
         }
@@ -1492,7 +1491,8 @@ impl Gate {
             version,
             agent,
             tool: call.name,
-            data: d,
+            request_id: request_id.clone(),
+            rule,
             grant,
         };
         if parkable {
@@ -1616,7 +1616,8 @@ impl Gate {
             version,
             agent,
             tool,
-            data: d,
+            request_id,
+            rule,
             grant,
         } = s;
         let id = &id;
@@ -1646,12 +1647,15 @@ impl Gate {
             )),
             Ok(Answer::Error(e)) => Outcome::reply(Reply::Rpc(
                 StatusCode::OK,
-                json!({"jsonrpc": "2.0", "id": id.to_value(), "error": e}),
+                mcp::object([
+                    ("jsonrpc", Value::from("2.0")),
+                    ("id", id.to_value()),
+                    ("error", e),
+                ]),
             )),
             Err(e) => {
                 tracing::warn!(upstream.name = %upstream.name, error = %e, "upstream failed");
-                let mut d = d;
-                d["decision"] = Value::from("allow");
+                let mut d = error_data("allow", &request_id, &rule);
                 d["upstream"] = Value::from(upstream.name.as_str());
                 Outcome {
                     reply: Reply::Rpc(
@@ -1695,7 +1699,9 @@ struct Settle {
     version: &'static str,
     agent: Option<Arc<str>>,
     tool: String,
-    data: Value,
+    /// The error `data` of a failed call names these (built only then).
+    request_id: String,
+    rule: String,
     /// For a call forwarded under an approval: the hold and the arguments'
     /// hash, so an `input_required` answer leaves a continuation.
     grant: Option<(String, String)>,
@@ -1826,6 +1832,11 @@ fn shape(mut result: Value, version: &str) -> Value {
         }
     }
     result
+}
+
+/// The `data` of a refused or failed call's error.
+fn error_data(decision: &str, request_id: &str, rule: &str) -> Value {
+    json!({"decision": decision, "request_id": request_id, "rule": rule})
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {

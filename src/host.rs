@@ -31,21 +31,20 @@ fn is_loopback_name(host: &str) -> bool {
 
 /// `host[:port]` → host, lowercased.
 fn host_part(authority: &str) -> String {
-    let a = authority.trim().to_ascii_lowercase();
+    let a = authority.trim();
     if let Some(rest) = a.strip_prefix('[') {
         return rest
             .split(']')
             .next()
-            .map(|h| format!("[{h}]"))
+            .map(|h| format!("[{}]", h.to_ascii_lowercase()))
             .unwrap_or_default();
     }
-    a.rsplit_once(':').map_or(a.clone(), |(h, p)| {
-        if p.chars().all(|c| c.is_ascii_digit()) {
-            h.to_owned()
-        } else {
-            a.clone()
-        }
-    })
+    // One copy (lowercased) of the host alone: this runs on every request.
+    let host = match a.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => a,
+    };
+    host.to_ascii_lowercase()
 }
 
 impl HostPolicy {

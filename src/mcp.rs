@@ -438,7 +438,7 @@ pub const MAX_NAME_LEN: usize = 256;
 /// optional object `_meta`, and on a 2026-07-28 multi-round-trip retry an
 /// object `inputResponses` and a string `requestState`; anything else
 /// (including `Name`) is refused.
-pub fn tool_call(params: &Map<String, Value>) -> Result<ToolCall, InvalidParams> {
+pub fn tool_call(mut params: Map<String, Value>) -> Result<ToolCall, InvalidParams> {
     for k in params.keys() {
         if !matches!(
             k.as_str(),
@@ -449,7 +449,7 @@ pub fn tool_call(params: &Map<String, Value>) -> Result<ToolCall, InvalidParams>
             )));
         }
     }
-    let name = match params.get("name") {
+    let name = match params.remove("name") {
         Some(Value::String(s)) => s,
         _ => return Err(InvalidParams("\"name\" must be a string".into())),
     };
@@ -458,28 +458,28 @@ pub fn tool_call(params: &Map<String, Value>) -> Result<ToolCall, InvalidParams>
             "\"name\" must be 1-256 characters without control characters".into(),
         ));
     }
-    let arguments = match params.get("arguments") {
+    let arguments = match params.remove("arguments") {
         None => Value::Object(Map::new()),
-        Some(v @ Value::Object(_)) => v.clone(),
+        Some(v @ Value::Object(_)) => v,
         Some(_) => return Err(InvalidParams("\"arguments\" must be an object".into())),
     };
-    let meta = match params.get("_meta") {
+    let meta = match params.remove("_meta") {
         None => None,
-        Some(Value::Object(m)) => Some(m.clone()),
+        Some(Value::Object(m)) => Some(m),
         Some(_) => return Err(InvalidParams("\"_meta\" must be an object".into())),
     };
-    let input_responses = match params.get("inputResponses") {
+    let input_responses = match params.remove("inputResponses") {
         None => None,
-        Some(Value::Object(m)) => Some(m.clone()),
+        Some(Value::Object(m)) => Some(m),
         Some(_) => return Err(InvalidParams("\"inputResponses\" must be an object".into())),
     };
-    let request_state = match params.get("requestState") {
+    let request_state = match params.remove("requestState") {
         None => None,
-        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::String(s)) => Some(s),
         Some(_) => return Err(InvalidParams("\"requestState\" must be a string".into())),
     };
     Ok(ToolCall {
-        name: name.clone(),
+        name,
         arguments,
         meta,
         input_responses,
@@ -620,9 +620,24 @@ impl serde::Serialize for Outgoing<'_> {
     }
 }
 
+/// An object of `members`, moved in. (`json!` with a `Value` variable
+/// copies it, member by member, through `to_value`.)
+pub fn object<const N: usize>(members: [(&str, Value); N]) -> Value {
+    Value::Object(
+        members
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    )
+}
+
 /// Serialises a JSON-RPC success response.
 pub fn result_response(id: &Id, result: Value) -> Value {
-    serde_json::json!({"jsonrpc": "2.0", "id": id.to_value(), "result": result})
+    object([
+        ("jsonrpc", Value::from("2.0")),
+        ("id", id.to_value()),
+        ("result", result),
+    ])
 }
 
 /// Serialises a JSON-RPC error response (`id` null when it could not be read).
@@ -900,11 +915,11 @@ mod tests {
             Value::Object(o) => o,
             _ => unreachable!(),
         };
-        let c = tool_call(&p(r#"{"name":"a__b","arguments":{"x":1}}"#)).unwrap();
+        let c = tool_call(p(r#"{"name":"a__b","arguments":{"x":1}}"#)).unwrap();
         assert_eq!(c.name, "a__b");
         assert_eq!(c.arguments, serde_json::json!({"x":1}));
         assert_eq!(
-            tool_call(&p(r#"{"name":"a"}"#)).unwrap().arguments,
+            tool_call(p(r#"{"name":"a"}"#)).unwrap().arguments,
             serde_json::json!({})
         );
         for bad in [
@@ -917,7 +932,7 @@ mod tests {
             r#"{"name":7}"#,
             r#"{"name":"a","_meta":3}"#,
         ] {
-            assert!(tool_call(&p(bad)).is_err(), "{bad}");
+            assert!(tool_call(p(bad)).is_err(), "{bad}");
         }
     }
 

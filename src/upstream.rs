@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
-use http::{HeaderValue, Method, Request, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
@@ -68,6 +68,11 @@ pub enum Answer {
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// Builds the pooled HTTP client shared by all upstreams.
+const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
+const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
+
 pub fn http_client() -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -418,16 +423,24 @@ impl Upstream {
 
     /// A POST to the upstream in session `s`, with the configured headers.
     fn post(&self, s: &Session, with_version: bool) -> http::request::Builder {
+        // Static names and values: a name or value given as a string is
+        // parsed and copied on every request.
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.url.clone())
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::ACCEPT, "application/json, text/event-stream");
+            .header(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )
+            .header(
+                http::header::ACCEPT,
+                HeaderValue::from_static("application/json, text/event-stream"),
+            );
         if with_version {
-            req = req.header("mcp-protocol-version", s.version);
+            req = req.header(MCP_PROTOCOL_VERSION, HeaderValue::from_static(s.version));
         }
         if let Some(sid) = &s.id {
-            req = req.header("mcp-session-id", sid.clone());
+            req = req.header(MCP_SESSION_ID, sid.clone());
         }
         for (k, v) in &self.headers {
             req = req.header(k, v.clone());
@@ -558,11 +571,11 @@ impl Upstream {
         let body = mcp::upstream_message((!notification).then_some(id), method, params, modern);
         let mut req = self.post(s, method != "initialize");
         if modern {
-            req = req.header("mcp-method", method);
+            req = req.header(MCP_METHOD, method);
             if let Some(n) = name_header
                 .filter(|_| matches!(method, "tools/call" | "prompts/get" | "resources/read"))
             {
-                req = req.header("mcp-name", n);
+                req = req.header(MCP_NAME, n);
             }
         }
         let req = req
@@ -703,15 +716,33 @@ pub const RELAYED: [&str; 2] = ["notifications/progress", "notifications/message
 
 /// Reads a JSON-RPC response with id `want` from `bytes`.
 fn answer_for(bytes: &[u8], want: &Value) -> Option<Answer> {
-    let v: Value = serde_json::from_slice(bytes).ok()?;
-    let Value::Object(mut o) = v else { return None };
-    if o.get("id") != Some(want) {
+    /// The members an answer is read by, parsed straight into place (no
+    /// tree of the whole message to take them out of); a member present
+    /// as `null` is `Some(Null)`.
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        #[serde(default, deserialize_with = "present")]
+        id: Option<Value>,
+        #[serde(default, deserialize_with = "present")]
+        result: Option<Value>,
+        #[serde(default, deserialize_with = "present")]
+        error: Option<Value>,
+    }
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+        serde::Deserialize::deserialize(d).map(Some)
+    }
+    // A derived struct would also take an array ([id, result, error]).
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
         return None;
     }
-    if let Some(r) = o.remove("result") {
-        return Some(Answer::Result(r));
+    let e: Envelope = serde_json::from_slice(bytes).ok()?;
+    if e.id.as_ref() != Some(want) {
+        return None;
     }
-    o.remove("error").map(Answer::Error)
+    match (e.result, e.error) {
+        (Some(r), _) => Some(Answer::Result(r)),
+        (None, e) => e.map(Answer::Error),
+    }
 }
 
 /// An incremental `text/event-stream` parser yielding each event's data.
@@ -900,5 +931,25 @@ mod tests {
             ),
             None
         );
+        // A null result is an answer; a server request reusing our id, a
+        // null id, or a message that is no object is not.
+        assert_eq!(
+            answer_for(br#"{"jsonrpc":"2.0","id":7,"result":null}"#, &want),
+            Some(Answer::Result(Value::Null))
+        );
+        for other in [
+            &br#"{"jsonrpc":"2.0","id":7,"method":"sampling/createMessage","params":{}}"#[..],
+            br#"{"jsonrpc":"2.0","id":null,"result":{}}"#,
+            br#"[{"jsonrpc":"2.0","id":7,"result":{}}]"#,
+            br#"[7,{"ok":true}]"#,
+            br#"7"#,
+        ] {
+            assert_eq!(
+                answer_for(other, &want),
+                None,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
     }
 }

@@ -286,7 +286,8 @@ impl Gate {
                 version,
                 agent: Some(caller.agent.clone()),
                 tool: target,
-                data: d,
+                request_id: ctx.request_id.clone(),
+                rule: decision.rule.clone(),
                 grant: None,
             },
         )
