@@ -11,19 +11,14 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use toolgate::audit::{Auditor, Checkpointer, Record};
 
-fn toolgate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_toolgate"));
-    c.env("TOOLGATE_AGENT_SECRET", support::SECRET)
-        .env("RUST_LOG", "warn");
-    c
-}
+use support::toolgate_command as toolgate;
 
 /// Writes DIR/keys/audit.key and audit.pub with `toolgate audit keygen`.
 fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
@@ -299,72 +294,14 @@ fn a_wholesale_rewrite_fails_with_or_without_the_checkpoint_lines() {
 /// by `--max-age`, because the interval checkpoints keep coming while idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_cut_back_to_an_earlier_checkpoint_is_caught_by_its_anchors() {
-    let tools = toolgate::demo::ToolServer::default();
-    let taddr = tools.start("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = support::temp_dir("anchors");
-    std::fs::write(
-        dir.join("tool-manifests/billing-bot.yaml"),
-        support::BILLING_BOT,
+    let mut served = support::Served::start(
+        "anchors",
+        "{ path: audit.jsonl, checkpoint: { key_file: keys/audit.key, every: 1, interval: 200ms } }",
     )
-    .unwrap();
-    std::fs::write(
-        dir.join("toolgate.yaml"),
-        format!("listen: 127.0.0.1:{port}\naudit: {{ path: audit.jsonl, checkpoint: {{ key_file: keys/audit.key, every: 1, interval: 200ms }} }}\nauth:\n  agents:\n    issuer: toolgate-test\n    audience: toolgate\n    keys: [ {{ hs256: {{ secret_env: TOOLGATE_AGENT_SECRET }} }} ]\nupstreams:\n  - name: billing\n    url: http://{taddr}/mcp\n"),
-    )
-    .unwrap();
-    let (_, public) = keygen(&dir);
+    .await;
+    let dir = served.dir.clone();
+    let public = dir.join("keys/audit.pub");
     let log = dir.join("audit.jsonl");
-    let mut child = toolgate()
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(dir.join("toolgate.yaml"))
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    struct Kill(Option<std::process::Child>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            if let Some(c) = &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-    let stderr = child.stderr.take().unwrap();
-    let operator_log = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
-    let mut child = Kill(Some(child));
-
-    let client = toolgate::upstream::http_client();
-    let token = support::token_with(json!({"sub": "billing-bot"}));
-    let call = || {
-        let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__get_invoice","arguments":{"invoice_id":"INV-000001"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}});
-        let req = http::Request::post(format!("http://127.0.0.1:{port}/mcp"))
-            .header("authorization", format!("Bearer {token}"))
-            .header("content-type", "application/json")
-            .header("mcp-protocol-version", "2026-07-28")
-            .header("mcp-method", "tools/call")
-            .header("mcp-name", "billing__get_invoice")
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                body.to_string(),
-            )))
-            .unwrap();
-        client.request(req)
-    };
-    let mut up = false;
-    for _ in 0..100 {
-        if let Ok(r) = call().await {
-            assert_eq!(r.status(), 200);
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "toolgate did not come up");
     // Each call is signed by a checkpoint right after it (every: 1).
     for n in 2..=3 {
         wait_log(&log, |ls| {
@@ -372,7 +309,7 @@ async fn a_log_cut_back_to_an_earlier_checkpoint_is_caught_by_its_anchors() {
                 && ls.last().is_some_and(is_checkpoint)
         })
         .await;
-        assert_eq!(call().await.unwrap().status(), 200);
+        assert_eq!(served.call().await.unwrap().status(), 200);
     }
     wait_log(&log, |ls| {
         ls.iter().filter(|l| l["event"] == "call").count() == 3
@@ -412,20 +349,9 @@ async fn a_log_cut_back_to_an_earlier_checkpoint_is_caught_by_its_anchors() {
     );
 
     // Stop; the operator log's last published checkpoint is the anchor.
-    let pid = child.0.as_ref().unwrap().id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let mut c = child.0.take().unwrap();
-    let status = tokio::task::spawn_blocking(move || c.wait().unwrap())
+    let published: Vec<Value> = served
+        .stop()
         .await
-        .unwrap();
-    assert!(status.success(), "{status:?}");
-    let published: Vec<Value> = operator_log
-        .join()
-        .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|l| l["fields"]["message"] == "audit checkpoint signed")
@@ -461,5 +387,5 @@ async fn a_log_cut_back_to_an_earlier_checkpoint_is_caught_by_its_anchors() {
             cut_seq + 1
         ),
     );
-    assert_eq!(tools.received().len(), 3);
+    assert_eq!(served.tools.received().len(), 3);
 }

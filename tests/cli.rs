@@ -6,17 +6,11 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde_json::json;
 
-fn toolgate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_toolgate"));
-    c.env("TOOLGATE_AGENT_SECRET", support::SECRET)
-        .env("TOOLGATE_ADMIN_SECRET", support::ADMIN_SECRET)
-        .env("RUST_LOG", "warn");
-    c
-}
+use support::toolgate_command as toolgate;
 
 fn root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -375,79 +369,15 @@ async fn holds_cli_lists_shows_approves_and_denies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_shuts_down_gracefully_on_sigterm_with_the_audit_log_flushed() {
-    let tools = toolgate::demo::ToolServer::default();
-    let taddr = tools.start("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = support::temp_dir("sigterm");
-    std::fs::write(
-        dir.join("tool-manifests/billing-bot.yaml"),
-        support::BILLING_BOT,
+    let mut served = support::Served::start(
+        "sigterm",
+        "{ path: .toolgate/audit.jsonl, checkpoint: { key_file: keys/audit.key, every: 100 } }",
     )
-    .unwrap();
-    std::fs::write(
-        dir.join("toolgate.yaml"),
-        format!("listen: 127.0.0.1:{port}\naudit: {{ path: .toolgate/audit.jsonl, checkpoint: {{ key_file: keys/audit.key, every: 100 }} }}\nauth:\n  agents:\n    issuer: toolgate-test\n    audience: toolgate\n    keys: [ {{ hs256: {{ secret_env: TOOLGATE_AGENT_SECRET }} }} ]\nupstreams:\n  - name: billing\n    url: http://{taddr}/mcp\n"),
-    )
-    .unwrap();
-    let keygen = toolgate()
-        .args(["audit", "keygen", "--out"])
-        .arg(dir.join("keys"))
-        .output()
-        .unwrap();
-    assert!(
-        keygen.status.success(),
-        "{}",
-        String::from_utf8_lossy(&keygen.stderr)
-    );
-    let mut child = toolgate()
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(dir.join("toolgate.yaml"))
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let logs = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
-    let client = toolgate::upstream::http_client();
-    let token = support::token_with(json!({"sub": "billing-bot"}));
-    let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__get_invoice","arguments":{"invoice_id":"INV-000001"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}});
-    let mut answered = false;
-    for _ in 0..100 {
-        let req = http::Request::post(format!("http://127.0.0.1:{port}/mcp"))
-            .header("authorization", format!("Bearer {token}"))
-            .header("content-type", "application/json")
-            .header("mcp-protocol-version", "2026-07-28")
-            .header("mcp-method", "tools/call")
-            .header("mcp-name", "billing__get_invoice")
-            .body(http_body_util::Full::new(bytes::Bytes::from(
-                body.to_string(),
-            )))
-            .unwrap();
-        if let Ok(r) = client.request(req).await {
-            assert_eq!(r.status(), 200);
-            answered = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert!(answered, "toolgate did not come up");
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    .await;
+    let logs = served.stop().await;
+    let (dir, token) = (&served.dir, &served.token);
     // Operator logs: JSON lines with the request's agent and decision, no token.
-    let logs = logs.join().unwrap();
-    assert!(!logs.contains(&token), "a token reached the operator log");
+    assert!(!logs.contains(token), "a token reached the operator log");
     let json_lines: Vec<serde_json::Value> = logs
         .lines()
         .filter(|l| l.starts_with('{'))
@@ -499,5 +429,5 @@ async fn serve_shuts_down_gracefully_on_sigterm_with_the_audit_log_flushed() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert_eq!(tools.received().len(), 1);
+    assert_eq!(served.tools.received().len(), 1);
 }

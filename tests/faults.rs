@@ -630,13 +630,7 @@ async fn a_full_audit_disk_fails_closed_and_recovers_when_writable_again() {
 
 // ---- the state database --------------------------------------------------------
 
-fn toolgate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_toolgate"));
-    c.env("TOOLGATE_AGENT_SECRET", support::SECRET)
-        .env("TOOLGATE_ADMIN_SECRET", support::ADMIN_SECRET)
-        .env("RUST_LOG", "warn");
-    c
-}
+use support::toolgate_command as toolgate;
 
 #[test]
 fn a_corrupt_state_database_stops_startup_with_a_clear_error_and_is_left_untouched() {

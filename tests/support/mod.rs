@@ -586,3 +586,139 @@ impl OperatorLog {
         None
     }
 }
+
+/// `toolgate serve`, the built binary, as a child process on a free loopback
+/// port in front of the recording tool server, with its stderr (the operator
+/// log) read on a thread. Killed on drop unless [`Served::stop`] ran.
+pub struct Served {
+    pub tools: ToolServer,
+    pub port: u16,
+    pub dir: PathBuf,
+    /// An agent token for billing-bot.
+    pub token: String,
+    child: Option<std::process::Child>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+}
+
+impl Served {
+    /// Writes a config with this `audit:` value (YAML) for billing-bot in a
+    /// fresh temp dir, signing keys in DIR/keys, and starts `toolgate serve`
+    /// with `--log-format json` at info; returns once it answers a call.
+    pub async fn start(tag: &str, audit: &str) -> Served {
+        let tools = ToolServer::default();
+        let taddr = tools
+            .start("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("tool server");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let dir = temp_dir(tag);
+        std::fs::write(dir.join("tool-manifests/billing-bot.yaml"), BILLING_BOT)
+            .expect("write manifest");
+        std::fs::write(
+            dir.join("toolgate.yaml"),
+            format!("listen: 127.0.0.1:{port}\naudit: {audit}\nauth:\n  agents:\n    issuer: toolgate-test\n    audience: toolgate\n    keys: [ {{ hs256: {{ secret_env: TOOLGATE_AGENT_SECRET }} }} ]\nupstreams:\n  - name: billing\n    url: http://{taddr}/mcp\n"),
+        )
+        .expect("write config");
+        let keygen = toolgate_command()
+            .args(["audit", "keygen", "--out"])
+            .arg(dir.join("keys"))
+            .output()
+            .expect("keygen runs");
+        assert!(
+            keygen.status.success(),
+            "{}",
+            String::from_utf8_lossy(&keygen.stderr)
+        );
+        let mut child = toolgate_command()
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(dir.join("toolgate.yaml"))
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("serve starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).expect("stderr"));
+        let served = Served {
+            tools,
+            port,
+            dir,
+            token: token_with(json!({"sub": "billing-bot"})),
+            child: Some(child),
+            stderr: Some(stderr),
+            client: toolgate::upstream::http_client(),
+        };
+        let mut up = false;
+        for _ in 0..100 {
+            if let Ok(r) = served.call().await {
+                assert_eq!(r.status(), 200);
+                up = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(up, "toolgate did not come up");
+        served
+    }
+
+    /// A 2026-07-28 billing__get_invoice call as billing-bot.
+    pub async fn call(
+        &self,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__get_invoice","arguments":{"invoice_id":"INV-000001"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}});
+        let req = Request::post(format!("http://127.0.0.1:{}/mcp", self.port))
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "billing__get_invoice")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        self.client.request(req).await
+    }
+
+    /// Sends SIGTERM, asserts a clean exit, and returns the operator log.
+    pub async fn stop(&mut self) -> String {
+        let mut child = self.child.take().expect("still serving");
+        let pid = child.id().to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs")
+            .success());
+        let status = tokio::task::spawn_blocking(move || child.wait().expect("wait"))
+            .await
+            .expect("join");
+        assert!(status.success(), "{status:?}");
+        self.stderr
+            .take()
+            .expect("stderr")
+            .join()
+            .expect("stderr thread")
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The built binary, with the test secrets in its environment.
+pub fn toolgate_command() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_toolgate"));
+    c.env("TOOLGATE_AGENT_SECRET", SECRET)
+        .env("TOOLGATE_ADMIN_SECRET", ADMIN_SECRET)
+        .env("RUST_LOG", "warn");
+    c
+}
