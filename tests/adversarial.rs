@@ -1005,14 +1005,7 @@ async fn sessions_belong_to_one_agent_and_headers_must_match_the_body() {
         s.h.in_session(&s.good, "../../x", "tools/call", call.clone()),
     )
     .await;
-    let (st, _, _) =
-        s.h.send(
-            Method::DELETE,
-            Some(&s.good),
-            &[("mcp-session-id", &sid)],
-            bytes::Bytes::new(),
-        )
-        .await;
+    let st = s.h.delete_session(&s.good, &sid).await;
     assert_eq!(st, StatusCode::NO_CONTENT);
     s.case(
         "a deleted session",

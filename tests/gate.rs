@@ -236,23 +236,9 @@ async fn sessions_are_bound_to_the_agent_that_opened_them() {
     assert_eq!(s, StatusCode::OK);
     let (s, _) = h.in_session(&b, &sid, "tools/list", json!({})).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "another agent's session");
-    let (s, _, _) = h
-        .send(
-            http::Method::DELETE,
-            Some(&b),
-            &[("mcp-session-id", &sid)],
-            bytes::Bytes::new(),
-        )
-        .await;
+    let s = h.delete_session(&b, &sid).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "another agent cannot delete it");
-    let (s, _, _) = h
-        .send(
-            http::Method::DELETE,
-            Some(&a),
-            &[("mcp-session-id", &sid)],
-            bytes::Bytes::new(),
-        )
-        .await;
+    let s = h.delete_session(&a, &sid).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, _) = h.in_session(&a, &sid, "ping", json!({})).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "deleted session");
@@ -281,12 +267,7 @@ async fn session_family_calls_work_and_answer_sse_when_only_sse_is_accepted() {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
-    assert!(hd
-        .get("content-type")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .starts_with("text/event-stream"));
+    assert!(support::is_event_stream(&hd));
     assert_eq!(v["id"], "x");
     assert_eq!(v["result"]["content"][0]["text"], "hi");
     assert!(
@@ -808,14 +789,7 @@ async fn each_session_of_an_agent_has_its_own_upstream_session() {
     // Closing an agent session ends its upstream session: a new agent
     // session with the same id would not inherit it.
     let before = h.server.gate.0.upstreams[0].session_count();
-    let (s, _, _) = h
-        .send(
-            http::Method::DELETE,
-            Some(&t),
-            &[("mcp-session-id", &s1)],
-            bytes::Bytes::new(),
-        )
-        .await;
+    let s = h.delete_session(&t, &s1).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert_eq!(h.server.gate.0.upstreams[0].session_count(), before - 1);
 }
@@ -892,10 +866,7 @@ async fn progress_and_log_notifications_are_relayed_before_the_result() {
         )
         .await;
     assert!(ct.starts_with("text/event-stream"), "{ct}");
-    let methods: Vec<&str> = msgs
-        .iter()
-        .map(|m| m["method"].as_str().unwrap_or("(response)"))
-        .collect();
+    let methods = support::methods(&msgs);
     assert_eq!(
         methods,
         [

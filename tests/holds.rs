@@ -484,12 +484,7 @@ async fn event_stream_clients_wait_on_the_stream_and_get_the_answer_there() {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
-    assert!(hd
-        .get("content-type")
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .starts_with("text/event-stream"));
+    assert!(support::is_event_stream(&hd));
     assert_eq!(code(&v), -32010, "{v}");
     assert_eq!(v["id"], 3);
 }

@@ -47,10 +47,7 @@ async fn messages(h: &Harness, url: &str, headers: &[(&str, &str)], body: Value)
     }
     let req = req.body(Full::new(Bytes::from(body.to_string()))).unwrap();
     let resp = h.client.request(req).await.unwrap();
-    let sse = resp
-        .headers()
-        .get("content-type")
-        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let sse = support::is_event_stream(resp.headers());
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     let text = String::from_utf8_lossy(&bytes);
     if sse {
@@ -68,6 +65,11 @@ async fn direct(h: &Harness, method: &str, params: Value) -> Value {
     let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
     let msgs = messages(h, &h.tools_url, &[], body).await;
     msgs.last().unwrap()["result"].clone()
+}
+
+/// The demo tool server's own result for a `media` call with `args`.
+async fn direct_media(h: &Harness, args: &Value) -> Value {
+    direct(h, "tools/call", json!({"name": "media", "arguments": args})).await
 }
 
 /// The upstream's `media` definition, as toolgate exposes it: the same
@@ -132,12 +134,7 @@ async fn tool_definitions_are_relayed_exactly_even_where_the_manifest_constrains
 async fn every_content_kind_structured_content_and_result_meta_are_relayed_unchanged() {
     let h = harness().await;
     let args = json!({"invoice_id": "INV-000042"});
-    let want = direct(
-        &h,
-        "tools/call",
-        json!({"name": "media", "arguments": args}),
-    )
-    .await;
+    let want = direct_media(&h, &args).await;
     let kinds: Vec<&str> = want["content"]
         .as_array()
         .unwrap()
@@ -188,12 +185,7 @@ async fn every_content_kind_structured_content_and_result_meta_are_relayed_uncha
 async fn the_agents_own_meta_keys_reach_the_upstream_and_progress_still_flows() {
     let h = harness().await;
     let args = json!({"invoice_id": "INV-000042"});
-    let want = direct(
-        &h,
-        "tools/call",
-        json!({"name": "media", "arguments": args}),
-    )
-    .await;
+    let want = direct_media(&h, &args).await;
     let t = h.token("media-bot");
     let auth = format!("Bearer {t}");
 
@@ -213,10 +205,7 @@ async fn the_agents_own_meta_keys_reach_the_upstream_and_progress_still_flows() 
         body,
     )
     .await;
-    let methods: Vec<&str> = msgs
-        .iter()
-        .map(|m| m["method"].as_str().unwrap_or("(response)"))
-        .collect();
+    let methods = support::methods(&msgs);
     assert_eq!(
         methods,
         [
@@ -282,12 +271,7 @@ async fn a_stdio_servers_definitions_and_results_are_relayed_unchanged_too() {
     let mut want = upstream_definition(&h).await;
     want["name"] = json!("local__media");
     let args = json!({"invoice_id": "INV-000042"});
-    let result = direct(
-        &h,
-        "tools/call",
-        json!({"name": "media", "arguments": args}),
-    )
-    .await;
+    let result = direct_media(&h, &args).await;
     let t = h.token("media-bot");
     let sid = h.initialize(&t).await;
     let (_, v) = h.in_session(&t, &sid, "tools/list", json!({})).await;

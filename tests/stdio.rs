@@ -176,14 +176,7 @@ async fn each_agent_session_gets_its_own_process_and_ending_the_session_stops_it
     }
 
     // Ending a session stops its process, and only its.
-    let (s, _, _) = h
-        .send(
-            http::Method::DELETE,
-            Some(&a),
-            &[("mcp-session-id", &s1)],
-            bytes::Bytes::new(),
-        )
-        .await;
+    let s = h.delete_session(&a, &s1).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert!(
         eventually(|| !running(p1)).await,
@@ -424,10 +417,7 @@ async fn a_stdio_servers_stderr_reaches_the_operator_log_and_its_log_messages_th
         )
         .await;
     assert!(ct.starts_with("text/event-stream"), "{ct}");
-    let methods: Vec<&str> = msgs
-        .iter()
-        .map(|m| m["method"].as_str().unwrap_or("(response)"))
-        .collect();
+    let methods = support::methods(&msgs);
     assert_eq!(methods, ["notifications/message", "(response)"], "{msgs:?}");
     assert_eq!(msgs[0]["params"]["data"], line.as_str(), "{msgs:?}");
     assert_eq!(msgs[0]["params"]["level"], "info", "{msgs:?}");

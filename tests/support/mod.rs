@@ -378,6 +378,19 @@ limits:
         (s, v)
     }
 
+    /// Closes session `sid` as the holder of `token` (DELETE /mcp); returns
+    /// the status.
+    pub async fn delete_session(&self, token: &str, sid: &str) -> StatusCode {
+        self.send(
+            http::Method::DELETE,
+            Some(token),
+            &[("mcp-session-id", sid)],
+            Bytes::new(),
+        )
+        .await
+        .0
+    }
+
     /// The management plane's base URL.
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.server.admin_addr.expect("admin listener"))
@@ -437,6 +450,21 @@ limits:
     pub fn received(&self) -> Vec<String> {
         self.tools.received().into_iter().map(|r| r.tool).collect()
     }
+}
+
+/// Each message's method, `(response)` for a response: the order a stream
+/// delivered them in.
+pub fn methods(msgs: &[Value]) -> Vec<&str> {
+    msgs.iter()
+        .map(|m| m["method"].as_str().unwrap_or("(response)"))
+        .collect()
+}
+
+/// Whether an answer's headers say it is an event stream.
+pub fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
 /// Mints an agent token with default claims overridden by `claims`.
