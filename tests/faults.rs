@@ -269,15 +269,7 @@ async fn a_misbehaving_upstream_gets_32004_audited_and_never_hangs() {
         assert!(started.elapsed() < Duration::from_secs(4), "{tool} hung");
         assert_eq!(up.hits(tool), 1, "{tool}: forwarded once, not retried");
         let audit = h.audit().await;
-        let new: Vec<(&str, &str)> = audit[before..]
-            .iter()
-            .map(|r| {
-                (
-                    r["event"].as_str().unwrap(),
-                    r["decision"].as_str().unwrap(),
-                )
-            })
-            .collect();
+        let new = support::events(&audit[before..]);
         assert_eq!(
             new,
             [("call", "allow"), ("upstream_error", "error")],
@@ -494,15 +486,7 @@ async fn an_upstream_reset_in_the_middle_of_an_event_gets_32004_audited_at_once(
             started.elapsed()
         );
         let audit = h.audit().await;
-        let new: Vec<(&str, &str)> = audit[before..]
-            .iter()
-            .map(|r| {
-                (
-                    r["event"].as_str().unwrap(),
-                    r["decision"].as_str().unwrap(),
-                )
-            })
-            .collect();
+        let new = support::events(&audit[before..]);
         assert_eq!(
             new,
             [("call", "allow"), ("upstream_error", "error")],
@@ -597,15 +581,7 @@ async fn a_full_audit_disk_fails_closed_and_recovers_when_writable_again() {
     // Nothing was lost: every decision made during the outage is in the
     // log, in order, and the chain verifies.
     let audit = h.audit().await;
-    let kinds: Vec<(&str, &str)> = audit
-        .iter()
-        .map(|r| {
-            (
-                r["event"].as_str().unwrap(),
-                r["decision"].as_str().unwrap_or("-"),
-            )
-        })
-        .collect();
+    let kinds = support::events(&audit);
     assert_eq!(
         kinds.iter().filter(|k| **k == ("call", "deny")).count(),
         4,
@@ -827,6 +803,17 @@ impl Gate {
         Ok((s, serde_json::from_slice(&b).unwrap_or(Value::Null)))
     }
 
+    /// Approves hold `id` (as carol, with MFA).
+    async fn approve(&self, id: &str) -> (StatusCode, Value) {
+        self.admin_call(
+            Method::POST,
+            &format!("/v1/holds/{id}/approve"),
+            Some(json!({})),
+        )
+        .await
+        .unwrap()
+    }
+
     async fn call(
         &self,
         tool: &str,
@@ -890,14 +877,7 @@ async fn kill_9_during_a_pending_hold_and_an_approved_forward_keeps_holds_exactl
         (StatusCode::OK, Some("pending")),
         "{hold}"
     );
-    let (s, r) = g
-        .admin_call(
-            Method::POST,
-            &format!("/v1/holds/{a}/approve"),
-            Some(json!({})),
-        )
-        .await
-        .unwrap();
+    let (s, r) = g.approve(&a).await;
     assert_eq!(s, StatusCode::OK, "{r}");
     let v = g.call("flaky__ok", json!({"n": 1})).await.unwrap();
     assert_eq!(v["result"]["content"][0]["text"], "fine", "{v}");
@@ -910,14 +890,7 @@ async fn kill_9_during_a_pending_hold_and_an_approved_forward_keeps_holds_exactl
     // a second time.
     let v = g.call("flaky__slow_ok", json!({"n": 2})).await.unwrap();
     let b = v["error"]["data"]["hold_id"].as_str().unwrap().to_owned();
-    let (s, _) = g
-        .admin_call(
-            Method::POST,
-            &format!("/v1/holds/{b}/approve"),
-            Some(json!({})),
-        )
-        .await
-        .unwrap();
+    let (s, _) = g.approve(&b).await;
     assert_eq!(s, StatusCode::OK);
     let mut g = g;
     let in_flight = tokio::spawn(call_on(port, "flaky__slow_ok", json!({"n": 2})));

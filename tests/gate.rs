@@ -456,15 +456,7 @@ async fn upstream_failures_answer_32004_and_are_audited() {
     assert_eq!(code(&v), -32004, "{v}");
     assert_eq!(v["error"]["data"]["upstream"], "billing");
     let audit = h.audit().await;
-    let kinds: Vec<(&str, &str)> = audit
-        .iter()
-        .map(|r| {
-            (
-                r["event"].as_str().unwrap(),
-                r["decision"].as_str().unwrap(),
-            )
-        })
-        .collect();
+    let kinds = support::events(&audit);
     assert_eq!(kinds, [("call", "allow"), ("upstream_error", "error")]);
     // Any other tool behind the same prefix fails the same way.
     let v = h.call(&t, "billing__echo", json!({"text": "x"})).await;
@@ -1022,15 +1014,7 @@ async fn resources_and_prompts_are_gated_by_the_manifest_lists() {
     assert_eq!(v["error"]["code"], -32003, "{v}");
     // Every read and get was audited, allowed or not.
     let audit = h.audit().await;
-    let got: Vec<(&str, &str)> = audit
-        .iter()
-        .map(|r| {
-            (
-                r["event"].as_str().unwrap(),
-                r["decision"].as_str().unwrap(),
-            )
-        })
-        .collect();
+    let got = support::events(&audit);
     assert_eq!(got.len(), 9, "{audit:?}");
     assert_eq!(got[0], ("resource", "allow"));
     assert_eq!(got[1], ("prompt", "allow"));

@@ -460,6 +460,20 @@ pub fn methods(msgs: &[Value]) -> Vec<&str> {
         .collect()
 }
 
+/// Each audit record's (event, decision); `-` for a record without a
+/// decision.
+pub fn events(records: &[Value]) -> Vec<(&str, &str)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r["event"].as_str().expect("event"),
+                r["decision"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect()
+}
+
 /// Whether an answer's headers say it is an event stream.
 pub fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
