@@ -132,14 +132,14 @@ for r in $(seq "$ROUNDS"); do
 done
 # Per-round comparisons (toolgate against the pass-through run just before
 # it), then their medians.
-pair() { # metric-array-name target-a target-b op
+pair() { # metric-array-name target-a target-b op printf-format
   local -n m=$1
   paste -d' ' <(tr ' ' '\n' <<<"${m[$2]}" | grep .) <(tr ' ' '\n' <<<"${m[$3]}" | grep .) \
-    | awk "{ printf \"%.2f \", $4 }"
+    | awk "{ printf \"%s$5\", (NR > 1 ? \" \" : \"\"), $4 }"
 }
-RATIOS=$(pair RPS toolgate/64 passthrough/64 '$1 / $2')
-ADDED=$(pair P50 toolgate/1 passthrough/1 '$1 - $2')
-CPU_MORE=$(pair CPU toolgate/64 passthrough/64 '$1 - $2')
+RATIOS=$(pair RPS toolgate/64 passthrough/64 '$1 / $2' '%.2f')
+ADDED=$(pair P50 toolgate/1 passthrough/1 '$1 - $2' '%d')
+CPU_MORE=$(pair CPU toolgate/64 passthrough/64 '$1 - $2' '%.1f')
 for k in "${!RPS[@]}"; do
   RPS[$k]=$(median <<<"${RPS[$k]}"); P50[$k]=$(median <<<"${P50[$k]}")
   P99[$k]=$(median <<<"${P99[$k]}"); CPU[$k]=$(median <<<"${CPU[$k]}")
@@ -231,6 +231,7 @@ echo "RSS with 10k manifests x 20 tools and $(mem keys) rate-limit keys: $(mem r
   echo "| cold compile of 10k manifests (all changed) | < 1 s | $(mem compile_ms) ms | $(verdict "$(mem compile_ms) < 1000") |"
   echo
   echo "Micro-benchmarks of the decision path, parsing, JWT verification and audit hashing: \`cargo bench\` (criterion; see \`benches/\`)."
+  echo
 } > "$OUT.tmp"
 if [ -f "$OUT" ] && grep -q '^## Criterion' "$OUT"; then
   sed -n '/^## Criterion/,$p' "$OUT" >> "$OUT.tmp"
