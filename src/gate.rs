@@ -1122,7 +1122,7 @@ impl Gate {
     }
 
     fn server_info() -> Value {
-        json!({"name": "toolgate", "version": env!("CARGO_PKG_VERSION")})
+        mcp::toolgate_info()
     }
 
     fn capabilities() -> Value {
@@ -1269,14 +1269,11 @@ impl Gate {
             ..Record::default()
         };
         let data = |decision: &str, extra: Option<(&str, Value)>| {
-            let mut d = Map::new();
-            d.insert("decision".into(), Value::from(decision));
-            d.insert("request_id".into(), Value::from(ctx.request_id.as_str()));
-            d.insert("rule".into(), Value::from(rule_id.as_str()));
-            if let Some((k, v)) = extra {
-                d.insert(k.into(), v);
+            let mut d = error_data(decision, &ctx.request_id, &rule_id);
+            if let (Some((k, v)), Value::Object(o)) = (extra, &mut d) {
+                o.insert(k.into(), v);
             }
-            Value::Object(d)
+            d
         };
         let deny = |record: Record, code: i64, msg: &str, data: Value| Outcome {
             reply: Reply::Rpc(

@@ -564,10 +564,7 @@ impl serde::Serialize for ModernMeta<'_> {
         if !has_capabilities {
             m.serialize_entry(META_CAPABILITIES, &Map::new())?;
         }
-        m.serialize_entry(
-            META_CLIENT_INFO,
-            &serde_json::json!({"name": "toolgate", "version": env!("CARGO_PKG_VERSION")}),
-        )?;
+        m.serialize_entry(META_CLIENT_INFO, &TOOLGATE)?;
         m.end()
     }
 }
@@ -618,6 +615,23 @@ impl serde::Serialize for Outgoing<'_> {
         }
         m.end()
     }
+}
+
+/// toolgate as an MCP implementation (`serverInfo`, `clientInfo`).
+#[derive(serde::Serialize)]
+pub struct Implementation {
+    pub name: &'static str,
+    pub version: &'static str,
+}
+
+pub const TOOLGATE: Implementation = Implementation {
+    name: "toolgate",
+    version: env!("CARGO_PKG_VERSION"),
+};
+
+/// [`TOOLGATE`] as a JSON value.
+pub fn toolgate_info() -> Value {
+    serde_json::json!({"name": TOOLGATE.name, "version": TOOLGATE.version})
 }
 
 /// An object of `members`, moved in. (`json!` with a `Value` variable

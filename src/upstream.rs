@@ -67,12 +67,14 @@ pub enum Answer {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-/// Builds the pooled HTTP client shared by all upstreams.
+// Static header names: a name given as a string is parsed and copied on
+// every request.
 const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
 const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
 const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
 
+/// Builds the pooled HTTP client shared by all upstreams.
 pub fn http_client() -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -380,7 +382,7 @@ impl Upstream {
             "protocolVersion": mcp::V2025_11_25,
             // What toolgate relays to the agent whose call it is (asks).
             "capabilities": asks::client_capabilities(),
-            "clientInfo": {"name": "toolgate", "version": env!("CARGO_PKG_VERSION")},
+            "clientInfo": mcp::toolgate_info(),
         });
         let (answer, sid) = self
             .send_raw(&pre, "initialize", Some(&params), None)
@@ -587,7 +589,7 @@ impl Upstream {
             .await
             .map_err(|e| UpstreamError::Connect(self.name.clone(), connect_reason(&e)))?;
         let status = resp.status();
-        let sid = resp.headers().get("mcp-session-id").cloned();
+        let sid = resp.headers().get(MCP_SESSION_ID).cloned();
         if notification {
             if !status.is_success() {
                 return Err(UpstreamError::Status(self.name.clone(), status.as_u16()));

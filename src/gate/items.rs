@@ -211,7 +211,7 @@ impl Gate {
             record.args_sha256 = Some(audit::args_sha256(a));
             record.args = Some(audit::redact(a));
         }
-        let data = |decision: &str, rule: &str| json!({"decision": decision, "request_id": ctx.request_id, "rule": rule});
+        let data = |decision: &str, rule: &str| super::error_data(decision, &ctx.request_id, rule);
         if !decision.allow {
             record.decision = Some("deny");
             let d = data("deny", &decision.rule);

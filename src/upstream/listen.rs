@@ -233,10 +233,16 @@ impl Streams {
         let mut req = Request::builder()
             .method(Method::GET)
             .uri(self.url.clone())
-            .header(http::header::ACCEPT, "text/event-stream")
-            .header("mcp-protocol-version", s.version);
+            .header(
+                http::header::ACCEPT,
+                HeaderValue::from_static("text/event-stream"),
+            )
+            .header(
+                super::MCP_PROTOCOL_VERSION,
+                HeaderValue::from_static(s.version),
+            );
         if let Some(sid) = &s.id {
-            req = req.header("mcp-session-id", sid.clone());
+            req = req.header(super::MCP_SESSION_ID, sid.clone());
         }
         for (k, v) in &self.headers {
             req = req.header(k, v.clone());

@@ -385,7 +385,7 @@ impl Proc {
         let params = json!({
             "protocolVersion": mcp::V2025_11_25,
             "capabilities": asks::client_capabilities(),
-            "clientInfo": {"name": "toolgate", "version": env!("CARGO_PKG_VERSION")},
+            "clientInfo": mcp::toolgate_info(),
         });
         let fail = |why: String| UpstreamError::Protocol(name.clone(), why);
         let result = match proc.request("initialize", Some(params), None).await {
