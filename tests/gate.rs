@@ -672,9 +672,9 @@ async fn a_body_that_never_finishes_is_refused_with_408() {
     assert!(h.received().is_empty());
 }
 
-#[tokio::test]
-async fn upstream_sessions_are_never_shared_between_agents() {
-    let h = Harness::with(Opts {
+/// agent-a and agent-b, each allowed only `billing__echo`.
+async fn two_echo_agents() -> Harness {
+    Harness::with(Opts {
         manifests: &[
             (
                 "a.yaml",
@@ -687,7 +687,12 @@ async fn upstream_sessions_are_never_shared_between_agents() {
         ],
         ..Opts::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn upstream_sessions_are_never_shared_between_agents() {
+    let h = two_echo_agents().await;
     let (ta, tb) = (h.token("agent-a"), h.token("agent-b"));
     for (t, text) in [(&ta, "a1"), (&tb, "b1"), (&ta, "a2"), (&tb, "b2")] {
         let v = h.call(t, "billing__echo", json!({ "text": text })).await;
@@ -791,20 +796,7 @@ async fn each_session_of_an_agent_has_its_own_upstream_session() {
 /// then opens none for later sessions, and retries nothing.
 #[tokio::test]
 async fn an_upstream_answering_405_to_get_is_not_asked_again() {
-    let h = Harness::with(Opts {
-        manifests: &[
-            (
-                "a.yaml",
-                "agent: agent-a\ntools:\n  - name: billing__echo\n",
-            ),
-            (
-                "b.yaml",
-                "agent: agent-b\ntools:\n  - name: billing__echo\n",
-            ),
-        ],
-        ..Opts::default()
-    })
-    .await;
+    let h = two_echo_agents().await;
     let (ta, tb) = (h.token("agent-a"), h.token("agent-b"));
     for t in [&ta, &tb] {
         let v = h.call(t, "billing__echo", json!({"text": "x"})).await;
