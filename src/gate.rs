@@ -528,7 +528,7 @@ impl Gate {
             Message::Request(r) => r,
             // An answer to a server request relayed during a call.
             Message::Response { id, body } => {
-                return self.agent_answer(&caller, id, body).await;
+                return Box::pin(self.agent_answer(&caller, id, body)).await;
             }
         };
         // Which revision, and (for the session-based ones) which session.
@@ -1044,29 +1044,31 @@ impl Gate {
             "subscriptions/listen" if modern => self.subscriptions_listen(&req, &id, ctx),
             "ping" if !modern => ok(json!({})),
             "tools/list" => {
-                let tools = self.tools_for(&caller.agent).await;
+                let tools = Box::pin(self.tools_for(&caller.agent)).await;
                 ok(cacheable(mcp::object([("tools", Value::Array(tools))])))
             }
             "tools/call" => self.call(req, id, version, caller, ctx).await,
             "resources/list" | "resources/templates/list" | "prompts/list" => {
-                let v = self.list_items(&req.method, &ctx.who(caller)).await;
+                let v = Box::pin(self.list_items(&req.method, &ctx.who(caller))).await;
                 ok(cacheable(v))
             }
             "resources/read" | "resources/subscribe" | "resources/unsubscribe" | "prompts/get" => {
-                self.get_item(req, id, version, caller, ctx).await
+                Box::pin(self.get_item(req, id, version, caller, ctx)).await
             }
-            "logging/setLevel" if !modern => match self.set_level(&req, &ctx.who(caller)).await {
-                Ok(()) => ok(json!({})),
-                Err(msg) => Outcome::reply(Reply::Rpc(
-                    StatusCode::OK,
-                    mcp::error_response(
-                        Some(&id),
-                        code::INVALID_PARAMS,
-                        &msg,
-                        Some(json!({"request_id": ctx.request_id})),
-                    ),
-                )),
-            },
+            "logging/setLevel" if !modern => {
+                match Box::pin(self.set_level(&req, &ctx.who(caller))).await {
+                    Ok(()) => ok(json!({})),
+                    Err(msg) => Outcome::reply(Reply::Rpc(
+                        StatusCode::OK,
+                        mcp::error_response(
+                            Some(&id),
+                            code::INVALID_PARAMS,
+                            &msg,
+                            Some(json!({"request_id": ctx.request_id})),
+                        ),
+                    )),
+                }
+            }
             other => {
                 let msg = format!("method {other:?} is not supported by toolgate");
                 Outcome::reply(Reply::Rpc(
@@ -1214,7 +1216,7 @@ impl Gate {
         if !Arc::ptr_eq(&again, &current) {
             return again;
         }
-        let lists = futures_join(&self.0.upstreams).await;
+        let lists = Box::pin(futures_join(&self.0.upstreams)).await;
         let catalog = Arc::new(Catalog::build(&self.0.upstreams, &lists));
         self.0.catalog.store(catalog.clone());
         if current.fetched_at.is_some() && current.tools != catalog.tools {
@@ -1359,8 +1361,8 @@ impl Gate {
             record.hold_id = Some(hold);
         } else if let Verdict::Hold { approvals } = decision.verdict {
             tracing::Span::current().record("decision", "hold");
-            return self
-                .held(held::HeldCall {
+            return Box::pin(
+                self.held(held::HeldCall {
                     upstream: route
                         .as_ref()
                         .map(|r| self.0.upstreams[r.upstream].name.clone()),
@@ -1373,8 +1375,9 @@ impl Gate {
                     request_id: ctx.request_id.clone(),
                     stream: ctx.accepts_sse,
                     who: ctx.who(caller),
-                })
-                .await;
+                }),
+            )
+            .await;
         }
         // 8. Allow: audit, then forward.
         let Some(route) = route else {
@@ -1505,7 +1508,7 @@ impl Gate {
                     Some(Value::Object(m)) => Some(m),
                     _ => None,
                 };
-                return self.resume(&state, responses, &upstream, reply).await;
+                return Box::pin(self.resume(&state, responses, &upstream, reply)).await;
             }
             let (tx, notes) = tokio::sync::mpsc::channel::<Value>(64);
             let keep = tx.clone();
