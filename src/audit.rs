@@ -25,8 +25,6 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::mcp::canonical_json;
-
 mod verify;
 pub use verify::{verify, verify_signed, Anchors, Broken, Signed};
 
@@ -469,8 +467,8 @@ pub fn chain_line(r: &Record, ts: SystemTime, seq: u64, prev: &str) -> (Vec<u8>,
         format_args!("{}", humantime::format_rfc3339_micros(ts)),
     );
     tail.extend_from_slice(b"\"}");
-    let hash = hex::encode(
-        Sha256::new()
+    let hash = sha256_hex(
+        &Sha256::new()
             .chain_update(&head)
             .chain_update(&tail)
             .finalize(),
@@ -642,21 +640,38 @@ pub fn redact(v: &Value) -> Value {
 }
 
 fn is_secret_key(k: &str) -> bool {
-    let k = k.to_ascii_lowercase();
-    const WORDS: [&str; 10] = [
-        "password",
-        "passwd",
-        "secret",
-        "token",
-        "authorization",
-        "credential",
-        "cookie",
-        "apikey",
-        "api_key",
-        "private",
-    ];
-    WORDS.iter().any(|w| k.contains(w)) || k == "key" || k.ends_with("key") || k.ends_with("_key")
+    static WORDS: std::sync::LazyLock<Option<aho_corasick::AhoCorasick>> =
+        std::sync::LazyLock::new(|| {
+            aho_corasick::AhoCorasick::builder()
+                .ascii_case_insensitive(true)
+                .build(SECRET_WORDS)
+                .ok()
+        });
+    let b = k.as_bytes();
+    // "key", "api_key", "signingKey": ends in "key", any case.
+    if b.len() >= 3 && b[b.len() - 3..].eq_ignore_ascii_case(b"key") {
+        return true;
+    }
+    match &*WORDS {
+        Some(words) => words.is_match(k),
+        // Never happens (the words are fixed); when in doubt, redact.
+        None => true,
+    }
 }
+
+/// Key parts that mark a secret, matched in any ASCII case.
+const SECRET_WORDS: [&str; 10] = [
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "authorization",
+    "credential",
+    "cookie",
+    "apikey",
+    "api_key",
+    "private",
+];
 
 fn looks_like_token(s: &str) -> bool {
     let t = s.trim();
@@ -670,12 +685,25 @@ fn looks_like_token(s: &str) -> bool {
 
 /// SHA-256 of the canonical arguments.
 pub fn args_sha256(args: &Value) -> String {
-    hex::encode(Sha256::digest(canonical_json(args).as_bytes()))
+    let mut canonical = Vec::with_capacity(128);
+    crate::mcp::write_canonical(args, &mut canonical);
+    sha256_hex(&Sha256::digest(&canonical))
+}
+
+/// Lowercase hex of a SHA-256 digest. `hex::encode` collects it char by
+/// char; this writes the 64 digits at once (it runs twice per call).
+pub fn sha256_hex(digest: &[u8]) -> String {
+    let mut buf = [0u8; 64];
+    match hex::encode_to_slice(digest, &mut buf) {
+        Ok(()) => String::from_utf8_lossy(&buf).into_owned(),
+        Err(_) => hex::encode(digest),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mcp::canonical_json;
     use serde_json::json;
 
     fn tmp(name: &str) -> PathBuf {
@@ -1037,5 +1065,38 @@ mod tests {
         let a = crate::mcp::parse_strict(br#"{"b":1.0,"a":"x"}"#).unwrap();
         let b = crate::mcp::parse_strict(br#"{"a":"x","b":1}"#).unwrap();
         assert_eq!(args_sha256(&a), args_sha256(&b));
+        assert_eq!(
+            args_sha256(&a),
+            hex::encode(Sha256::digest(canonical_json(&a).as_bytes()))
+        );
+    }
+
+    #[test]
+    fn secret_keys_match_in_any_case_and_any_script() {
+        for k in [
+            "key",
+            "KEY",
+            "signingKey",
+            "X-Api-Key",
+            "PassWord",
+            "my_SECRET_x",
+            "sessionCookie",
+            "PRIVATE",
+            "refresh_Token",
+        ] {
+            assert!(is_secret_key(k), "{k} is a secret key");
+        }
+        for k in [
+            "",
+            "ke",
+            "keyboard",
+            "invoice_id",
+            "path",
+            "ключ",
+            "kéy",
+            "€ey",
+        ] {
+            assert!(!is_secret_key(k), "{k} is not a secret key");
+        }
     }
 }

@@ -194,8 +194,14 @@ impl Guard {
             self.is_protected(&(self.resolve)(&abs))
         };
         check(s)
-            || s.split(|c: char| c.is_whitespace() || ";|&<>()`'\"=,".contains(c))
-                .any(check)
+            || s.split(|c: char| {
+                c.is_whitespace()
+                    || matches!(
+                        c,
+                        ';' | '|' | '&' | '<' | '>' | '(' | ')' | '`' | '\'' | '"' | '=' | ','
+                    )
+            })
+            .any(check)
     }
 }
 
