@@ -125,6 +125,31 @@ fn reload(c: &mut Criterion) {
         b.iter(|| PolicySet::compile_set(edited.clone(), vec![], Some(&current)).expect("valid"))
     });
     g.finish();
+
+    // Where a cold compile goes, per manifest (~4.8 KB): the YAML parser's
+    // events alone (the floor any serde layer on it has), the same text
+    // into a plain JSON value through serde-saphyr, and toolgate's compile
+    // (serde-saphyr into the typed, spanned spec, then schemas and globs).
+    let one = &texts[42].1;
+    let mut g = c.benchmark_group("manifest");
+    g.bench_function("yaml events only (granit-parser)", |b| {
+        b.iter(|| {
+            serde_saphyr::granit_parser::Parser::new_from_str(black_box(one))
+                .try_fold(0usize, |n, e| e.map(|_| n + 1))
+                .expect("valid")
+        })
+    });
+    g.bench_function("yaml into a serde_json::Value (serde-saphyr)", |b| {
+        b.iter(|| serde_saphyr::from_str::<serde_json::Value>(black_box(one)).expect("valid"))
+    });
+    g.bench_function("compile one manifest x 20 tools", |b| {
+        b.iter(|| {
+            let mut problems = Vec::new();
+            toolgate::manifest::compile(Path::new("agent-42.yaml"), black_box(one), &mut problems)
+                .expect("valid")
+        })
+    });
+    g.finish();
 }
 
 const BODY: &[u8] = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__get_invoice","arguments":{"invoice_id":"INV-000042","amount":12.5},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
