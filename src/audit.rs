@@ -695,7 +695,7 @@ pub fn args_sha256(args: &Value) -> String {
 pub fn sha256_hex(digest: &[u8]) -> String {
     let mut buf = [0u8; 64];
     match hex::encode_to_slice(digest, &mut buf) {
-        Ok(()) => String::from_utf8_lossy(&buf).into_owned(),
+        Ok(()) => String::from_utf8(buf.to_vec()).unwrap_or_else(|_| hex::encode(digest)),
         Err(_) => hex::encode(digest),
     }
 }
