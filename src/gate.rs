@@ -1123,10 +1123,6 @@ impl Gate {
         Ok(())
     }
 
-    fn server_info() -> Value {
-        mcp::toolgate_info()
-    }
-
     fn capabilities() -> Value {
         json!({"tools": {"listChanged": true}, "resources": {}, "prompts": {}, "logging": {}})
     }
@@ -1134,7 +1130,7 @@ impl Gate {
     fn discover_result(&self) -> Value {
         json!({
             "supportedVersions": [mcp::V2026_07_28, mcp::V2025_11_25, mcp::V2025_06_18],
-            "serverInfo": Self::server_info(),
+            "serverInfo": mcp::toolgate_info(),
             "capabilities": Self::capabilities(),
             "instructions": "toolgate: every tool call is checked against this agent's manifest and audited.",
         })
@@ -1154,7 +1150,7 @@ impl Gate {
                         json!({
                             "protocolVersion": version,
                             "capabilities": Self::capabilities(),
-                            "serverInfo": Self::server_info(),
+                            "serverInfo": mcp::toolgate_info(),
                         }),
                     ),
                 ),
@@ -1814,7 +1810,7 @@ fn shape(mut result: Value, version: &str) -> Value {
             .or_insert_with(|| Value::from("complete"));
         let meta = o.entry("_meta").or_insert_with(|| json!({}));
         if let Value::Object(m) = meta {
-            m.insert(mcp::META_SERVER_INFO.into(), Gate::server_info());
+            m.insert(mcp::META_SERVER_INFO.into(), mcp::toolgate_info());
         }
     } else {
         if o.get("resultType").and_then(Value::as_str) == Some("complete") {

@@ -330,6 +330,18 @@ pub fn compile_with(
     problems: &mut Vec<Problem>,
     schemas: &mut Schemas,
 ) -> Option<Manifest> {
+    let sha256 = crate::audit::sha256_hex(&Sha256::digest(text.as_bytes()));
+    compile_hashed(file, text, sha256, problems, schemas)
+}
+
+/// [`compile_with`] for a text whose SHA-256 (hex) is already known.
+fn compile_hashed(
+    file: &Path,
+    text: &str,
+    sha256: String,
+    problems: &mut Vec<Problem>,
+    schemas: &mut Schemas,
+) -> Option<Manifest> {
     let spec: ManifestSpec = match parse_yaml(file, text) {
         Ok(s) => s,
         Err(p) => {
@@ -530,7 +542,7 @@ pub fn compile_with(
     Some(Manifest {
         agent: Arc::from(agent),
         file: file.to_path_buf(),
-        sha256: hex::encode(Sha256::digest(text.as_bytes())),
+        sha256,
         description: spec.description,
         rate,
         unlisted,
@@ -674,7 +686,7 @@ impl PolicySet {
         let hashed: Vec<(PathBuf, String, String)> = texts
             .into_iter()
             .map(|(p, t)| {
-                let sha = hex::encode(Sha256::digest(t.as_bytes()));
+                let sha = crate::audit::sha256_hex(&Sha256::digest(t.as_bytes()));
                 (p, t, sha)
             })
             .collect();
@@ -703,9 +715,10 @@ impl PolicySet {
                         let mut schemas = Schemas::default();
                         idx.iter()
                             .map(|&i| {
-                                let (path, text, _) = &hashed[i];
+                                let (path, text, sha) = &hashed[i];
                                 let mut ps = Vec::new();
-                                let m = compile_with(path, text, &mut ps, &mut schemas);
+                                let m =
+                                    compile_hashed(path, text, sha.clone(), &mut ps, &mut schemas);
                                 (i, m, ps)
                             })
                             .collect::<Vec<_>>()

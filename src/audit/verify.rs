@@ -153,7 +153,7 @@ fn walk(
             ));
         }
         let obj = Value::Object(obj);
-        let computed = hex::encode(Sha256::digest(canonical_json(&obj).as_bytes()));
+        let computed = super::sha256_hex(&Sha256::digest(canonical_json(&obj).as_bytes()));
         if computed != hash {
             return Err(bad("hash does not match the record's content".into(), seq));
         }
