@@ -16,12 +16,11 @@
 // Test helpers may unwrap: a panic there is a failed assertion.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::future::Future;
-use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -69,36 +68,6 @@ fn fixtures() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-// ---- the operator log, captured for the whole test binary ----------------
-
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn operator_log() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let w = Capture(buf.clone());
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info,toolgate=trace"))
-            .with_ansi(false)
-            .with_writer(move || w.clone())
-            .try_init()
-            .expect("the only subscriber of this test binary");
-        buf
-    })
-}
-
 // ---- the suite ----------------------------------------------------------
 
 #[derive(Clone, Copy)]
@@ -131,7 +100,7 @@ struct Suite {
 
 impl Suite {
     async fn with(opts: Opts<'_>) -> Suite {
-        operator_log();
+        support::operator_log();
         let h = Harness::with(Opts {
             extra: "alerts: { denials: { threshold: 1000000, window: 1m } }",
             ..opts
@@ -216,7 +185,7 @@ impl Suite {
     }
 
     fn no_secret_logged(&self, name: &str) {
-        let log = String::from_utf8_lossy(&operator_log().lock().unwrap()).into_owned();
+        let log = support::operator_log().text();
         let audit = std::fs::read_to_string(self.h.dir.join("audit.jsonl")).unwrap_or_default();
         assert!(
             log.contains("toolgate::"),

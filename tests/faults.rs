@@ -7,7 +7,7 @@
 // Test helpers may unwrap: a panic there is a failed assertion.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

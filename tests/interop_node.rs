@@ -9,7 +9,7 @@
 // Test helpers may unwrap: a panic there is a failed assertion.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

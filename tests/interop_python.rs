@@ -6,7 +6,7 @@
 // Test helpers may unwrap: a panic there is a failed assertion.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -3,7 +3,7 @@
 // Test helpers may unwrap: a panic there is a failed assertion.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! (`toolgate demo-tools`); the real third-party stdio servers are exercised
 //! in the interop tests.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

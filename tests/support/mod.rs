@@ -569,8 +569,10 @@ impl Webhook {
 }
 
 /// toolgate's operator log in this test process: every `tracing` event at
-/// info and above, as the JSON lines `--log-format json` writes, from the
-/// first call of [`operator_log`] on (it installs the process's subscriber).
+/// info and above (and toolgate's own down to trace, so a secret logged at
+/// any level is caught), as the JSON lines `--log-format json` writes, from
+/// the first call of [`operator_log`] on. It installs the process's one
+/// subscriber, so every test module captures through it.
 pub struct OperatorLog(&'static std::sync::Mutex<Vec<u8>>);
 
 static OPERATOR_LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
@@ -594,7 +596,7 @@ pub fn operator_log() -> OperatorLog {
         }
         let subscriber = tracing_subscriber::fmt()
             .json()
-            .with_max_level(tracing::Level::INFO)
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info,toolgate=trace"))
             .with_writer(|| Writer)
             .finish();
         tracing::subscriber::set_global_default(subscriber).expect("no other subscriber");
@@ -603,16 +605,21 @@ pub fn operator_log() -> OperatorLog {
 }
 
 impl OperatorLog {
-    /// Every line so far.
-    pub fn lines(&self) -> Vec<Value> {
-        let text = String::from_utf8_lossy(
+    /// Everything logged so far, as written.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(
             &self
                 .0
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
-        .into_owned();
-        text.lines()
+        .into_owned()
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<Value> {
+        self.text()
+            .lines()
             .map(|l| serde_json::from_str(l).expect("log line is JSON"))
             .collect()
     }
