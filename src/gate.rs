@@ -1617,16 +1617,19 @@ impl Gate {
             grant,
         } = s;
         let id = &id;
-        let labels = UpstreamLabels {
-            upstream: upstream.name.clone(),
-        };
-        self.0
-            .metrics
-            .upstream_seconds
-            .get_or_create(&labels)
-            .observe(sent.elapsed().as_secs_f64());
+        let (seconds, errors) = upstream.meters.get_or_init(|| {
+            let labels = UpstreamLabels {
+                upstream: upstream.name.clone(),
+            };
+            let m = &self.0.metrics;
+            (
+                m.upstream_seconds.get_or_create(&labels).clone(),
+                m.upstream_errors.get_or_create(&labels).clone(),
+            )
+        });
+        seconds.observe(sent.elapsed().as_secs_f64());
         if answer.is_err() {
-            self.0.metrics.upstream_errors.get_or_create(&labels).inc();
+            errors.inc();
         }
         if let (Ok(Answer::Result(r)), Some((hold, sha)), Some(agent)) = (&answer, &grant, &agent) {
             if r.get("resultType").and_then(Value::as_str) == Some("input_required") {

@@ -105,8 +105,10 @@ pub struct Guard {
     pub cwd: PathBuf,
     /// Resolves `.`/`..` and symlinks (the only IO in `decide`).
     pub resolve: fn(&Path) -> PathBuf,
-    /// Basenames of the protected paths and their parents: cheap pre-filter.
-    names: Vec<String>,
+    /// Basenames of the protected paths and their parents, as one automaton:
+    /// the cheap pre-filter (`None` only if it could not be built: then
+    /// every token is resolved).
+    names: Option<aho_corasick::AhoCorasick>,
 }
 
 impl Guard {
@@ -127,6 +129,7 @@ impl Guard {
         }
         names.sort();
         names.dedup();
+        let names = aho_corasick::AhoCorasick::new(&names).ok();
         Guard {
             escalation_tools,
             files,
@@ -152,7 +155,12 @@ impl Guard {
         token.contains('/')
             || token.starts_with('.')
             || token.starts_with('~')
-            || self.names.iter().any(|n| token.contains(n.as_str()))
+            || self.names_any(token)
+    }
+
+    /// Whether `s` contains the basename of a protected path.
+    fn names_any(&self, s: &str) -> bool {
+        self.names.as_ref().is_none_or(|ac| ac.is_match(s))
     }
 
     /// Whether a string argument names a protected path, whole or as a token
@@ -180,6 +188,12 @@ impl Guard {
     }
 
     fn names_plain_policy_path(&self, s: &str) -> bool {
+        // Every token checked below is a substring of `s` (a `file:` URI's
+        // path too), so a string without '/', '.', '~' or a protected
+        // basename has none that could name a path: the usual argument.
+        if !s.bytes().any(|b| matches!(b, b'/' | b'.' | b'~')) && !self.names_any(s) {
+            return false;
+        }
         let check = |tok: &str| {
             let tok = strip_file_uri(tok);
             if tok.is_empty() || !self.looks_like_path(tok) {

@@ -150,6 +150,13 @@ pub struct Upstream {
     pub tools_changed: Arc<std::sync::atomic::AtomicBool>,
     /// Server requests relayed to agents, awaiting their answers.
     asks: Arc<asks::Asks>,
+    /// This upstream's call-latency histogram and error counter, resolved
+    /// from the gate's metric families on its first call: a family lookup
+    /// takes the family's lock and hashes a cloned label on every call.
+    pub(crate) meters: std::sync::OnceLock<(
+        prometheus_client::metrics::histogram::Histogram,
+        prometheus_client::metrics::counter::Counter,
+    )>,
 }
 
 impl Upstream {
@@ -202,6 +209,7 @@ impl Upstream {
             stdio,
             tools_changed,
             asks,
+            meters: std::sync::OnceLock::new(),
         }
     }
 

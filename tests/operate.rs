@@ -239,6 +239,13 @@ async fn metrics_count_decisions_and_need_a_token() {
         text.contains("toolgate_upstream_request_duration_seconds_count{upstream=\"billing\"} 2"),
         "{text}"
     );
+    // Resolved with the histogram on the upstream's first call: a series
+    // at zero until a call fails.
+    assert!(
+        text.lines()
+            .any(|l| l == "toolgate_upstream_errors_total{upstream=\"billing\"} 0"),
+        "{text}"
+    );
     assert!(
         text.contains("toolgate_request_duration_seconds_bucket"),
         "{text}"
