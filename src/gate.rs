@@ -34,7 +34,7 @@ use crate::notify::Notifier;
 use crate::policy::{self, Guard, Verdict};
 use crate::ratelimit::{Limiters, Scope};
 use crate::session::{SessionError, Sessions};
-use crate::upstream::{Answer, Catalog, Route, Upstream, Who};
+use crate::upstream::{Answer, Catalog, RawResult, Route, Upstream, Who};
 
 mod held;
 mod items;
@@ -205,6 +205,8 @@ pub struct Gate(pub Arc<Shared>);
 enum Reply {
     /// A JSON-RPC message with an HTTP status.
     Rpc(StatusCode, Value),
+    /// A JSON-RPC message already serialised (a relayed result).
+    Raw(StatusCode, Vec<u8>),
     /// 202 Accepted, no body (notifications, responses).
     Accepted,
     /// An empty response with a status (DELETE, 404 session).
@@ -213,6 +215,17 @@ enum Reply {
     Unauthorized(AuthError),
     /// 200 with an event stream produced by a task (a held call waiting).
     Stream(Body),
+}
+
+impl Reply {
+    /// The JSON-RPC message this reply carries, serialised, if it is one.
+    fn into_message(self) -> Option<Vec<u8>> {
+        match self {
+            Reply::Rpc(_, v) => serde_json::to_vec(&v).ok(),
+            Reply::Raw(_, bytes) => Some(bytes),
+            _ => None,
+        }
+    }
 }
 
 /// What one request produced for the audit log, if anything.
@@ -395,18 +408,12 @@ impl Gate {
             self.0.audit(r);
         }
         let mut resp = match outcome.reply {
-            Reply::Rpc(status, body) => {
-                let bytes = serde_json::to_vec(&body).unwrap_or_default();
-                if ctx.sse && status == StatusCode::OK {
-                    let mut framed = Vec::with_capacity(bytes.len() + 24);
-                    framed.extend_from_slice(b"event: message\ndata: ");
-                    framed.extend_from_slice(&bytes);
-                    framed.extend_from_slice(b"\n\n");
-                    response(status, "text/event-stream", full(framed))
-                } else {
-                    response(status, "application/json", full(bytes))
-                }
-            }
+            Reply::Rpc(status, body) => message_response(
+                status,
+                serde_json::to_vec(&body).unwrap_or_default(),
+                ctx.sse,
+            ),
+            Reply::Raw(status, bytes) => message_response(status, bytes, ctx.sse),
             Reply::Accepted => response(StatusCode::ACCEPTED, "", full(Bytes::new())),
             Reply::Stream(body) => response(StatusCode::OK, "text/event-stream", body),
             Reply::Status(s) => {
@@ -1025,10 +1032,7 @@ impl Gate {
         ctx: &mut Ctx,
     ) -> Outcome {
         let ok = |result: Value| {
-            Outcome::reply(Reply::Rpc(
-                StatusCode::OK,
-                mcp::result_response(&id, shape(result, version)),
-            ))
+            Outcome::reply(result_reply(&id, RawResult::from_value(result), version))
         };
         let modern = version == mcp::V2026_07_28;
         let cacheable = |mut v: Value| {
@@ -1595,8 +1599,8 @@ impl Gate {
                 r.request_id = Some(request_id);
                 me.0.audit(r);
             }
-            if let Reply::Rpc(_, v) = outcome.reply {
-                let _ = body.send(sse_frame(&v)).await;
+            if let Some(m) = outcome.reply.into_message() {
+                let _ = body.send(sse_frame_bytes(&m)).await;
             }
         });
         Outcome::reply(Reply::Stream(held::ChannelBody { rx }.boxed()))
@@ -1632,18 +1636,16 @@ impl Gate {
             errors.inc();
         }
         if let (Ok(Answer::Result(r)), Some((hold, sha)), Some(agent)) = (&answer, &grant, &agent) {
-            if r.get("resultType").and_then(Value::as_str) == Some("input_required") {
-                let state = r.get("requestState").and_then(Value::as_str);
+            if r.get_str("resultType").as_deref() == Some("input_required") {
+                let state = r.get_str("requestState");
+                let state = state.as_deref();
                 if !self.0.rounds.offer(agent, &tool, sha, state, hold) {
                     tracing::warn!(hold.id = %hold, "too many open rounds; the retry will be held again");
                 }
             }
         }
         match answer {
-            Ok(Answer::Result(r)) => Outcome::reply(Reply::Rpc(
-                StatusCode::OK,
-                mcp::result_response(id, shape(r, version)),
-            )),
+            Ok(Answer::Result(r)) => Outcome::reply(result_reply(id, r, version)),
             Ok(Answer::Error(e)) => Outcome::reply(Reply::Rpc(
                 StatusCode::OK,
                 mcp::object([
@@ -1765,10 +1767,26 @@ fn prefers_sse(accept: &str) -> bool {
 }
 
 fn sse_frame(v: &Value) -> Bytes {
-    let mut framed = b"event: message\ndata: ".to_vec();
-    framed.extend_from_slice(&serde_json::to_vec(v).unwrap_or_default());
+    sse_frame_bytes(&serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// One `message` event of a serialised JSON-RPC message.
+fn sse_frame_bytes(message: &[u8]) -> Bytes {
+    let mut framed = Vec::with_capacity(message.len() + 24);
+    framed.extend_from_slice(b"event: message\ndata: ");
+    framed.extend_from_slice(message);
     framed.extend_from_slice(b"\n\n");
     Bytes::from(framed)
+}
+
+/// A JSON-RPC message as the agent asked for it: one event of a stream for
+/// a client that accepts only `text/event-stream`, or plain JSON.
+fn message_response(status: StatusCode, bytes: Vec<u8>, sse: bool) -> Response<Body> {
+    if sse && status == StatusCode::OK {
+        response(status, "text/event-stream", full(sse_frame_bytes(&bytes)))
+    } else {
+        response(status, "application/json", full(bytes))
+    }
 }
 
 async fn futures_join(upstreams: &[Arc<Upstream>]) -> Vec<Option<Vec<Map<String, Value>>>> {
@@ -1804,33 +1822,59 @@ fn refused(reply: Reply, reason: &str) -> Outcome {
 
 /// Shapes a result for the agent's revision: 2026-07-28 results carry
 /// `resultType` and toolgate's `serverInfo`; older revisions carry neither.
-fn shape(mut result: Value, version: &str) -> Value {
-    let Value::Object(o) = &mut result else {
+fn shape(mut result: RawResult, version: &str) -> RawResult {
+    /// `_meta` naming toolgate, as text: what a result without `_meta` gets.
+    static SERVER_META: std::sync::LazyLock<Box<serde_json::value::RawValue>> =
+        std::sync::LazyLock::new(|| {
+            let meta = mcp::object([(mcp::META_SERVER_INFO, mcp::toolgate_info())]);
+            serde_json::value::to_raw_value(&meta)
+                .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
+        });
+    if !matches!(result, RawResult::Object(_)) {
         return result;
+    }
+    let meta = match result.get("_meta") {
+        Some(Value::Object(m)) => Some(m),
+        _ => None,
     };
     if version == mcp::V2026_07_28 {
-        o.entry("resultType")
-            .or_insert_with(|| Value::from("complete"));
-        let meta = o.entry("_meta").or_insert_with(|| json!({}));
-        if let Value::Object(m) = meta {
-            m.insert(mcp::META_SERVER_INFO.into(), mcp::toolgate_info());
+        if !result.contains("resultType") {
+            result.insert("resultType", &Value::from("complete"));
+        }
+        match meta {
+            Some(mut m) => {
+                m.insert(mcp::META_SERVER_INFO.into(), mcp::toolgate_info());
+                result.insert("_meta", &Value::Object(m));
+            }
+            // A `_meta` that is no object is left as it is.
+            None if result.contains("_meta") => {}
+            None => result.insert_text("_meta", SERVER_META.clone()),
         }
     } else {
-        if o.get("resultType").and_then(Value::as_str) == Some("complete") {
-            o.remove("resultType");
+        if result.get_str("resultType").as_deref() == Some("complete") {
+            result.remove("resultType");
         }
-        let empty = match o.get_mut("_meta") {
-            Some(Value::Object(m)) => {
-                m.remove(mcp::META_SERVER_INFO);
-                m.is_empty()
+        if let Some(mut m) = meta {
+            if m.remove(mcp::META_SERVER_INFO).is_some() {
+                if m.is_empty() {
+                    result.remove("_meta");
+                } else {
+                    result.insert("_meta", &Value::Object(m));
+                }
+            } else if m.is_empty() {
+                result.remove("_meta");
             }
-            _ => false,
-        };
-        if empty {
-            o.remove("_meta");
         }
     }
     result
+}
+
+/// The reply carrying `result` (shaped for `version`) to request `id`.
+fn result_reply(id: &Id, result: RawResult, version: &str) -> Reply {
+    Reply::Raw(
+        StatusCode::OK,
+        mcp::result_message(id, &shape(result, version)),
+    )
 }
 
 /// The `data` of a refused or failed call's error.

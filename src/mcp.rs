@@ -654,6 +654,23 @@ pub fn result_response(id: &Id, result: Value) -> Value {
     ])
 }
 
+/// Serialises the response carrying `result` to request `id`, members in
+/// the order [`result_response`]'s tree has them.
+pub fn result_message(id: &Id, result: &impl serde::Serialize) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Message<'a, R> {
+        id: Value,
+        jsonrpc: &'static str,
+        result: &'a R,
+    }
+    serde_json::to_vec(&Message {
+        id: id.to_value(),
+        jsonrpc: "2.0",
+        result,
+    })
+    .unwrap_or_default()
+}
+
 /// Serialises a JSON-RPC error response (`id` null when it could not be read).
 pub fn error_response(id: Option<&Id>, code: i64, message: &str, data: Option<Value>) -> Value {
     let mut err = Map::new();

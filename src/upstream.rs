@@ -32,7 +32,10 @@ use crate::mcp;
 
 pub mod asks;
 mod listen;
+pub mod raw;
 pub mod stdio;
+
+pub use raw::RawResult;
 
 /// The session-based revisions toolgate accepts from a tool server: those
 /// agents may speak, and 2024-11-05, which many stdio servers still answer
@@ -61,7 +64,8 @@ pub enum UpstreamError {
 /// A JSON-RPC answer from an upstream: a result, or its error object.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
-    Result(Value),
+    /// Kept as text: relayed, not rebuilt (see [`RawResult`]).
+    Result(RawResult),
     Error(Value),
 }
 
@@ -370,6 +374,7 @@ impl Upstream {
         {
             let speaks = r
                 .get("supportedVersions")
+                .as_ref()
                 .and_then(Value::as_array)
                 .is_some_and(|v| v.iter().any(|x| x.as_str() == Some(mcp::V2026_07_28)));
             if speaks {
@@ -396,7 +401,7 @@ impl Upstream {
             .send_raw(&pre, "initialize", Some(&params), None)
             .await?;
         let result = match answer {
-            Some(Answer::Result(r)) => r,
+            Some(Answer::Result(r)) => r.value(),
             Some(Answer::Error(e)) => {
                 return Err(UpstreamError::Protocol(
                     self.name.clone(),
@@ -668,7 +673,7 @@ impl Upstream {
                 None => json!({}),
             };
             let result = match self.request(&Who::toolgate(), "tools/list", params).await? {
-                Answer::Result(r) => r,
+                Answer::Result(r) => r.value(),
                 Answer::Error(e) => {
                     return Err(UpstreamError::Protocol(
                         self.name.clone(),
@@ -733,13 +738,16 @@ fn answer_for(bytes: &[u8], want: &Value) -> Option<Answer> {
     struct Envelope {
         #[serde(default, deserialize_with = "present")]
         id: Option<Value>,
+        /// Kept as text (see [`RawResult`]).
         #[serde(default, deserialize_with = "present")]
-        result: Option<Value>,
+        result: Option<RawResult>,
         #[serde(default, deserialize_with = "present")]
         error: Option<Value>,
     }
-    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-        serde::Deserialize::deserialize(d).map(Some)
+    fn present<'de, D: serde::Deserializer<'de>, T: serde::Deserialize<'de>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        T::deserialize(d).map(Some)
     }
     // A derived struct would also take an array ([id, result, error]).
     if bytes.trim_ascii_start().first() != Some(&b'{') {
@@ -921,7 +929,7 @@ mod tests {
         let want = Value::from(7);
         assert_eq!(
             answer_for(br#"{"jsonrpc":"2.0","id":7,"result":{"ok":true}}"#, &want),
-            Some(Answer::Result(json!({"ok":true})))
+            Some(Answer::Result(RawResult::from_value(json!({"ok":true}))))
         );
         assert_eq!(
             answer_for(br#"{"jsonrpc":"2.0","id":8,"result":{}}"#, &want),
@@ -945,7 +953,7 @@ mod tests {
         // null id, or a message that is no object is not.
         assert_eq!(
             answer_for(br#"{"jsonrpc":"2.0","id":7,"result":null}"#, &want),
-            Some(Answer::Result(Value::Null))
+            Some(Answer::Result(RawResult::from_value(Value::Null)))
         );
         for other in [
             &br#"{"jsonrpc":"2.0","id":7,"method":"sampling/createMessage","params":{}}"#[..],

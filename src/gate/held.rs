@@ -306,10 +306,7 @@ impl Gate {
             r.request_id.get_or_insert(ctx_record_id);
             self.0.audit(r);
         }
-        let body = match outcome.reply {
-            Reply::Rpc(_, v) => serde_json::to_vec(&v).unwrap_or_default(),
-            _ => Vec::new(),
-        };
+        let body = outcome.reply.into_message().unwrap_or_default();
         let mut framed = b"event: message\ndata: ".to_vec();
         framed.extend_from_slice(&body);
         framed.extend_from_slice(b"\n\n");

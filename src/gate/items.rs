@@ -29,7 +29,7 @@ impl Gate {
                     None => json!({}),
                 };
                 let result = match u.request(who, method, params).await {
-                    Ok(Answer::Result(r)) => r,
+                    Ok(Answer::Result(r)) => r.value(),
                     Ok(Answer::Error(_)) => break,
                     Err(e) => {
                         tracing::warn!(upstream.name = %u.name, error = %e, method, "cannot list");

@@ -26,10 +26,10 @@ use dashmap::DashMap;
 use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{held, sse_frame, Gate, Outcome, Settle};
+use super::{held, sse_frame, sse_frame_bytes, Gate, Outcome, Settle};
 use crate::audit::Record;
 use crate::mcp::code;
-use crate::upstream::{Answer, Upstream, UpstreamError, Who};
+use crate::upstream::{Answer, RawResult, Upstream, UpstreamError, Who};
 use http_body_util::BodyExt;
 
 /// How long an agent has to answer an approved call's `input_required`.
@@ -245,7 +245,7 @@ const ANSWER_WAIT: Duration = Duration::from_secs(300);
 
 /// Whether an upstream result is a 2026-07-28 `input_required` round.
 pub fn is_input_required(a: &Result<Answer, UpstreamError>) -> bool {
-    matches!(a, Ok(Answer::Result(r)) if r.get("resultType").and_then(Value::as_str) == Some("input_required"))
+    matches!(a, Ok(Answer::Result(r)) if r.get_str("resultType").as_deref() == Some("input_required"))
 }
 
 fn failed(code: i64, message: String) -> Result<Answer, UpstreamError> {
@@ -276,6 +276,7 @@ impl Gate {
             if !is_input_required(&answer) {
                 return answer;
             }
+            let r = r.value();
             let mut responses = Map::new();
             if let Some(requests) = r.get("inputRequests").and_then(Value::as_object) {
                 for (key, req) in requests {
@@ -550,8 +551,8 @@ impl Gate {
                     rec.request_id = Some(r.request_id);
                     self.0.audit(rec);
                 }
-                if let super::Reply::Rpc(_, v) = outcome.reply {
-                    let _ = body.try_send(sse_frame(&v));
+                if let Some(m) = outcome.reply.into_message() {
+                    let _ = body.try_send(sse_frame_bytes(&m));
                 }
                 Outcome::reply(super::Reply::Stream(held::ChannelBody { rx }.boxed()))
             }
@@ -573,8 +574,8 @@ impl Gate {
                         rec.request_id = Some(request_id);
                         me.0.audit(rec);
                     }
-                    if let super::Reply::Rpc(_, v) = outcome.reply {
-                        let _ = body.send(sse_frame(&v)).await;
+                    if let Some(m) = outcome.reply.into_message() {
+                        let _ = body.send(sse_frame_bytes(&m)).await;
                     }
                 });
                 Outcome::reply(super::Reply::Stream(held::ChannelBody { rx }.boxed()))
@@ -630,7 +631,7 @@ impl Gate {
             "requestState": state,
         });
         tracing::info!(agent.id = %agent, tool.name = %after.tool, "the upstream asked mid-call: an input_required round for the agent");
-        self.settle(Ok(Answer::Result(round)), after)
+        self.settle(Ok(Answer::Result(RawResult::from_value(round))), after)
     }
 
     /// A 2026-07-28 agent's retry of a parked call: its answers go to the

@@ -389,7 +389,7 @@ impl Proc {
         });
         let fail = |why: String| UpstreamError::Protocol(name.clone(), why);
         let result = match proc.request("initialize", Some(params), None).await {
-            Ok(Answer::Result(r)) => r,
+            Ok(Answer::Result(r)) => r.value(),
             Ok(Answer::Error(e)) => {
                 proc.stop().await;
                 return Err(fail(format!("initialize failed: {e}")));
@@ -527,7 +527,7 @@ impl Proc {
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&id);
                 let answer = match (msg.remove("result"), msg.remove("error")) {
-                    (Some(r), _) => Answer::Result(r),
+                    (Some(r), _) => Answer::Result(crate::upstream::RawResult::from_value(r)),
                     (None, Some(e)) => Answer::Error(e),
                     (None, None) => return,
                 };
