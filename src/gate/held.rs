@@ -307,10 +307,7 @@ impl Gate {
             self.0.audit(r);
         }
         let body = outcome.reply.into_message().unwrap_or_default();
-        let mut framed = b"event: message\ndata: ".to_vec();
-        framed.extend_from_slice(&body);
-        framed.extend_from_slice(b"\n\n");
-        let _ = tx.send(Bytes::from(framed)).await;
+        let _ = tx.send(sse_frame_bytes(&body)).await;
     }
 }
 
