@@ -1823,13 +1823,16 @@ fn refused(reply: Reply, reason: &str) -> Outcome {
 /// Shapes a result for the agent's revision: 2026-07-28 results carry
 /// `resultType` and toolgate's `serverInfo`; older revisions carry neither.
 fn shape(mut result: RawResult, version: &str) -> RawResult {
+    use serde_json::value::{to_raw_value, RawValue};
+    use std::sync::LazyLock;
     /// `_meta` naming toolgate, as text: what a result without `_meta` gets.
-    static SERVER_META: std::sync::LazyLock<Box<serde_json::value::RawValue>> =
-        std::sync::LazyLock::new(|| {
-            let meta = mcp::object([(mcp::META_SERVER_INFO, mcp::toolgate_info())]);
-            serde_json::value::to_raw_value(&meta)
-                .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
-        });
+    static SERVER_META: LazyLock<Box<RawValue>> = LazyLock::new(|| {
+        let meta = mcp::object([(mcp::META_SERVER_INFO, mcp::toolgate_info())]);
+        to_raw_value(&meta).unwrap_or_else(|_| RawValue::NULL.to_owned())
+    });
+    /// `"complete"`, as text: what a result without `resultType` gets.
+    static COMPLETE: LazyLock<Box<RawValue>> =
+        LazyLock::new(|| to_raw_value("complete").unwrap_or_else(|_| RawValue::NULL.to_owned()));
     if !matches!(result, RawResult::Object(_)) {
         return result;
     }
@@ -1839,7 +1842,7 @@ fn shape(mut result: RawResult, version: &str) -> RawResult {
     };
     if version == mcp::V2026_07_28 {
         if !result.contains("resultType") {
-            result.insert("resultType", &Value::from("complete"));
+            result.insert_text("resultType", COMPLETE.clone());
         }
         match meta {
             Some(mut m) => {
