@@ -77,6 +77,7 @@ const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-v
 const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
 const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
+const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
 /// Builds the pooled HTTP client shared by all upstreams.
 pub fn http_client() -> HttpClient {
@@ -609,42 +610,68 @@ impl Upstream {
             }
             return Ok((None, sid));
         }
-        let is_sse = resp
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let is_sse = is_event_stream(resp.headers());
         if status == StatusCode::NOT_FOUND || (!status.is_success() && !is_json_error(&resp)) {
             return Err(UpstreamError::Status(self.name.clone(), status.as_u16()));
         }
-        let mut body = resp.into_body();
+        let body = resp.into_body();
         let want = Value::from(id);
         if is_sse {
             let mut sse = SseReader::default();
             let mut total = 0usize;
-            while let Some(frame) = body.frame().await {
-                let frame =
-                    frame.map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
-                let Ok(data) = frame.into_data() else {
-                    continue;
+            let mut ended = match self
+                .call_events(s, body, &mut sse, &mut total, &want, relay)
+                .await?
+            {
+                Ok(a) => return Ok((Some(a), sid)),
+                Err(why) => why,
+            };
+            // The server ended the stream before the answer, after giving
+            // an event id: it means the client to resume with a GET that
+            // sends `Last-Event-ID` (resumability; 2025-11-25's SSE
+            // polling, where a server closes a long call's stream on
+            // purpose), as the SDK clients do. 2026-07-28 has no GET
+            // stream. Bounded: MAX_RESUME_FAILURES tries in a row that
+            // bring no event, MAX_RESUMES in all, `max_body` over all of
+            // them, and the call's timeout around everything. The call is
+            // never sent again.
+            let (mut failures, mut resumes) = (0u32, 0u32);
+            while !modern && failures < MAX_RESUME_FAILURES && resumes < MAX_RESUMES {
+                let Some(last) = sse.last_id().map(str::to_owned) else {
+                    break;
                 };
-                total += data.len();
-                if total > self.max_body {
-                    return Err(UpstreamError::TooLarge(self.name.clone()));
-                }
-                for event in sse.push(&data) {
-                    if let Some(a) = answer_for(&event, &want) {
-                        return Ok((Some(a), sid));
+                tokio::time::sleep(sse.retry().unwrap_or(DEFAULT_SSE_RETRY)).await;
+                resumes += 1;
+                let seen = sse.events();
+                let body = match self.resume(s, &last).await {
+                    Ok(b) => b,
+                    Err(Resume::Final(why)) => {
+                        ended = why;
+                        break;
                     }
-                    if event.windows(LIST_CHANGED.len()).any(|w| w == LIST_CHANGED) {
-                        self.tools_changed.store(true, Ordering::Relaxed);
+                    Err(Resume::Retry(why)) => {
+                        ended = why;
+                        failures += 1;
+                        continue;
                     }
-                    self.server_message(s, &event, relay).await;
+                };
+                match self
+                    .call_events(s, body, &mut sse, &mut total, &want, relay)
+                    .await?
+                {
+                    Ok(a) => return Ok((Some(a), sid)),
+                    Err(why) => ended = why,
                 }
+                failures = if sse.events() > seen { 0 } else { failures + 1 };
             }
+            let resumed = match resumes {
+                0 => String::new(),
+                1 => " (resumed once)".into(),
+                n => format!(" (resumed {n} times)"),
+            };
             Err(UpstreamError::Protocol(
                 self.name.clone(),
-                "event stream ended without a response".into(),
+                format!("event stream {ended} without a response{resumed}"),
             ))
         } else {
             let bytes = http_body_util::Limited::new(body, self.max_body)
@@ -660,6 +687,89 @@ impl Upstream {
                         "not a JSON-RPC response to our request".into(),
                     )
                 })
+        }
+    }
+
+    /// Reads one event stream of a call until its answer (`Ok(Ok)`) or
+    /// its end (`Ok(Err(how))`, closed or broken). Too many bytes in all
+    /// (`total`, over every stream of the call) is an error.
+    async fn call_events(
+        &self,
+        s: &Session,
+        mut body: hyper::body::Incoming,
+        sse: &mut SseReader,
+        total: &mut usize,
+        want: &Value,
+        relay: Option<(&Arc<str>, &Relay)>,
+    ) -> Result<Result<Answer, String>, UpstreamError> {
+        while let Some(frame) = body.frame().await {
+            let frame = match frame {
+                Ok(f) => f,
+                Err(e) => return Ok(Err(format!("broke ({e})"))),
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            *total += data.len();
+            if *total > self.max_body {
+                return Err(UpstreamError::TooLarge(self.name.clone()));
+            }
+            for event in sse.push(&data) {
+                if let Some(a) = answer_for(&event, want) {
+                    return Ok(Ok(a));
+                }
+                if event.windows(LIST_CHANGED.len()).any(|w| w == LIST_CHANGED) {
+                    self.tools_changed.store(true, Ordering::Relaxed);
+                }
+                self.server_message(s, &event, relay).await;
+            }
+        }
+        Ok(Err("ended".into()))
+    }
+
+    /// Reopens a call's event stream after `last_id` (a GET with
+    /// `Last-Event-ID`).
+    async fn resume(&self, s: &Session, last_id: &str) -> Result<hyper::body::Incoming, Resume> {
+        let last = HeaderValue::from_str(last_id)
+            .map_err(|_| Resume::Final("ended with an event id that is no header value".into()))?;
+        let req = stream_request(&self.url, &self.headers, s, Some(last))
+            .map_err(|e| Resume::Final(format!("ended, and the GET to resume it failed: {e}")))?;
+        let resp = match self.client.request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Resume::Retry(format!(
+                    "ended, and resuming it failed: {}",
+                    connect_reason(&e)
+                )))
+            }
+        };
+        let status = resp.status();
+        let is_sse = is_event_stream(resp.headers());
+        match status {
+            s if s.is_success() && is_sse => Ok(resp.into_body()),
+            s if s.is_success() => Err(Resume::Final(format!(
+                "ended, and resuming it got HTTP {} without an event stream",
+                s.as_u16()
+            ))),
+            // The session is gone, the server resumes nothing, or it
+            // refuses: asking again will not change it.
+            s if s.is_client_error()
+                && !matches!(
+                    s,
+                    StatusCode::TOO_MANY_REQUESTS
+                        | StatusCode::REQUEST_TIMEOUT
+                        | StatusCode::CONFLICT
+                ) =>
+            {
+                Err(Resume::Final(format!(
+                    "ended, and resuming it got HTTP {}",
+                    s.as_u16()
+                )))
+            }
+            s => Err(Resume::Retry(format!(
+                "ended, and resuming it got HTTP {}",
+                s.as_u16()
+            ))),
         }
     }
 
@@ -763,16 +873,98 @@ fn answer_for(bytes: &[u8], want: &Value) -> Option<Answer> {
     }
 }
 
+/// How long to wait before resuming a call's event stream when the
+/// server gave no `retry` (as the Python SDK client).
+const DEFAULT_SSE_RETRY: Duration = Duration::from_secs(1);
+/// Resumes in a row that bring no event before a call's stream is given up.
+const MAX_RESUME_FAILURES: u32 = 2;
+/// Resumes of one call's stream in all.
+const MAX_RESUMES: u32 = 100;
+
+/// Why a call's event stream could not be resumed.
+enum Resume {
+    /// Trying again may work (unreachable, 5xx, 429).
+    Retry(String),
+    /// Trying again will not (404: the session is gone; 405; another 4xx).
+    Final(String),
+}
+
+/// Whether an answer is an event stream (`text/event-stream`).
+pub(crate) fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+}
+
+/// A GET that opens (or, with `last_id`, resumes) a session's event
+/// stream.
+pub(crate) fn stream_request(
+    url: &http::Uri,
+    headers: &[(HeaderName, HeaderValue)],
+    s: &Session,
+    last_id: Option<HeaderValue>,
+) -> Result<Request<Full<Bytes>>, http::Error> {
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(url.clone())
+        .header(
+            http::header::ACCEPT,
+            HeaderValue::from_static("text/event-stream"),
+        )
+        .header(MCP_PROTOCOL_VERSION, HeaderValue::from_static(s.version));
+    if let Some(sid) = &s.id {
+        req = req.header(MCP_SESSION_ID, sid.clone());
+    }
+    if let Some(last) = last_id {
+        req = req.header(LAST_EVENT_ID, last);
+    }
+    for (k, v) in headers {
+        req = req.header(k, v.clone());
+    }
+    req.body(Full::new(Bytes::new()))
+}
+
 /// An incremental `text/event-stream` parser yielding each event's data.
+/// It also keeps what a reconnect needs: the stream's last event id (the
+/// `id` of the latest complete event that set one, as EventSource keeps
+/// it) and the server's `retry` delay.
 #[derive(Default)]
 pub struct SseReader {
     buf: BytesMut,
+    last_id: Option<String>,
+    retry: Option<Duration>,
+    /// Complete events seen, with data or not.
+    events: u64,
 }
+
+/// The longest reconnection delay a server's `retry` field can ask for.
+pub const MAX_SSE_RETRY: Duration = Duration::from_secs(30);
+/// The shortest: a server that asks for 0 and closes at once would have
+/// toolgate reconnect in a busy loop.
+pub const MIN_SSE_RETRY: Duration = Duration::from_millis(100);
 
 impl SseReader {
     /// Bytes received of an event not yet complete.
     pub fn pending(&self) -> usize {
         self.buf.len()
+    }
+
+    /// The id to send as `Last-Event-ID` when reconnecting, if the server
+    /// gave one (an empty `id` clears it).
+    pub fn last_id(&self) -> Option<&str> {
+        self.last_id.as_deref()
+    }
+
+    /// The reconnection delay the server asked for (between
+    /// [`MIN_SSE_RETRY`] and [`MAX_SSE_RETRY`]).
+    pub fn retry(&self) -> Option<Duration> {
+        self.retry
+    }
+
+    /// Complete events seen so far, with data or not.
+    pub fn events(&self) -> u64 {
+        self.events
     }
 
     /// Feeds bytes; returns the data of every event completed by them.
@@ -784,14 +976,39 @@ impl SseReader {
             let end = find_event_end(text);
             let Some((end, sep)) = end else { break };
             let event = self.buf.split_to(end + sep);
+            self.events += 1;
             let mut data: Vec<u8> = Vec::new();
             for line in event[..end].split(|b| *b == b'\n') {
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
-                if let Some(d) = line.strip_prefix(b"data:") {
-                    if !data.is_empty() {
-                        data.push(b'\n');
+                let (field, value) = match line.iter().position(|b| *b == b':') {
+                    Some(i) => (&line[..i], &line[i + 1..]),
+                    None => (line, &b""[..]),
+                };
+                let value = value.strip_prefix(b" ").unwrap_or(value);
+                match field {
+                    b"data" => {
+                        if !data.is_empty() {
+                            data.push(b'\n');
+                        }
+                        data.extend_from_slice(value);
                     }
-                    data.extend_from_slice(d.strip_prefix(b" ").unwrap_or(d));
+                    // As EventSource: an id with a NUL is ignored, and an
+                    // id that is no text cannot be sent back in a header.
+                    b"id" if !value.contains(&0) => {
+                        self.last_id = match std::str::from_utf8(value) {
+                            Ok("") | Err(_) => None,
+                            Ok(v) => Some(v.to_owned()),
+                        };
+                    }
+                    b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
+                        let ms = std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(u64::MAX);
+                        self.retry =
+                            Some(Duration::from_millis(ms).clamp(MIN_SSE_RETRY, MAX_SSE_RETRY));
+                    }
+                    _ => {}
                 }
             }
             if !data.is_empty() {
@@ -922,6 +1139,46 @@ mod tests {
         assert!(r.push(b"event: message\nda").is_empty());
         let ev = r.push(b"ta: {\"a\":1}\n\n: keepalive\n\ndata: x\r\ndata: y\r\n\r\n");
         assert_eq!(ev, vec![b"{\"a\":1}".to_vec(), b"x\ny".to_vec()]);
+    }
+
+    #[test]
+    fn sse_reader_keeps_the_last_event_id_and_the_retry_delay() {
+        let mut r = SseReader::default();
+        assert_eq!((r.last_id(), r.retry(), r.events()), (None, None, 0));
+        // A priming event: an id, a retry, no data (nothing to dispatch).
+        assert!(r
+            .push(b"id: e-1\r\nretry: 2500\r\ndata: \r\n\r\n")
+            .is_empty());
+        assert_eq!(
+            (r.last_id(), r.retry(), r.events()),
+            (Some("e-1"), Some(Duration::from_millis(2500)), 1)
+        );
+        // The id counts once its event is complete, across chunks.
+        assert_eq!(r.push(b"id: e-2\ndata: {}\n"), Vec::<Vec<u8>>::new());
+        assert_eq!(r.last_id(), Some("e-1"));
+        assert_eq!(r.push(b"\n"), vec![b"{}".to_vec()]);
+        assert_eq!(r.last_id(), Some("e-2"));
+        // An event without an id keeps it; a NUL in an id is ignored; a
+        // retry that is not all digits is ignored; one too long or too
+        // short is clamped.
+        r.push(b"data: x\n\nid: a\0b\nretry: 5s\n\n");
+        assert_eq!(
+            (r.last_id(), r.retry()),
+            (Some("e-2"), Some(Duration::from_millis(2500)))
+        );
+        r.push(b"retry: 99999999999999999999999\n\n");
+        assert_eq!(r.retry(), Some(MAX_SSE_RETRY));
+        r.push(b"retry: 0\n\n");
+        assert_eq!(r.retry(), Some(MIN_SSE_RETRY));
+        // An empty id clears it: there is nothing to resume from.
+        r.push(b"id\n\n");
+        assert_eq!(r.last_id(), None);
+        assert_eq!(r.events(), 7);
+        // "data" without a colon is a data line with no value.
+        assert_eq!(
+            r.push(b"data: a\ndata\ndata:b\n\n"),
+            vec![b"a\n\nb".to_vec()]
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use support::{approver_token, Harness, Opts};
 // ---- an upstream that misbehaves on purpose --------------------------------
 
 /// Tools, by what they do when called.
-const TOOLS: [&str; 11] = [
+const TOOLS: [&str; 14] = [
     "ok",          // answers at once
     "slow",        // answers after 5 s (beyond the harness's 2 s timeout)
     "slow_ok",     // answers after 1.5 s (within it)
@@ -38,6 +38,12 @@ const TOOLS: [&str; 11] = [
     "sse_garbage", // an event stream whose data is not JSON
     "status_500",  // HTTP 500
     "reset",       // drops the connection without an answer
+    // An event stream closed on purpose after a priming event (id, retry)
+    // and a progress event (2025-11-25's SSE polling): the answer comes on
+    // the GET that resumes after "p-2".
+    "sse_polled",
+    "sse_polled_gone", // the same, but the resuming GET gets 404
+    "sse_polled_idle", // the same, but every resuming GET ends with no event
 ];
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -50,6 +56,10 @@ fn full(b: impl Into<Bytes>) -> Body {
 struct Flaky {
     /// Tool calls received, by tool name.
     hits: Arc<Mutex<Vec<String>>>,
+    /// The polled call waiting for its resuming GET: (tool, JSON-RPC id).
+    polled: Arc<Mutex<Option<(String, Value)>>>,
+    /// The `last-event-id` of every GET ("" for none).
+    gets: Arc<Mutex<Vec<String>>>,
 }
 
 impl Flaky {
@@ -95,6 +105,9 @@ impl Flaky {
         &self,
         req: Request<hyper::body::Incoming>,
     ) -> Result<Response<Body>, std::io::Error> {
+        if req.method() == Method::GET {
+            return Ok(self.resume(&req));
+        }
         let bytes = req.into_body().collect().await.unwrap().to_bytes();
         let msg: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         let id = msg["id"].clone();
@@ -192,9 +205,68 @@ impl Flaky {
                 full("event: message\ndata: {nope\n\n"),
             ),
             "status_500" => raw(500, "text/plain", full("internal error")),
+            "sse_polled" | "sse_polled_gone" | "sse_polled_idle" => {
+                *self.polled.lock().unwrap() = Some((tool.clone(), id.clone()));
+                let progress = json!({"jsonrpc": "2.0", "method": "notifications/message",
+                    "params": {"level": "info", "data": "working"}});
+                raw(
+                    200,
+                    "text/event-stream",
+                    full(format!(
+                        "id: p-1\nretry: 100\ndata: \n\nid: p-2\nevent: message\ndata: {progress}\n\n"
+                    )),
+                )
+            }
             "reset" => Err(std::io::Error::other("reset on purpose")),
             _ => Ok(ok(text("fine"))),
         }
+    }
+}
+
+impl Flaky {
+    /// A GET: resumes the polled call's stream after "p-2" (405 for a GET
+    /// that resumes nothing: toolgate's own standalone stream).
+    fn resume(&self, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+        let last = req
+            .headers()
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        self.gets.lock().unwrap().push(last.clone());
+        let session = req
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok());
+        let polled = self.polled.lock().unwrap().clone();
+        let sse = |body: String| {
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(full(body))
+                .unwrap()
+        };
+        match (polled, last.as_str(), session) {
+            (Some((tool, id)), "p-2", Some("flaky-session")) if tool == "sse_polled" => {
+                let done = json!({"jsonrpc": "2.0", "id": id,
+                    "result": {"content": [{"type": "text", "text": "polled and done"}]}});
+                sse(format!("id: p-3\nevent: message\ndata: {done}\n\n"))
+            }
+            (Some((tool, _)), "p-2", _) if tool == "sse_polled_idle" => {
+                sse(": nothing yet\n".into())
+            }
+            (Some((tool, _)), _, _) if tool == "sse_polled_gone" => Response::builder()
+                .status(404)
+                .body(full(Bytes::new()))
+                .unwrap(),
+            _ => Response::builder()
+                .status(405)
+                .body(full(Bytes::new()))
+                .unwrap(),
+        }
+    }
+
+    fn gets(&self) -> Vec<String> {
+        self.gets.lock().unwrap().clone()
     }
 }
 
@@ -238,8 +310,8 @@ fn flaky_upstream(addr: SocketAddr) -> String {
     format!("upstreams:\n  - name: flaky\n    url: http://{addr}/mcp\n")
 }
 
-#[tokio::test]
-async fn a_misbehaving_upstream_gets_32004_audited_and_never_hangs() {
+/// A flaky upstream, a toolgate in front of it, and flaky-bot's token.
+async fn flaky_harness() -> (Flaky, Harness, String) {
     let up = Flaky::default();
     let addr = up.start().await;
     let h = Harness::with(Opts {
@@ -249,6 +321,12 @@ async fn a_misbehaving_upstream_gets_32004_audited_and_never_hangs() {
     })
     .await;
     let t = h.token("flaky-bot");
+    (up, h, t)
+}
+
+#[tokio::test]
+async fn a_misbehaving_upstream_gets_32004_audited_and_never_hangs() {
+    let (up, h, t) = flaky_harness().await;
     for tool in [
         "slow",
         "garbage",
@@ -289,6 +367,46 @@ async fn a_misbehaving_upstream_gets_32004_audited_and_never_hangs() {
         toolgate::audit::verify(&h.dir.join("audit.jsonl")).map(|n| n > 0),
         Ok(true)
     );
+}
+
+/// A 2025-11-25 server may close a call's event stream on purpose once it
+/// gave an event id (SSE polling): toolgate resumes it with a GET that
+/// sends `Last-Event-ID`, after the server's `retry`, and relays the answer
+/// that comes there. The call is sent once; a resume the server refuses
+/// (404) or that brings nothing twice in a row ends as an upstream error.
+#[tokio::test]
+async fn a_call_stream_closed_by_the_server_is_resumed_with_last_event_id() {
+    let (up, h, t) = flaky_harness().await;
+    let started = Instant::now();
+    let v = h.call(&t, "flaky__sse_polled", json!({})).await;
+    assert_eq!(v["result"]["content"][0]["text"], "polled and done", "{v}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "waited for retry"
+    );
+    assert_eq!(up.hits("sse_polled"), 1);
+    assert!(up.gets().contains(&"p-2".to_owned()), "{:?}", up.gets());
+    let audit = h.audit().await;
+    assert_eq!(
+        support::events(&audit[audit.len() - 1..]),
+        [("call", "allow")],
+        "{audit:?}"
+    );
+
+    for (tool, why) in [
+        ("sse_polled_gone", "resuming it got HTTP 404"),
+        ("sse_polled_idle", "(resumed 2 times)"),
+    ] {
+        let gets = up.gets().len();
+        let v = h.call(&t, &format!("flaky__{tool}"), json!({})).await;
+        assert_eq!(code(&v), -32004, "{tool}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{tool}: {v}");
+        assert_eq!(up.hits(tool), 1, "{tool}: sent once, never again");
+        let tries = up.gets().len() - gets;
+        let want = if tool == "sse_polled_gone" { 1 } else { 2 };
+        assert_eq!(tries, want, "{tool}: {:?}", up.gets());
+    }
 }
 
 #[tokio::test]

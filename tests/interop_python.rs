@@ -38,10 +38,16 @@ fn script(name: &str) -> std::path::PathBuf {
 /// Starts the SDK's MCP server (with its DNS-rebinding protection on, so
 /// toolgate must present the upstream's own Host); returns its URL.
 fn upstream(line: u8) -> (Kill, String) {
+    upstream_with(line, &[])
+}
+
+/// [`upstream`] with extra environment for the server.
+fn upstream_with(line: u8, env: &[(&str, &str)]) -> (Kill, String) {
     let mut child = Command::new(python(line))
         .arg(script("upstream_server.py"))
         .arg("0")
         .env("UPSTREAM_DNS_PROTECT", "1")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -655,4 +661,44 @@ async fn a_1x_servers_tool_list_change_on_its_get_stream_reaches_toolgate_and_ag
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!((running, u.session_count()), (1, 1));
+}
+
+/// A 1.x server with an event store may close a call's event stream on
+/// purpose (`ctx.close_sse_stream()`, 2025-11-25's SSE polling) and expect
+/// the client to come back with a GET that sends `Last-Event-ID`, as the
+/// SDK clients do. toolgate resumes it: the agent gets the log sent before
+/// the close, the one sent after it, and the result, on one stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1x_server_that_closes_a_calls_stream_is_resumed_with_last_event_id() {
+    let (_server, url) = upstream_with(1, &[("UPSTREAM_RESUMABLE", "1")]);
+    let h = Harness::with(Opts {
+        upstream: Some(url),
+        manifests: &[(
+            "poller.yaml",
+            "agent: poller\ntools:\n  - name: billing__polled_report\n",
+        )],
+        ..Opts::default()
+    })
+    .await;
+    let token = h.token("poller");
+    let (_, msgs) = h
+        .call_messages(
+            &token,
+            "application/json, text/event-stream",
+            "billing__polled_report",
+            json!({"steps": 3}),
+            json!({}),
+        )
+        .await;
+    let logs: Vec<&str> = msgs
+        .iter()
+        .filter(|m| m["method"] == "notifications/message")
+        .filter_map(|m| m["params"]["data"].as_str())
+        .collect();
+    assert_eq!(logs, ["starting 3 steps", "finished 3 steps"], "{msgs:?}");
+    let last = msgs.last().unwrap();
+    assert_eq!(
+        last["result"]["content"][0]["text"], "report of 3 steps",
+        "{msgs:?}"
+    );
 }

@@ -14,9 +14,12 @@
 //! drops or fails is reopened with a backoff doubling from 500 ms to 30 s.
 //! A new session is used once the server answered its GET (at most 1 s
 //! later), so that what the server sends about the session's first call is
-//! not sent before anyone listens. Reopening sends no `Last-Event-ID`, so
-//! what a server sent while the stream was down is not replayed; the
-//! catalog's 30 s cache still catches such a change.
+//! not sent before anyone listens. Reopening sends the last event id the
+//! server gave as `Last-Event-ID`, so a server that keeps events replays
+//! what it sent while the stream was down, and waits the server's `retry`
+//! delay when it gave one (a server may close the stream on purpose and
+//! say when to come back); the catalog's 30 s cache still catches a change
+//! a server without ids sent meanwhile.
 //!
 //! 2026-07-28 upstreams are stateless and have no GET stream (their changes
 //! come through `subscriptions/listen`); a session-era server that issues no
@@ -33,9 +36,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{HeaderName, HeaderValue, StatusCode};
+use http_body_util::BodyExt;
 use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
@@ -94,6 +96,15 @@ enum End {
     Dropped(Instant, String),
     /// No stream was opened (unreachable, 5xx, 409, 429, an oversized event).
     Failed(String),
+}
+
+/// What reopening a session's stream resumes from: the last event id the
+/// server gave (sent as `Last-Event-ID`, so that it replays what it sent
+/// while the stream was down) and its `retry` delay.
+#[derive(Default)]
+struct Resumption {
+    last_id: Option<String>,
+    retry: Option<Duration>,
 }
 
 /// Counts a running task for as long as it lives.
@@ -184,11 +195,12 @@ impl Streams {
         let mut stop = self.stop.subscribe();
         let mut ready = Some(ready);
         let mut backoff = FIRST_RETRY;
+        let mut resume = Resumption::default();
         loop {
             let end = tokio::select! {
                 _ = &mut cancel => return,
                 _ = stop.wait_for(|s| *s) => return,
-                end = self.once(&session, &mut ready) => end,
+                end = self.once(&session, &mut ready, &mut resume) => end,
             };
             match end {
                 End::NotOffered(why) => {
@@ -207,6 +219,11 @@ impl Streams {
                     if opened.elapsed() >= STABLE {
                         backoff = FIRST_RETRY;
                     }
+                    // A server that closes its stream on purpose (SSE
+                    // polling) says when to come back.
+                    if let Some(r) = resume.retry {
+                        backoff = r;
+                    }
                     tracing::debug!(upstream.name = %self.name, reason = %why, retry_ms = backoff.as_millis() as u64, "upstream GET stream ended; reopening");
                 }
                 End::Failed(why) => {
@@ -224,30 +241,22 @@ impl Streams {
 
     /// One GET: reads its events until it ends. `ready` fires once the
     /// answer's status is known (and a 405 recorded), or the GET failed.
-    async fn once(&self, s: &Session, ready: &mut Option<oneshot::Sender<()>>) -> End {
+    async fn once(
+        &self,
+        s: &Session,
+        ready: &mut Option<oneshot::Sender<()>>,
+        resume: &mut Resumption,
+    ) -> End {
         let mut fire = || {
             if let Some(r) = ready.take() {
                 let _ = r.send(());
             }
         };
-        let mut req = Request::builder()
-            .method(Method::GET)
-            .uri(self.url.clone())
-            .header(
-                http::header::ACCEPT,
-                HeaderValue::from_static("text/event-stream"),
-            )
-            .header(
-                super::MCP_PROTOCOL_VERSION,
-                HeaderValue::from_static(s.version),
-            );
-        if let Some(sid) = &s.id {
-            req = req.header(super::MCP_SESSION_ID, sid.clone());
-        }
-        for (k, v) in &self.headers {
-            req = req.header(k, v.clone());
-        }
-        let req = match req.body(Full::new(Bytes::new())) {
+        let last = resume
+            .last_id
+            .as_deref()
+            .and_then(|l| HeaderValue::from_str(l).ok());
+        let req = match super::stream_request(&self.url, &self.headers, s, last) {
             Ok(r) => r,
             Err(e) => {
                 // The headers were validated with the config; not expected.
@@ -268,11 +277,7 @@ impl Streams {
             }
         };
         let status = resp.status();
-        let is_sse = resp
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let is_sse = super::is_event_stream(resp.headers());
         let end = match status {
             StatusCode::METHOD_NOT_ALLOWED => Some(End::NotOffered("HTTP 405".into())),
             s if s.is_success() && !is_sse => Some(End::NotOffered(format!(
@@ -299,10 +304,13 @@ impl Streams {
         let opened = Instant::now();
         let mut body = resp.into_body();
         let mut sse = SseReader::default();
-        while let Some(frame) = body.frame().await {
+        let end = loop {
+            let Some(frame) = body.frame().await else {
+                break End::Dropped(opened, "closed by the server".into());
+            };
             let frame = match frame {
                 Ok(f) => f,
-                Err(e) => return End::Dropped(opened, e.to_string()),
+                Err(e) => break End::Dropped(opened, e.to_string()),
             };
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -311,10 +319,17 @@ impl Streams {
                 self.event(&event);
             }
             if sse.pending() > self.max_event {
-                return End::Failed("an event is larger than the limit".into());
+                break End::Failed("an event is larger than the limit".into());
             }
+        };
+        // What the next GET of this session resumes from.
+        if let Some(id) = sse.last_id() {
+            resume.last_id = Some(id.to_owned());
         }
-        End::Dropped(opened, "closed by the server".into())
+        if let Some(r) = sse.retry() {
+            resume.retry = Some(r);
+        }
+        end
     }
 
     /// Acts on one event's data.
@@ -347,6 +362,9 @@ impl Streams {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::Full;
     use std::sync::Mutex;
 
     /// A server whose GETs answer, in turn, `answers` (status, body; the
@@ -449,6 +467,41 @@ mod tests {
         assert_eq!(streams.running(), 1);
         drop(guard);
         until("the task ends with its guard", || streams.running() == 0).await;
+    }
+
+    /// A reopened stream resumes where the last one stopped: it sends the
+    /// last event id the server gave, after the server's `retry` delay.
+    #[tokio::test]
+    async fn a_reopened_stream_sends_the_last_event_id_after_the_servers_retry() {
+        let (url, seen) = server(vec![
+            (
+                200,
+                "id: ev-1\nretry: 400\ndata: \n\nid: ev-2\ndata: {}\n\n: no id here\n\n",
+            ),
+            (200, "retry: 100\n\n"),
+            (200, ": still nothing\n\n"),
+        ])
+        .await;
+        let (streams, _) = streams(&url);
+        let started = Instant::now();
+        let (_guard, ready) = streams
+            .open(&session(Some("s-1"), mcp::V2025_11_25))
+            .unwrap();
+        ready.await.unwrap();
+        until("the stream is reopened twice", || {
+            seen.lock().unwrap().len() >= 3
+        })
+        .await;
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen[0].get("last-event-id").is_none());
+        // The second GET gave no id: the third still resumes from ev-2.
+        assert_eq!(seen[1]["last-event-id"], "ev-2");
+        assert_eq!(seen[2]["last-event-id"], "ev-2");
+        assert_eq!(seen[1]["mcp-session-id"], "s-1");
+        // 400 ms (not the 500 ms default backoff), then 100 ms.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(500), "{took:?}");
+        assert!(took < Duration::from_millis(1400), "{took:?}");
     }
 
     #[tokio::test]

@@ -16,6 +16,9 @@ Environment knobs (all optional):
     UPSTREAM_HOST          bind address, default 127.0.0.1
     UPSTREAM_JSON=1        answer POSTs with application/json instead of text/event-stream (SDK default: SSE)
     UPSTREAM_STATELESS=1   SDK "stateless_http" mode (no Mcp-Session-Id issued)
+    UPSTREAM_RESUMABLE=1   (1.x only) keep events in an in-memory EventStore, with a 100 ms `retry`: the SDK
+                           then sends priming events, and a tool may close its stream for the client to resume
+                           with a GET that sends Last-Event-ID (2025-11-25 SSE polling)
     UPSTREAM_DNS_PROTECT=1 keep the SDK's DNS-rebinding protection (Host must be 127.0.0.1:*/localhost:*/[::1]:*,
                            else HTTP 421). Default here: OFF, so a proxy may forward any Host header.
 
@@ -34,6 +37,9 @@ Tools:
         notifications/tools/list_changed with the SDK's `ctx.session.send_tool_list_changed()`,
         which carries no related request id, so the 1.x transport sends it on the standalone GET
         stream of the calling session only (dropped if that session has none open)
+    polled_report(steps: int) -> "report of <steps> steps" (1.x, UPSTREAM_RESUMABLE=1): logs, closes
+        its own event stream with `ctx.close_sse_stream()`, works on, logs again and answers; the
+        client hears the rest only if it resumes the stream
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ PORT = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ.get("UPSTREAM_P
 JSON_RESPONSE = os.environ.get("UPSTREAM_JSON", "") == "1"
 STATELESS = os.environ.get("UPSTREAM_STATELESS", "") == "1"
 DNS_PROTECT = os.environ.get("UPSTREAM_DNS_PROTECT", "") == "1"
+RESUMABLE = os.environ.get("UPSTREAM_RESUMABLE", "") == "1"
 
 if MCP_MAJOR >= 2:
     from mcp.server.mcpserver import MCPServer as _Server
@@ -72,8 +79,35 @@ else:
 if MCP_MAJOR >= 2:
     mcp = _Server("toolgate-upstream", version=MCP_VERSION)
 else:
+    _resumable = {}
+    if RESUMABLE:
+        from mcp.server.streamable_http import EventMessage, EventStore
+
+        class _Events(EventStore):
+            """Every event in memory, in order (a test's lifetime)."""
+
+            def __init__(self) -> None:
+                self._events: list[tuple[str, str, object]] = []
+
+            async def store_event(self, stream_id, message):
+                event_id = str(len(self._events) + 1)
+                self._events.append((event_id, stream_id, message))
+                return event_id
+
+            async def replay_events_after(self, last_event_id, send_callback):
+                at = next((i for i, e in enumerate(self._events) if e[0] == last_event_id), None)
+                if at is None:
+                    return None
+                stream_id = self._events[at][1]
+                for event_id, sid, message in self._events[at + 1 :]:
+                    if sid == stream_id and message is not None:
+                        await send_callback(EventMessage(message, event_id))
+                return stream_id
+
+        _resumable = {"event_store": _Events(), "retry_interval": 100}
     mcp = _Server(
         "toolgate-upstream",
+        **_resumable,
         host=HOST,
         json_response=JSON_RESPONSE,
         stateless_http=STATELESS,
@@ -132,6 +166,17 @@ if MCP_MAJOR < 2:
             _revealed["done"] = True
         await ctx.session.send_tool_list_changed()
         return "revealed"
+
+if MCP_MAJOR < 2 and RESUMABLE:
+
+    @mcp.tool()
+    async def polled_report(steps: int, ctx: Context) -> str:
+        """Work in steps, closing the stream for the client to come back for the answer."""
+        await ctx.info(f"starting {steps} steps")
+        await ctx.close_sse_stream()
+        await asyncio.sleep(0.3)
+        await ctx.info(f"finished {steps} steps")
+        return f"report of {steps} steps"
 
 if MCP_MAJOR >= 2:
     # Asks the user before refunding: on 2026-07-28 the SDK answers the first
