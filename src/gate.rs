@@ -14,7 +14,8 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::header::{AsHeaderName, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use serde_json::{json, Map, Value};
 use tracing::Instrument;
@@ -35,6 +36,13 @@ use crate::policy::{self, Guard, Verdict};
 use crate::ratelimit::{Limiters, Scope};
 use crate::session::{SessionError, Sessions};
 use crate::upstream::{Answer, Catalog, RawResult, Route, Upstream, Who};
+
+// Header names as constants: a name given as a string is parsed (and
+// lowercased) on every lookup.
+const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
+const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
 
 mod held;
 mod items;
@@ -447,7 +455,7 @@ impl Gate {
         };
         if let Some(sid) = outcome.session_id {
             if let Ok(v) = HeaderValue::from_str(&sid) {
-                resp.headers_mut().insert("mcp-session-id", v);
+                resp.headers_mut().insert(MCP_SESSION_ID, v);
             }
         }
         resp
@@ -494,7 +502,7 @@ impl Gate {
         ctx.agent = Some(caller.agent.clone());
         tracing::Span::current().record("agent.id", &*caller.agent);
 
-        let modern_header = header_str(&parts.headers, "mcp-protocol-version")
+        let modern_header = header_str(&parts.headers, &MCP_PROTOCOL_VERSION)
             .is_some_and(|v| !mcp::SESSION_VERSIONS.contains(&v) && v != "2024-11-05");
         match parts.method {
             Method::POST => {}
@@ -505,7 +513,7 @@ impl Gate {
             Method::GET => return self.listen(&parts.headers, &caller),
             _ => return Outcome::reply(Reply::Status(StatusCode::METHOD_NOT_ALLOWED)),
         }
-        let accept = header_str(&parts.headers, http::header::ACCEPT.as_str()).unwrap_or("");
+        let accept = header_str(&parts.headers, &http::header::ACCEPT).unwrap_or("");
         ctx.accepts_sse = accept.contains("text/event-stream");
         ctx.sse = prefers_sse(accept);
 
@@ -544,7 +552,7 @@ impl Gate {
             Err(o) => return *o,
         };
         if version != mcp::V2026_07_28 {
-            ctx.session = header_str(&parts.headers, "mcp-session-id").map(Arc::from);
+            ctx.session = header_str(&parts.headers, &MCP_SESSION_ID).map(Arc::from);
         }
         let Some(id) = req.id.clone() else {
             return self.notification(&req);
@@ -627,7 +635,7 @@ impl Gate {
                 json!({"decision": "deny"}),
             ));
         }
-        let ct = header_str(headers, "content-type").unwrap_or("");
+        let ct = header_str(headers, &CONTENT_TYPE).unwrap_or("");
         let mut parts = ct.split(';');
         let media = parts.next().unwrap_or("").trim();
         // JSON is UTF-8 (RFC 8259 8.1); a body labelled otherwise would be
@@ -648,7 +656,7 @@ impl Gate {
             ));
         }
         if let Some(len) =
-            header_str(headers, "content-length").and_then(|l| l.parse::<usize>().ok())
+            header_str(headers, &CONTENT_LENGTH).and_then(|l| l.parse::<usize>().ok())
         {
             if len > max {
                 return Err(too_large());
@@ -696,7 +704,7 @@ impl Gate {
         caller: &Caller,
         ctx: &Ctx,
     ) -> Result<&'static str, Box<Outcome>> {
-        let header_version = header_str(headers, "mcp-protocol-version");
+        let header_version = header_str(headers, &MCP_PROTOCOL_VERSION);
         let bad = |msg: String| {
             Box::new(refused(
                 rpc_error(
@@ -731,7 +739,7 @@ impl Gate {
                 }
             };
         }
-        let Some(sid) = header_str(headers, "mcp-session-id") else {
+        let Some(sid) = header_str(headers, &MCP_SESSION_ID) else {
             return Err(bad("missing Mcp-Session-Id: send initialize first, or use protocol revision 2026-07-28".into()));
         };
         match self.0.sessions.get(sid, &caller.agent) {
@@ -770,7 +778,7 @@ impl Gate {
         req: &mcp::Request,
     ) -> Result<(), StatelessError> {
         let mismatch = |m: String| (code::HEADER_MISMATCH, m, None);
-        let one = |name: &str| -> Result<Option<&str>, StatelessError> {
+        let one = |name: &HeaderName| -> Result<Option<&str>, StatelessError> {
             let mut all = headers.get_all(name).iter();
             let first = all.next();
             if all.next().is_some() {
@@ -783,7 +791,7 @@ impl Gate {
                 })
                 .transpose()
         };
-        let version = one("mcp-protocol-version")?.unwrap_or_default();
+        let version = one(&MCP_PROTOCOL_VERSION)?.unwrap_or_default();
         if version != mcp::V2026_07_28 {
             return Err((
                 code::UNSUPPORTED_VERSION,
@@ -794,8 +802,8 @@ impl Gate {
                 )),
             ));
         }
-        let method = one("mcp-method")?;
-        let name = one("mcp-name")?
+        let method = one(&MCP_METHOD)?;
+        let name = one(&MCP_NAME)?
             .map(mcp::decode_header_value)
             .transpose()
             .map_err(mismatch)?;
@@ -876,11 +884,11 @@ impl Gate {
     /// session.
     fn listen(&self, headers: &HeaderMap, caller: &Caller) -> Outcome {
         use std::sync::atomic::Ordering;
-        let accept = header_str(headers, http::header::ACCEPT.as_str()).unwrap_or("");
+        let accept = header_str(headers, &http::header::ACCEPT).unwrap_or("");
         if !accept.contains("text/event-stream") {
             return Outcome::reply(Reply::Status(StatusCode::NOT_ACCEPTABLE));
         }
-        let Some(sid) = header_str(headers, "mcp-session-id") else {
+        let Some(sid) = header_str(headers, &MCP_SESSION_ID) else {
             return Outcome::reply(Reply::Status(StatusCode::BAD_REQUEST));
         };
         let Ok(session) = self.0.sessions.get(sid, &caller.agent) else {
@@ -1004,7 +1012,7 @@ impl Gate {
     }
 
     fn delete_session(&self, headers: &HeaderMap, caller: &Caller) -> Outcome {
-        match header_str(headers, "mcp-session-id") {
+        match header_str(headers, &MCP_SESSION_ID) {
             Some(sid) => match self.0.sessions.close(sid, &caller.agent) {
                 Ok(()) => {
                     // Its upstream sessions end with it.
@@ -1885,7 +1893,7 @@ fn error_data(decision: &str, request_id: &str, rule: &str) -> Value {
     json!({"decision": decision, "request_id": request_id, "rule": rule})
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_str(h: &HeaderMap, name: impl AsHeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
