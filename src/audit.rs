@@ -26,7 +26,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 mod verify;
-pub use verify::{verify, verify_signed, Anchors, Broken, Signed};
+pub use verify::{
+    last_link as verified_last_link, verify, verify_after, verify_signed, verify_signed_after,
+    Anchors, Broken, Link, Signed,
+};
 
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

@@ -183,6 +183,12 @@ enum AuditCmd {
         /// Also check the signed checkpoints with this public key.
         #[arg(long)]
         key: Option<PathBuf>,
+        /// PATH continues this rotated-out log (e.g. after logrotate's
+        /// copytruncate): its chain is checked too, and PATH's first record
+        /// must link to its last. Without it, PATH must start at seq 1 with
+        /// a `prev` of 64 zeros, so a log whose head was cut is broken.
+        #[arg(long, value_name = "PREVIOUS_LOG")]
+        continues: Option<PathBuf>,
         /// Fail when records after the last checkpoint are unsigned (for a
         /// closed log: toolgate signs the tail when it shuts down).
         #[arg(long, requires = "key")]
@@ -308,15 +314,34 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 AuditCmd::Verify {
                     path,
                     key,
+                    continues,
                     require_tail_signed,
                     expect_seq,
                     max_age,
                 },
         } => {
+            let start = match &continues {
+                None => toolgate::audit::Link::genesis(),
+                Some(prev) => match toolgate::audit::verified_last_link(prev) {
+                    Ok(l) => l,
+                    Err(b) => {
+                        println!("BROKEN: {} (the log it continues): {b}", prev.display());
+                        return Ok(ExitCode::from(1));
+                    }
+                },
+            };
             let Some(key) = key else {
-                return Ok(match toolgate::audit::verify(&path) {
+                return Ok(match toolgate::audit::verify_after(&path, &start) {
                     Ok(n) => {
-                        println!("ok: {n} records, chain intact ({})", path.display());
+                        let from = match &continues {
+                            Some(prev) => format!(
+                                " (from seq {}, continuing {})",
+                                start.seq + 1,
+                                prev.display()
+                            ),
+                            None => String::new(),
+                        };
+                        println!("ok: {n} records{from}, chain intact ({})", path.display());
                         ExitCode::SUCCESS
                     }
                     Err(b) => {
@@ -326,7 +351,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 });
             };
             let key = toolgate::audit::load_public_key(&key).map_err(anyhow::Error::msg)?;
-            let s = match toolgate::audit::verify_signed(&path, &key) {
+            let s = match toolgate::audit::verify_signed_after(&path, &key, &start) {
                 Ok(s) => s,
                 Err(b) => {
                     println!("BROKEN: {}: {b}", path.display());
@@ -337,7 +362,7 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                 "{} records{}, chain intact, {} signed checkpoint(s), last signed seq {} at {}",
                 s.records,
                 if s.first_seq > 1 {
-                    format!(" (from seq {}: continues a rotated log)", s.first_seq)
+                    format!(" (from seq {}, continuing the previous log)", s.first_seq)
                 } else {
                     String::new()
                 },

@@ -386,3 +386,55 @@ async fn a_log_cut_back_to_an_earlier_checkpoint_is_caught_by_its_anchors() {
     );
     assert_eq!(served.tools.received().len(), 3);
 }
+
+/// Deleting records from the front of a log leaves a valid chain behind
+/// them; verify refuses a log that does not start at seq 1 with a `prev`
+/// of 64 zeros (with or without the key), unless told which rotated-out
+/// log it continues, and then it checks that one's chain and the link.
+#[test]
+fn a_log_whose_head_was_cut_is_broken_unless_it_continues_a_named_log() {
+    let (log, public) = signed_log("head-cut");
+    let all = lines(&log);
+    let dir = log.parent().unwrap().to_path_buf();
+    write(&log, &all[2..]);
+    let t = assert_broken(&verify_unkeyed(&log), "records 1..3 were cut from its head");
+    assert!(t.contains("line 1 (seq 3)"), "{t}");
+    assert_broken(&verify(&log, &public, &[]), "were cut from its head");
+
+    // A log rotated out of it (logrotate's copytruncate): the two are one
+    // chain, checked together.
+    let previous = dir.join("audit.jsonl.1");
+    write(&previous, &all[..2]);
+    let continues = ["--continues", previous.to_str().unwrap()];
+    let unkeyed = || {
+        toolgate()
+            .args(["audit", "verify"])
+            .arg(&log)
+            .args(continues)
+            .output()
+            .unwrap()
+    };
+    let t = assert_ok(&unkeyed());
+    assert!(t.contains("8 records (from seq 3, continuing"), "{t}");
+    let t = assert_ok(&verify(&log, &public, &continues));
+    assert!(
+        t.contains("(from seq 3, continuing the previous log)"),
+        "{t}"
+    );
+
+    // The wrong previous log, or one edited and re-chained, does not link.
+    write(&previous, &all[..1]);
+    assert_broken(
+        &verify(&log, &public, &continues),
+        "seq 3 where 2 was expected",
+    );
+    let mut edited = all[..2].to_vec();
+    edited[1]["tool"] = json!("t9");
+    rechain(&mut edited);
+    write(&previous, &edited);
+    assert_broken(&unkeyed(), "does not match the hash of seq 2");
+    // A previous log that is itself broken is named as such.
+    edited[0]["tool"] = json!("t8");
+    write(&previous, &edited);
+    assert_broken(&unkeyed(), "(the log it continues)");
+}

@@ -33,8 +33,8 @@ pub struct Broken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signed {
     pub records: u64,
-    /// `seq` of the log's first record: 1, or more for a log that continues
-    /// a rotated one.
+    /// `seq` of the log's first record: 1, or more for a log checked with
+    /// [`verify_signed_after`] (it continues a rotated-out one).
     pub first_seq: u64,
     pub checkpoints: u64,
     /// Records after the last checkpoint (not yet covered by a signature).
@@ -105,10 +105,30 @@ impl Signed {
     }
 }
 
-/// Walks the chain, calling `each(line, seq, record without hash, hash)`
-/// for every record that links; returns the number of records.
+/// What a log's first record must link to: the record before it (`seq`
+/// and `hash`). A log toolgate started links to [`Link::genesis`]; a log
+/// that continues a rotated-out one links to that one's last record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl Link {
+    /// Before the first record of a log: seq 0, 64 zeros.
+    pub fn genesis() -> Self {
+        Link {
+            seq: 0,
+            hash: GENESIS.to_owned(),
+        }
+    }
+}
+
+/// Walks the chain from `start`, calling `each(line, seq, record without
+/// hash, hash)` for every record that links; returns the number of records.
 fn walk(
     path: &Path,
+    start: &Link,
     mut each: impl FnMut(u64, u64, &Map<String, Value>, &str) -> Result<(), Broken>,
 ) -> Result<u64, Broken> {
     let f = std::fs::File::open(path).map_err(|e| Broken {
@@ -116,12 +136,11 @@ fn walk(
         seq: 0,
         why: format!("cannot open {}: {e}", path.display()),
     })?;
-    let mut prev = GENESIS.to_owned();
-    let mut expect_seq: Option<u64> = None;
+    let mut prev = start.hash.clone();
+    let mut want = start.seq.saturating_add(1);
     let mut n = 0u64;
     for (i, line) in std::io::BufReader::new(f).split(b'\n').enumerate() {
         let line_no = i as u64 + 1;
-        let want = expect_seq.unwrap_or(1);
         let bad = |why: String, seq: u64| Broken {
             line: line_no,
             seq,
@@ -136,21 +155,35 @@ fn walk(
             .get("seq")
             .and_then(Value::as_u64)
             .ok_or_else(|| bad("no seq".into(), want))?;
-        if expect_seq.is_some_and(|e| e != seq) || (expect_seq.is_none() && seq == 0) {
-            return Err(bad(format!("seq {seq} where {want} was expected"), seq));
+        if seq != want {
+            // A log starting past `start` lost its head: records were cut
+            // from the front (toolgate never starts a log anywhere else).
+            let why = if n == 0 && seq > want {
+                format!(
+                    "the log starts at seq {seq} where {want} was expected: records {want}..{seq} were cut from its head (a log that continues a rotated-out one is checked with --continues PREVIOUS_LOG)"
+                )
+            } else {
+                format!("seq {seq} where {want} was expected")
+            };
+            return Err(bad(why, seq));
         }
         let hash = match obj.remove("hash") {
             Some(Value::String(h)) => h,
             _ => return Err(bad("no hash".into(), seq)),
         };
         let rec_prev = obj.get("prev").and_then(Value::as_str).unwrap_or("");
-        // The first record of a log may continue a rotated one; every later
-        // record must link to its predecessor.
-        if (expect_seq.is_some() || seq == 1) && rec_prev != prev {
-            return Err(bad(
-                "prev does not match the previous record's hash".into(),
-                seq,
-            ));
+        if rec_prev != prev {
+            let why = if n == 0 && start.seq == 0 {
+                "the first record's prev is not 64 zeros".into()
+            } else if n == 0 {
+                format!(
+                    "prev does not match the hash of seq {} in the log it continues",
+                    start.seq
+                )
+            } else {
+                "prev does not match the previous record's hash".into()
+            };
+            return Err(bad(why, seq));
         }
         let obj = Value::Object(obj);
         let computed = super::sha256_hex(&Sha256::digest(canonical_json(&obj).as_bytes()));
@@ -160,15 +193,36 @@ fn walk(
         let obj = obj.as_object().expect("built as an object just above");
         each(line_no, seq, obj, &hash)?;
         prev = hash;
-        expect_seq = Some(seq + 1);
+        want = seq.saturating_add(1);
         n += 1;
     }
     Ok(n)
 }
 
-/// Checks the whole chain; returns the number of records.
+/// Checks the whole chain of a log toolgate started (its first record is
+/// seq 1 and links to 64 zeros); returns the number of records.
 pub fn verify(path: &Path) -> Result<u64, Broken> {
-    walk(path, |_, _, _, _| Ok(()))
+    verify_after(path, &Link::genesis())
+}
+
+/// Checks the whole chain of a log whose first record must link to
+/// `start` (the last record of the log it continues).
+pub fn verify_after(path: &Path, start: &Link) -> Result<u64, Broken> {
+    walk(path, start, |_, _, _, _| Ok(()))
+}
+
+/// Checks `path`'s chain and returns its last record's link (what a log
+/// that continues it starts from); [`Link::genesis`] for an empty log.
+pub fn last_link(path: &Path) -> Result<Link, Broken> {
+    let mut last = Link::genesis();
+    walk(path, &Link::genesis(), |_, seq, _, hash| {
+        last = Link {
+            seq,
+            hash: hash.to_owned(),
+        };
+        Ok(())
+    })?;
+    Ok(last)
 }
 
 /// Checks the chain and every checkpoint's signature with `key`: each
@@ -177,6 +231,15 @@ pub fn verify(path: &Path) -> Result<u64, Broken> {
 /// wholesale by someone without the key. What this cannot see (a cut right
 /// after a checkpoint) is for [`Signed::check`].
 pub fn verify_signed(path: &Path, key: &ed25519_dalek::VerifyingKey) -> Result<Signed, Broken> {
+    verify_signed_after(path, key, &Link::genesis())
+}
+
+/// [`verify_signed`] for a log whose first record must link to `start`.
+pub fn verify_signed_after(
+    path: &Path,
+    key: &ed25519_dalek::VerifyingKey,
+    start: &Link,
+) -> Result<Signed, Broken> {
     use base64::Engine as _;
     let mut out = Signed {
         records: 0,
@@ -190,7 +253,7 @@ pub fn verify_signed(path: &Path, key: &ed25519_dalek::VerifyingKey) -> Result<S
     };
     // The record before the current one (for the first, what it links to).
     let mut prev: Option<(u64, String)> = None;
-    out.records = walk(path, |line, seq, rec, hash| {
+    out.records = walk(path, start, |line, seq, rec, hash| {
         let (prev_seq, prev_hash) = prev.take().unwrap_or_else(|| {
             out.first_seq = seq;
             let linked = rec.get("prev").and_then(Value::as_str).unwrap_or(GENESIS);
