@@ -364,7 +364,9 @@ impl Holds {
                 )?;
                 let latest: Option<Row> = tx
                     .query_row(
-                        &format!("SELECT {COLS} FROM holds WHERE agent = ?1 AND tool = ?2 AND args_sha256 = ?3 AND expires_at > ?4 AND status != 'expired' ORDER BY created_at DESC LIMIT 1"),
+                        // A granted window lasts to its own end, past the
+                        // hold's ttl when the approver gave it longer.
+                        &format!("SELECT {COLS} FROM holds WHERE agent = ?1 AND tool = ?2 AND args_sha256 = ?3 AND (expires_at > ?4 OR grant_until > ?4) AND status != 'expired' ORDER BY created_at DESC LIMIT 1"),
                         params![new.agent, new.tool, new.args_sha256, now],
                         row,
                     )

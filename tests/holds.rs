@@ -407,6 +407,32 @@ async fn a_window_lets_identical_calls_pass_until_it_ends() {
     assert_eq!(code(&v), -32010, "{v}");
 }
 
+/// A window longer than what is left of the hold's `ttl` is honoured to
+/// its end (the `grant_until` the approver was told), not cut short when
+/// the hold would have expired had it stayed pending.
+#[tokio::test]
+async fn a_window_outlasting_the_holds_ttl_still_lets_identical_calls_pass() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let args = json!({"principal": "alice", "role": "admin"});
+    let id = hold_id(&h.call(&t, "billing__grant_role", args.clone()).await);
+    // ttl is 1h; the window is 2h.
+    let (s, v) = h.approve(&id, "carol", json!({"for": "2h"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    h.server.gate.0.holds.advance(Duration::from_secs(90 * 60));
+    toolgate::server::expire_holds(&h.server.gate).await;
+    let v = h.call(&t, "billing__grant_role", args.clone()).await;
+    assert!(
+        v.get("result").is_some(),
+        "90 min in, within the window: {v}"
+    );
+    assert_eq!(h.received().len(), 1);
+    h.server.gate.0.holds.advance(Duration::from_secs(31 * 60));
+    let v = h.call(&t, "billing__grant_role", args).await;
+    assert_eq!(code(&v), -32010, "past the window: a new hold: {v}");
+    assert_ne!(hold_id(&v), id);
+}
+
 #[tokio::test]
 async fn pending_holds_expire_and_an_expired_hold_cannot_be_approved() {
     let h = ops().await;
