@@ -1245,16 +1245,22 @@ impl Gate {
         let call = match mcp::tool_call(req.params) {
             Ok(c) => c,
             Err(e) => {
+                // A non-object where an object must be is refused like
+                // malformed JSON (SPEC "Hardening promises").
+                let status = match e.1 {
+                    mcp::Shape::NotAnObject => StatusCode::BAD_REQUEST,
+                    mcp::Shape::Other => StatusCode::OK,
+                };
                 return refused(
                     rpc_error(
-                        StatusCode::OK,
+                        status,
                         Some(&id),
                         code::INVALID_PARAMS,
                         &e.0,
                         json!({"decision": "deny", "request_id": ctx.request_id}),
                     ),
                     &e.0,
-                )
+                );
             }
         };
         tracing::Span::current().record("tool.name", call.name.as_str());

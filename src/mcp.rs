@@ -429,7 +429,17 @@ impl ToolCall {
 /// Why `tools/call` params were refused (answered with -32602).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct InvalidParams(pub String);
+pub struct InvalidParams(pub String, pub Shape);
+
+/// What kind of mistake an [`InvalidParams`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// A member that must be an object is not (`arguments`, `_meta`,
+    /// `inputResponses`): refused like malformed JSON (SPEC: HTTP 400).
+    NotAnObject,
+    /// Anything else (a bad or missing `name`, an unknown member).
+    Other,
+}
 
 /// The longest tool name toolgate accepts.
 pub const MAX_NAME_LEN: usize = 256;
@@ -444,39 +454,66 @@ pub fn tool_call(mut params: Map<String, Value>) -> Result<ToolCall, InvalidPara
             k.as_str(),
             "name" | "arguments" | "_meta" | "inputResponses" | "requestState"
         ) {
-            return Err(InvalidParams(format!(
-                "unknown member {k:?} in tools/call params"
-            )));
+            return Err(InvalidParams(
+                format!("unknown member {k:?} in tools/call params"),
+                Shape::Other,
+            ));
         }
     }
     let name = match params.remove("name") {
         Some(Value::String(s)) => s,
-        _ => return Err(InvalidParams("\"name\" must be a string".into())),
+        _ => {
+            return Err(InvalidParams(
+                "\"name\" must be a string".into(),
+                Shape::Other,
+            ))
+        }
     };
     if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
         return Err(InvalidParams(
             "\"name\" must be 1-256 characters without control characters".into(),
+            Shape::Other,
         ));
     }
     let arguments = match params.remove("arguments") {
         None => Value::Object(Map::new()),
         Some(v @ Value::Object(_)) => v,
-        Some(_) => return Err(InvalidParams("\"arguments\" must be an object".into())),
+        Some(_) => {
+            return Err(InvalidParams(
+                "\"arguments\" must be an object".into(),
+                Shape::NotAnObject,
+            ))
+        }
     };
     let meta = match params.remove("_meta") {
         None => None,
         Some(Value::Object(m)) => Some(m),
-        Some(_) => return Err(InvalidParams("\"_meta\" must be an object".into())),
+        Some(_) => {
+            return Err(InvalidParams(
+                "\"_meta\" must be an object".into(),
+                Shape::NotAnObject,
+            ))
+        }
     };
     let input_responses = match params.remove("inputResponses") {
         None => None,
         Some(Value::Object(m)) => Some(m),
-        Some(_) => return Err(InvalidParams("\"inputResponses\" must be an object".into())),
+        Some(_) => {
+            return Err(InvalidParams(
+                "\"inputResponses\" must be an object".into(),
+                Shape::NotAnObject,
+            ))
+        }
     };
     let request_state = match params.remove("requestState") {
         None => None,
         Some(Value::String(s)) => Some(s),
-        Some(_) => return Err(InvalidParams("\"requestState\" must be a string".into())),
+        Some(_) => {
+            return Err(InvalidParams(
+                "\"requestState\" must be a string".into(),
+                Shape::Other,
+            ))
+        }
     };
     Ok(ToolCall {
         name,

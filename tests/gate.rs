@@ -296,7 +296,7 @@ async fn malformed_requests_are_refused_before_any_decision() {
         (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__echo","name":"billing__delete_x","arguments":{}}}"#.into(), StatusCode::BAD_REQUEST, -32700),
         (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__echo","arguments":{"t":1,"t":2}}}"#.into(), StatusCode::BAD_REQUEST, -32700),
         (deep, StatusCode::BAD_REQUEST, -32700),
-        (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__echo","arguments":[1]}}"#.into(), StatusCode::OK, -32602),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"billing__echo","arguments":[1]}}"#.into(), StatusCode::BAD_REQUEST, -32602),
         (r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"Name":"billing__echo"}}"#.into(), StatusCode::OK, -32602),
         (r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"billing__echo","arguments":{}}}"#.into(), StatusCode::BAD_REQUEST, -32600),
         ("{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"billing__echo\",\"arguments\":{\"t\":\"\\ud800\"}}}".into(), StatusCode::BAD_REQUEST, -32700),
