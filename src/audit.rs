@@ -44,7 +44,6 @@ const GATHER: Duration = Duration::from_millis(1);
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Record {
     pub event: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
     pub agent: Option<Arc<str>>,
     pub tool: Option<String>,
@@ -456,9 +455,8 @@ pub fn chain_line(r: &Record, ts: SystemTime, seq: u64, prev: &str) -> (Vec<u8>,
     }
     opt_str(&mut tail, "prev", Some(prev));
     opt_str(&mut tail, "reason", r.reason.as_deref());
-    if let Some(id) = &r.request_id {
-        opt_str(&mut tail, "request_id", Some(id));
-    }
+    // Present in every record (SPEC), null when no request caused it.
+    opt_str(&mut tail, "request_id", r.request_id.as_deref());
     opt_str(&mut tail, "rule", r.rule.as_deref());
     key(&mut tail, "seq");
     let _ = std::io::Write::write_fmt(&mut tail, format_args!("{seq}"));
@@ -749,6 +747,28 @@ mod tests {
             let (line, hash) = chain_line(&r, ts, 7, GENESIS);
             assert_eq!(line.last(), Some(&b'\n'));
             let mut parsed: serde_json::Map<String, Value> = serde_json::from_slice(&line).unwrap();
+            // SPEC: every record has at least these members (null when
+            // they do not apply).
+            for k in [
+                "ts",
+                "seq",
+                "event",
+                "request_id",
+                "agent",
+                "tool",
+                "decision",
+                "rule",
+                "reason",
+                "args_sha256",
+                "args",
+                "hold_id",
+                "approver",
+                "latency_us",
+                "prev",
+                "hash",
+            ] {
+                assert!(parsed.contains_key(k), "{k} missing from {parsed:?}");
+            }
             assert_eq!(parsed.remove("hash"), Some(Value::String(hash.clone())));
             // The tree the record serialises to, with the chain's members.
             let mut tree = match serde_json::to_value(&r).unwrap() {
