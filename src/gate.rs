@@ -1299,6 +1299,15 @@ impl Gate {
             session_id: None,
             record: Some(record),
         };
+        let unexposed = |mut record: Record, name: &str| {
+            let msg = format!("unknown tool {name:?}: no upstream exposes it");
+            record.decision = Some("deny");
+            record.rule = Some("catalog".into());
+            record.reason = Some(msg.clone());
+            let mut d = data("deny", None);
+            d["rule"] = Value::from("catalog");
+            deny(record, code::INVALID_PARAMS, &msg, d)
+        };
         match &decision.verdict {
             Verdict::Deny => {
                 let d = data("deny", None);
@@ -1325,6 +1334,17 @@ impl Gate {
             }
             Verdict::Hold { .. } | Verdict::Allow => {}
         }
+        // Route: needed to forward, and to name the upstream of a hold. An
+        // allowed call no upstream exposes is denied here, before the
+        // limits: denied calls spend no budget.
+        let mut catalog = self.catalog(false).await;
+        if !catalog.routes.contains_key(&call.name) {
+            catalog = self.catalog(true).await;
+        }
+        let route = catalog.route(&call.name);
+        if route.is_none() && matches!(decision.verdict, Verdict::Allow) {
+            return unexposed(record, &call.name);
+        }
         // 7. Rate limits count calls that would be allowed or held.
         let m = manifest.expect("only decide() with a manifest allows or holds");
         if let Err(limited) = snap.limiters.check(m, decision.tool_rule) {
@@ -1350,12 +1370,6 @@ impl Gate {
             };
             return deny(record, code::RATE_LIMITED, "rate limited", d);
         }
-        // Route: needed to forward, and to name the upstream of a hold.
-        let mut catalog = self.catalog(false).await;
-        if !catalog.routes.contains_key(&call.name) {
-            catalog = self.catalog(true).await;
-        }
-        let route = catalog.route(&call.name);
         // The retry of an approved call that answered `input_required` is
         // that call's next round, not a new call: it continues, once.
         let continues = match (&decision.verdict, call.is_retry(), &record.args_sha256) {
@@ -1395,13 +1409,7 @@ impl Gate {
         }
         // 8. Allow: audit, then forward.
         let Some(route) = route else {
-            let msg = format!("unknown tool {:?}: no upstream exposes it", call.name);
-            record.decision = Some("deny");
-            record.rule = Some("catalog".into());
-            record.reason = Some(msg.clone());
-            let mut d = data("deny", None);
-            d["rule"] = Value::from("catalog");
-            return deny(record, code::INVALID_PARAMS, &msg, d);
+            return unexposed(record, &call.name);
         };
         record.decision = Some("allow");
         record.latency_us = Some(ctx.started.elapsed().as_micros() as u64);

@@ -413,6 +413,35 @@ async fn rate_limits_answer_retry_after_and_denials_spend_no_budget() {
     );
 }
 
+/// A call the manifest allows but no upstream exposes is denied (rule
+/// `catalog`) without spending the agent's budget either.
+#[tokio::test]
+async fn calls_no_upstream_exposes_are_denied_and_spend_no_budget() {
+    let h = Harness::with(Opts {
+        manifests: &[(
+            "prober.yaml",
+            "agent: prober\nrate_limit: { rate: 3/min, burst: 3 }\ntools:\n  - name: \"*\"\n",
+        )],
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("prober");
+    for _ in 0..5 {
+        // No upstream has the prefix `ghost`.
+        let v = h.call(&t, "ghost__thing", json!({})).await;
+        assert_eq!(code(&v), -32602, "{v}");
+        assert_eq!(v["error"]["data"]["rule"], "catalog", "{v}");
+    }
+    for i in 0..3 {
+        let v = h
+            .call(&t, "billing__echo", json!({"text": format!("{i}")}))
+            .await;
+        assert!(v.get("result").is_some(), "call {i}: {v}");
+    }
+    let v = h.call(&t, "billing__echo", json!({"text": "4"})).await;
+    assert_eq!(code(&v), -32029, "{v}");
+}
+
 #[tokio::test]
 async fn an_unwritable_audit_log_fails_closed() {
     let h = Harness::with(Opts {
