@@ -518,7 +518,7 @@ impl Gate {
         ctx.sse = prefers_sse(accept);
 
         // Read the body, bounded.
-        let bytes = match self.read_body(&parts.headers, body).await {
+        let bytes = match self.read_body(&parts.headers, body, &ctx.request_id).await {
             Ok(b) => b,
             Err(reply) => return refused(reply, "body refused"),
         };
@@ -555,7 +555,7 @@ impl Gate {
             ctx.session = header_str(&parts.headers, &MCP_SESSION_ID).map(Arc::from);
         }
         let Some(id) = req.id.clone() else {
-            return self.notification(&req);
+            return self.notification(&req, &ctx.request_id);
         };
         self.dispatch(req, id, version, &caller, ctx).await
     }
@@ -605,7 +605,12 @@ impl Gate {
         Ok(caller)
     }
 
-    async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, Reply>
+    async fn read_body<B>(
+        &self,
+        headers: &HeaderMap,
+        body: B,
+        request_id: &str,
+    ) -> Result<Bytes, Reply>
     where
         B: http_body::Body<Data = Bytes> + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -617,7 +622,7 @@ impl Gate {
                 None,
                 code::INVALID_REQUEST,
                 &format!("request body exceeds limits.max_body ({max} bytes)"),
-                json!({"decision": "deny"}),
+                json!({"decision": "deny", "request_id": request_id}),
             )
         };
         // Two labels are two readings of one body: which would be meant?
@@ -632,7 +637,7 @@ impl Gate {
                 None,
                 code::INVALID_REQUEST,
                 "exactly one Content-Type header, application/json (UTF-8)",
-                json!({"decision": "deny"}),
+                json!({"decision": "deny", "request_id": request_id}),
             ));
         }
         let ct = header_str(headers, &CONTENT_TYPE).unwrap_or("");
@@ -652,7 +657,7 @@ impl Gate {
                 None,
                 code::INVALID_REQUEST,
                 "Content-Type must be application/json (UTF-8)",
-                json!({"decision": "deny"}),
+                json!({"decision": "deny", "request_id": request_id}),
             ));
         }
         if let Some(len) =
@@ -674,7 +679,7 @@ impl Gate {
                 None,
                 code::INVALID_REQUEST,
                 "the request body did not arrive in time",
-                json!({"decision": "deny"}),
+                json!({"decision": "deny", "request_id": request_id}),
             ));
         };
         match read {
@@ -690,7 +695,7 @@ impl Gate {
                 None,
                 code::INVALID_REQUEST,
                 "could not read the request body",
-                json!({"decision": "deny"}),
+                json!({"decision": "deny", "request_id": request_id}),
             )),
         }
     }
@@ -859,7 +864,7 @@ impl Gate {
         }
     }
 
-    fn notification(&self, req: &mcp::Request) -> Outcome {
+    fn notification(&self, req: &mcp::Request, request_id: &str) -> Outcome {
         if req.method.starts_with("notifications/") {
             return Outcome::reply(Reply::Accepted);
         }
@@ -872,7 +877,7 @@ impl Gate {
                 None,
                 code::INVALID_REQUEST,
                 &reason,
-                json!({"decision": "deny"}),
+                json!({"decision": "deny", "request_id": request_id}),
             ),
             &reason,
         )

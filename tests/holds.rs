@@ -491,6 +491,79 @@ async fn a_decision_during_the_wait_answers_the_waiting_call() {
     assert_eq!(h.received().len(), 1);
 }
 
+/// Two identical calls waiting on one pending hold, approved once: one is
+/// forwarded, the other is refused -32011 (the single-use approval was
+/// used), and that refusal is audited like any decision.
+#[tokio::test]
+async fn a_single_use_approval_shared_by_two_waiting_calls_forwards_one() {
+    let h = Harness::with(Opts {
+        manifests: &[("ops-bot.yaml", OPS_BOT)],
+        holds: "holds: { wait: 10s, ttl: 1h }",
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("ops-bot");
+    let args = json!({"principal": "alice", "role": "admin"});
+    let first = h.call(&t, "billing__grant_role", args.clone());
+    let second = async {
+        // Join once the hold exists.
+        let viewer = approver_token("v", &["viewer"], &[]);
+        loop {
+            let (_, v) = h
+                .admin(Method::GET, "/v1/holds?status=pending", Some(&viewer), None)
+                .await;
+            if v["holds"][0]["id"].is_string() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        h.call(&t, "billing__grant_role", args.clone()).await
+    };
+    let approve = async {
+        let viewer = approver_token("v", &["viewer"], &[]);
+        loop {
+            let (_, v) = h
+                .admin(Method::GET, "/v1/holds?status=pending", Some(&viewer), None)
+                .await;
+            // Both calls wait on it once the second joined: hold_created,
+            // then the joined call's own record.
+            let joined = h
+                .audit()
+                .await
+                .iter()
+                .filter(|r| r["decision"] == "hold")
+                .count();
+            if let (Some(id), 2) = (v["holds"][0]["id"].as_str(), joined) {
+                return h.approve(id, "carol", json!({})).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    let (a, b, (s, _)) = tokio::join!(first, second, approve);
+    assert_eq!(s, StatusCode::OK);
+    let (ok, refused): (Vec<&Value>, Vec<&Value>) = [&a, &b]
+        .into_iter()
+        .partition(|v| v.get("result").is_some());
+    assert_eq!((ok.len(), refused.len()), (1, 1), "{a} {b}");
+    assert_eq!(code(refused[0]), -32011, "{}", refused[0]);
+    assert!(
+        refused[0]["error"]["data"]["rule"].is_string(),
+        "{}",
+        refused[0]
+    );
+    assert_eq!(h.received().len(), 1);
+    h.server.gate.0.auditor.flush().await;
+    let audit = h.audit().await;
+    assert!(
+        audit.iter().any(|r| r["decision"] == "deny"
+            && r["hold_id"].is_string()
+            && r["reason"]
+                .as_str()
+                .is_some_and(|m| m.contains("used by an identical call"))),
+        "{audit:#?}"
+    );
+}
+
 #[tokio::test]
 async fn event_stream_clients_wait_on_the_stream_and_get_the_answer_there() {
     let h = ops().await;

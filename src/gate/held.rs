@@ -202,12 +202,22 @@ impl Gate {
                 o
             }
             Polled::UsedByAnother(hold) => {
-                let mut d = json!({"decision": "deny", "request_id": h.request_id});
+                let why = "the single-use approval was used by an identical call; this call needs a new approval";
+                let mut d = json!({"decision": "deny", "request_id": h.request_id, "rule": h.record.rule.clone().unwrap_or_default()});
                 d["hold_id"] = Value::from(hold.id.as_str());
-                Outcome::reply(Reply::Rpc(
-                    StatusCode::OK,
-                    mcp::error_response(Some(&h.id), code::HOLD_REFUSED, "the single-use approval was used by an identical call; this call needs a new approval", Some(d)),
-                ))
+                // A decision like any other: audited.
+                let mut record = h.record;
+                record.decision = Some("deny");
+                record.reason = Some(why.into());
+                record.hold_id = Some(hold.id.clone());
+                Outcome {
+                    reply: Reply::Rpc(
+                        StatusCode::OK,
+                        mcp::error_response(Some(&h.id), code::HOLD_REFUSED, why, Some(d)),
+                    ),
+                    session_id: None,
+                    record: Some(record),
+                }
             }
         }
     }
