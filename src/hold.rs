@@ -181,6 +181,61 @@ struct Inner {
     ttl: Duration,
     /// Added to the wall clock: virtual time for tests ([`Holds::advance`]).
     offset_ms: std::sync::atomic::AtomicI64,
+    /// Holds expired on the way (by admit, poll, list or approve), not yet
+    /// handed to [`Holds::expire_due`]'s caller, which audits them.
+    unrecorded: Mutex<Vec<Hold>>,
+}
+
+impl Inner {
+    /// Keeps holds expired on the way for [`Holds::expire_due`].
+    fn note_expired(&self, holds: Vec<Hold>) {
+        if holds.is_empty() {
+            return;
+        }
+        if let Ok(mut q) = self.unrecorded.lock() {
+            q.extend(holds);
+        }
+    }
+}
+
+/// Which pending holds [`expire_pending`] looks at.
+enum Only<'a> {
+    All,
+    Agent(&'a str),
+    Hold(&'a str),
+}
+
+/// Marks the pending holds past their ttl expired (of `only`); returns them.
+fn expire_pending(c: &Connection, now: i64, only: Only<'_>) -> rusqlite::Result<Vec<Hold>> {
+    let base = "SELECT id FROM holds WHERE status = 'pending' AND expires_at <= ?1";
+    let ids: Vec<String> = match only {
+        Only::All => {
+            let mut st = c.prepare(base)?;
+            let rows = st.query_map(params![now], |r| r.get::<_, String>(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        }
+        Only::Agent(key) | Only::Hold(key) => {
+            let column = if matches!(only, Only::Agent(_)) {
+                "agent"
+            } else {
+                "id"
+            };
+            let mut st = c.prepare(&format!("{base} AND {column} = ?2"))?;
+            let rows = st.query_map(params![now, key], |r| r.get::<_, String>(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        }
+    };
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        c.execute(
+            "UPDATE holds SET status = 'expired', decided_at = ?1 WHERE id = ?2",
+            params![now, id],
+        )?;
+        if let Some(r) = load(c, &id)? {
+            out.push(r.hold);
+        }
+    }
+    Ok(out)
 }
 
 const SCHEMA: &str = "
@@ -313,6 +368,7 @@ impl Holds {
                 changed,
                 ttl,
                 offset_ms: std::sync::atomic::AtomicI64::new(0),
+                unrecorded: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -355,13 +411,11 @@ impl Holds {
     /// a denial, joins an identical pending hold, or creates one.
     pub async fn admit(&self, new: NewHold, max_pending: u32) -> Result<Admission, StateError> {
         let ttl = self.inner.ttl.as_millis() as i64;
+        let inner = self.inner.clone();
         let out = self
             .run(move |c, now| {
                 let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-                tx.execute(
-                    "UPDATE holds SET status = 'expired', decided_at = ?1 WHERE status = 'pending' AND expires_at <= ?1 AND agent = ?2",
-                    params![now, new.agent],
-                )?;
+                let expired = expire_pending(&tx, now, Only::Agent(&new.agent))?;
                 let latest: Option<Row> = tx
                     .query_row(
                         // A granted window lasts to its own end, past the
@@ -412,6 +466,7 @@ impl Holds {
                     }
                 };
                 tx.commit()?;
+                inner.note_expired(expired);
                 Ok(admission)
             })
             .await?;
@@ -422,17 +477,16 @@ impl Holds {
     /// single-use approval for it.
     pub async fn poll(&self, id: &str) -> Result<Polled, StateError> {
         let id = id.to_owned();
+        let inner = self.inner.clone();
         self.run(move |c, now| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let Some(mut r) = load(&tx, &id)? else {
                 return Err(rusqlite::Error::QueryReturnedNoRows);
             };
+            let mut expired = Vec::new();
             let out = match r.hold.status {
                 Status::Pending if r.hold.expires_ms <= now => {
-                    tx.execute(
-                        "UPDATE holds SET status = 'expired', decided_at = ?1 WHERE id = ?2",
-                        params![now, id],
-                    )?;
+                    expired = expire_pending(&tx, now, Only::Hold(&id))?;
                     r.hold.status = Status::Expired;
                     Polled::Refused(r.hold)
                 }
@@ -454,6 +508,7 @@ impl Holds {
                 Status::Denied | Status::Expired => Polled::Refused(r.hold),
             };
             tx.commit()?;
+            inner.note_expired(expired);
             Ok(out)
         })
         .await
@@ -468,8 +523,12 @@ impl Holds {
 
     /// Holds, newest first, optionally with one status.
     pub async fn list(&self, status: Option<Status>, limit: u32) -> Result<Vec<Hold>, StateError> {
+        let inner = self.inner.clone();
         self.run(move |c, now| {
-            c.execute("UPDATE holds SET status = 'expired', decided_at = ?1 WHERE status = 'pending' AND expires_at <= ?1", [now])?;
+            let tx = c.transaction()?;
+            let expired = expire_pending(&tx, now, Only::All)?;
+            tx.commit()?;
+            inner.note_expired(expired);
             let sql = match status {
                 Some(_) => format!("SELECT {COLS} FROM holds WHERE status = ?1 ORDER BY created_at DESC LIMIT ?2"),
                 None => format!("SELECT {COLS} FROM holds WHERE ?1 IS NULL OR 1 ORDER BY created_at DESC LIMIT ?2"),
@@ -499,14 +558,16 @@ impl Holds {
         window: Option<Duration>,
     ) -> Result<Hold, DecideError> {
         let (id, approver) = (id.to_owned(), approver.to_owned());
+        let inner = self.inner.clone();
         let res = self
             .run(move |c, now| {
                 let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let Some(r) = load(&tx, &id)? else { return Ok(Err(DecideError::NotFound)) };
                 if let Some(e) = undecidable(&r.hold, &approver, now) {
                     if matches!(e, DecideError::NotPending("expired")) {
-                        tx.execute("UPDATE holds SET status = 'expired', decided_at = ?1 WHERE id = ?2 AND status = 'pending'", params![now, id])?;
+                        let expired = expire_pending(&tx, now, Only::Hold(&id))?;
                         tx.commit()?;
+                        inner.note_expired(expired);
                     }
                     return Ok(Err(e));
                 }
@@ -572,33 +633,23 @@ impl Holds {
         res
     }
 
-    /// Marks pending holds past their ttl as expired; returns them.
+    /// Marks pending holds past their ttl as expired; returns them, with
+    /// those expired on the way since the last call (by admit, poll, list
+    /// or approve), so the caller audits each once.
     pub async fn expire_due(&self) -> Result<Vec<Hold>, StateError> {
-        let out = self
+        let mut out = self
             .run(|c, now| {
                 let tx = c.transaction()?;
-                let ids: Vec<String> = {
-                    let mut st = tx.prepare(
-                        "SELECT id FROM holds WHERE status = 'pending' AND expires_at <= ?1",
-                    )?;
-                    let rows = st.query_map([now], |r| r.get(0))?;
-                    rows.collect::<rusqlite::Result<_>>()?
-                };
-                let mut out = Vec::new();
-                for id in ids {
-                    tx.execute(
-                        "UPDATE holds SET status = 'expired', decided_at = ?1 WHERE id = ?2",
-                        params![now, id],
-                    )?;
-                    if let Some(r) = load(&tx, &id)? {
-                        out.push(r.hold);
-                    }
-                }
+                let out = expire_pending(&tx, now, Only::All)?;
                 tx.commit()?;
                 Ok(out)
             })
             .await?;
-        if !out.is_empty() {
+        let changed = !out.is_empty();
+        if let Ok(mut q) = self.inner.unrecorded.lock() {
+            out.splice(0..0, q.drain(..));
+        }
+        if changed {
             self.bump();
         }
         Ok(out)

@@ -461,6 +461,35 @@ async fn pending_holds_expire_and_an_expired_hold_cannot_be_approved() {
     assert_ne!(hold_id(&v), id);
 }
 
+/// Holds that expire on the way, before the expiry task sees them (an
+/// approver tries one, an identical call comes for another), are audited
+/// hold_expired once each, like those the task expires.
+#[tokio::test]
+async fn holds_expired_on_the_way_are_audited_once() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let a = json!({"principal": "alice", "role": "admin"});
+    let b = json!({"principal": "bob", "role": "admin"});
+    let id_a = hold_id(&h.call(&t, "billing__grant_role", a).await);
+    let id_b = hold_id(&h.call(&t, "billing__grant_role", b.clone()).await);
+    h.server.gate.0.holds.advance(Duration::from_secs(3601));
+    let (s, v) = h.approve(&id_a, "carol", json!({})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let v = h.call(&t, "billing__grant_role", b).await;
+    assert_ne!(hold_id(&v), id_b, "a new hold");
+    toolgate::server::expire_holds(&h.server.gate).await;
+    toolgate::server::expire_holds(&h.server.gate).await;
+    h.server.gate.0.auditor.flush().await;
+    let audit = h.audit().await;
+    for id in [&id_a, &id_b] {
+        let n = audit
+            .iter()
+            .filter(|r| r["event"] == "hold_expired" && r["hold_id"] == id.as_str())
+            .count();
+        assert_eq!(n, 1, "{id}: {audit:#?}");
+    }
+}
+
 #[tokio::test]
 async fn a_decision_during_the_wait_answers_the_waiting_call() {
     let h = Harness::with(Opts {
