@@ -817,8 +817,12 @@ mod tests {
             h.approve(&a.id, "alice", None, None).await.unwrap_err(),
             DecideError::NotPending("expired")
         );
+        // Both: the one approve found expired, and the other one.
         let expired = h.expire_due().await.unwrap();
-        assert_eq!(expired.len(), 1, "the other one");
+        assert_eq!(expired.len(), 2, "{expired:?}");
+        assert_eq!(expired[0].id, a.id, "the one approve expired, first");
+        assert_ne!(expired[1].id, a.id);
+        assert!(h.expire_due().await.unwrap().is_empty(), "each once");
         assert!(matches!(
             h.admit(new("bot", "3", 1), 2).await.unwrap(),
             Admission::Created(_)
