@@ -252,6 +252,45 @@ fn demo_starts_and_its_printed_calls_show_allow_deny_and_schema_error() {
     });
 }
 
+/// `toolgate token --plane admin --roles approver` mints a token the admin
+/// API takes (and the data plane refuses); a data-plane token is refused
+/// by the admin API. Each plane has its own issuer, audience and key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mints_admin_plane_tokens_the_admin_api_takes() {
+    let h = support::Harness::start().await;
+    let cfg = h.dir.join("toolgate.yaml");
+    let mint = |args: &[&str]| {
+        let out = toolgate()
+            .args(["token", "--config"])
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let admin = mint(&[
+        "--agent", "carol", "--plane", "admin", "--roles", "approver",
+    ]);
+    let agent = mint(&["--agent", "billing-bot"]);
+    let (s, v) = h
+        .admin(http::Method::GET, "/v1/holds", Some(&admin), None)
+        .await;
+    assert_eq!(s, http::StatusCode::OK, "{v}");
+    let (s, _) = h
+        .admin(http::Method::GET, "/v1/holds", Some(&agent), None)
+        .await;
+    assert_eq!(s, http::StatusCode::UNAUTHORIZED);
+    let v = h.call(&agent, "billing__echo", json!({"text": "hi"})).await;
+    assert!(v.get("result").is_some(), "{v}");
+    let (s, _, _) = h.post(Some(&admin), &[], "{}").await;
+    assert_eq!(s, http::StatusCode::UNAUTHORIZED);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holds_cli_lists_shows_approves_and_denies() {
     let ops = "agent: ops-bot\ntools:\n  - name: billing__refund\n    approval: required\n";

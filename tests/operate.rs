@@ -186,6 +186,27 @@ async fn racing_edits_end_on_the_last_good_content_and_budgets_survive() {
     );
 }
 
+/// `admin.metrics_public: true` serves /metrics without a token (for a
+/// scraper inside the control plane); the rest of the admin API still
+/// needs one.
+#[tokio::test]
+async fn public_metrics_need_no_token_and_nothing_else_opens() {
+    let public = |c: &mut toolgate::config::Config| {
+        if let Some(a) = c.admin.as_mut() {
+            a.metrics_public = true;
+        }
+    };
+    let h = Harness::with(Opts {
+        configure: Some(&public),
+        ..Opts::default()
+    })
+    .await;
+    let (s, _) = h.admin(Method::GET, "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = h.admin(Method::GET, "/v1/holds", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
 #[tokio::test]
 async fn metrics_count_decisions_and_need_a_token() {
     let h = Harness::start().await;
