@@ -704,6 +704,27 @@ pub fn sha256_hex(digest: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SPEC: every record has at least these members (null when they do
+    /// not apply).
+    const SPEC_MEMBERS: [&str; 16] = [
+        "ts",
+        "seq",
+        "event",
+        "request_id",
+        "agent",
+        "tool",
+        "decision",
+        "rule",
+        "reason",
+        "args_sha256",
+        "args",
+        "hold_id",
+        "approver",
+        "latency_us",
+        "prev",
+        "hash",
+    ];
     use crate::mcp::canonical_json;
     use serde_json::json;
 
@@ -747,26 +768,7 @@ mod tests {
             let (line, hash) = chain_line(&r, ts, 7, GENESIS);
             assert_eq!(line.last(), Some(&b'\n'));
             let mut parsed: serde_json::Map<String, Value> = serde_json::from_slice(&line).unwrap();
-            // SPEC: every record has at least these members (null when
-            // they do not apply).
-            for k in [
-                "ts",
-                "seq",
-                "event",
-                "request_id",
-                "agent",
-                "tool",
-                "decision",
-                "rule",
-                "reason",
-                "args_sha256",
-                "args",
-                "hold_id",
-                "approver",
-                "latency_us",
-                "prev",
-                "hash",
-            ] {
+            for k in SPEC_MEMBERS {
                 assert!(parsed.contains_key(k), "{k} missing from {parsed:?}");
             }
             assert_eq!(parsed.remove("hash"), Some(Value::String(hash.clone())));
@@ -815,22 +817,7 @@ mod tests {
         let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         assert_eq!(first["prev"], GENESIS);
         assert_eq!(first["seq"], 1);
-        for k in [
-            "ts",
-            "event",
-            "agent",
-            "tool",
-            "decision",
-            "rule",
-            "reason",
-            "args_sha256",
-            "args",
-            "hold_id",
-            "approver",
-            "latency_us",
-            "prev",
-            "hash",
-        ] {
+        for k in SPEC_MEMBERS {
             assert!(first.get(k).is_some(), "record lacks {k}: {first}");
         }
     }

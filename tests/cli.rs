@@ -12,6 +12,18 @@ use serde_json::json;
 
 use support::toolgate_command as toolgate;
 
+/// Runs `cmd`, which must succeed; returns its stdout.
+#[track_caller]
+fn succeeds(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn root() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -77,18 +89,14 @@ fn check_reports_every_problem_with_file_line_column_and_key_path() {
 fn explain_prints_decision_rule_location_and_reason_without_calling_anything() {
     let cfg = root().join("toolgate.yaml");
     let run = |tool: &str, args: &str| {
-        let out = toolgate()
-            .args(["explain", "--config"])
-            .arg(&cfg)
-            .args(["--agent", "billing-bot", "--tool", tool, "--args", args])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeeds(toolgate().args(["explain", "--config"]).arg(&cfg).args([
+            "--agent",
+            "billing-bot",
+            "--tool",
+            tool,
+            "--args",
+            args,
+        ]))
     };
     let o = run("billing__get_invoice", r#"{"invoice_id":"INV-000001"}"#);
     assert!(
@@ -260,18 +268,9 @@ async fn token_mints_admin_plane_tokens_the_admin_api_takes() {
     let h = support::Harness::start().await;
     let cfg = h.dir.join("toolgate.yaml");
     let mint = |args: &[&str]| {
-        let out = toolgate()
-            .args(["token", "--config"])
-            .arg(&cfg)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        succeeds(toolgate().args(["token", "--config"]).arg(&cfg).args(args))
+            .trim()
+            .to_owned()
     };
     let admin = mint(&[
         "--agent", "carol", "--plane", "admin", "--roles", "approver",

@@ -381,6 +381,20 @@ async fn stateless_header_body_disagreements_are_refused() {
     assert_eq!(h.received().len(), 1, "only the consistent call arrived");
 }
 
+/// Three echo calls pass, the fourth is rate limited (a budget of 3):
+/// returns the fourth's answer.
+async fn spend_three_echoes(h: &Harness, t: &str) -> Value {
+    for i in 0..3 {
+        let v = h
+            .call(t, "billing__echo", json!({"text": format!("{i}")}))
+            .await;
+        assert!(v.get("result").is_some(), "call {i}: {v}");
+    }
+    let v = h.call(t, "billing__echo", json!({"text": "4"})).await;
+    assert_eq!(code(&v), -32029, "{v}");
+    v
+}
+
 #[tokio::test]
 async fn rate_limits_answer_retry_after_and_denials_spend_no_budget() {
     let h = Harness::start().await;
@@ -390,14 +404,7 @@ async fn rate_limits_answer_retry_after_and_denials_spend_no_budget() {
         let v = h.call(&t, "billing__delete_x", json!({})).await;
         assert_eq!(code(&v), -32003);
     }
-    for i in 0..3 {
-        let v = h
-            .call(&t, "billing__echo", json!({"text": format!("{i}")}))
-            .await;
-        assert!(v.get("result").is_some(), "call {i}: {v}");
-    }
-    let v = h.call(&t, "billing__echo", json!({"text": "4"})).await;
-    assert_eq!(code(&v), -32029, "{v}");
+    let v = spend_three_echoes(&h, &t).await;
     assert_eq!(v["error"]["data"]["decision"], "rate_limited");
     assert_eq!(v["error"]["data"]["rule"], "rate_limit.tool");
     let ms = v["error"]["data"]["retry_after_ms"].as_u64().unwrap();
@@ -417,29 +424,18 @@ async fn rate_limits_answer_retry_after_and_denials_spend_no_budget() {
 /// `catalog`) without spending the agent's budget either.
 #[tokio::test]
 async fn calls_no_upstream_exposes_are_denied_and_spend_no_budget() {
-    let h = Harness::with(Opts {
-        manifests: &[(
-            "prober.yaml",
-            "agent: prober\nrate_limit: { rate: 3/min, burst: 3 }\ntools:\n  - name: \"*\"\n",
-        )],
-        ..Opts::default()
-    })
+    let (h, t) = Harness::with_agent(
+        "prober",
+        "agent: prober\nrate_limit: { rate: 3/min, burst: 3 }\ntools:\n  - name: \"*\"\n",
+    )
     .await;
-    let t = h.token("prober");
     for _ in 0..5 {
         // No upstream has the prefix `ghost`.
         let v = h.call(&t, "ghost__thing", json!({})).await;
         assert_eq!(code(&v), -32602, "{v}");
         assert_eq!(v["error"]["data"]["rule"], "catalog", "{v}");
     }
-    for i in 0..3 {
-        let v = h
-            .call(&t, "billing__echo", json!({"text": format!("{i}")}))
-            .await;
-        assert!(v.get("result").is_some(), "call {i}: {v}");
-    }
-    let v = h.call(&t, "billing__echo", json!({"text": "4"})).await;
-    assert_eq!(code(&v), -32029, "{v}");
+    spend_three_echoes(&h, &t).await;
 }
 
 #[tokio::test]

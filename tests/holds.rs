@@ -490,29 +490,39 @@ async fn holds_expired_on_the_way_are_audited_once() {
     }
 }
 
-#[tokio::test]
-async fn a_decision_during_the_wait_answers_the_waiting_call() {
-    let h = Harness::with(Opts {
+/// ops-bot's harness with calls waiting up to 10 s for a decision.
+async fn ops_waiting() -> Harness {
+    Harness::with(Opts {
         manifests: &[("ops-bot.yaml", OPS_BOT)],
         holds: "holds: { wait: 10s, ttl: 1h }",
         ..Opts::default()
     })
-    .await;
+    .await
+}
+
+/// The id of the newest pending hold, once there is one.
+async fn first_pending(h: &Harness) -> String {
+    let viewer = approver_token("v", &["viewer"], &[]);
+    loop {
+        let (_, v) = h
+            .admin(Method::GET, "/v1/holds?status=pending", Some(&viewer), None)
+            .await;
+        if let Some(id) = v["holds"][0]["id"].as_str() {
+            return id.to_owned();
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_decision_during_the_wait_answers_the_waiting_call() {
+    let h = ops_waiting().await;
     let t = h.token("ops-bot");
     let args = json!({"principal": "alice", "role": "admin"});
     let call = h.call(&t, "billing__grant_role", args.clone());
     let approve = async {
-        // Wait until the hold exists, then approve it.
-        let viewer = approver_token("v", &["viewer"], &[]);
-        loop {
-            let (_, v) = h
-                .admin(Method::GET, "/v1/holds?status=pending", Some(&viewer), None)
-                .await;
-            if let Some(id) = v["holds"][0]["id"].as_str() {
-                return h.approve(id, "carol", json!({})).await;
-            }
-            tokio::task::yield_now().await;
-        }
+        let id = first_pending(&h).await;
+        h.approve(&id, "carol", json!({})).await
     };
     let (v, (s, _)) = tokio::join!(call, approve);
     assert_eq!(s, StatusCode::OK);
@@ -525,45 +535,23 @@ async fn a_decision_during_the_wait_answers_the_waiting_call() {
 /// used), and that refusal is audited like any decision.
 #[tokio::test]
 async fn a_single_use_approval_shared_by_two_waiting_calls_forwards_one() {
-    let h = Harness::with(Opts {
-        manifests: &[("ops-bot.yaml", OPS_BOT)],
-        holds: "holds: { wait: 10s, ttl: 1h }",
-        ..Opts::default()
-    })
-    .await;
+    let h = ops_waiting().await;
     let t = h.token("ops-bot");
     let args = json!({"principal": "alice", "role": "admin"});
     let first = h.call(&t, "billing__grant_role", args.clone());
     let second = async {
         // Join once the hold exists.
-        let viewer = approver_token("v", &["viewer"], &[]);
-        loop {
-            let (_, v) = h
-                .admin(Method::GET, "/v1/holds?status=pending", Some(&viewer), None)
-                .await;
-            if v["holds"][0]["id"].is_string() {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        first_pending(&h).await;
         h.call(&t, "billing__grant_role", args.clone()).await
     };
     let approve = async {
-        let viewer = approver_token("v", &["viewer"], &[]);
+        let id = first_pending(&h).await;
+        // Both calls wait on it once the second joined: hold_created,
+        // then the joined call's own record.
         loop {
-            let (_, v) = h
-                .admin(Method::GET, "/v1/holds?status=pending", Some(&viewer), None)
-                .await;
-            // Both calls wait on it once the second joined: hold_created,
-            // then the joined call's own record.
-            let joined = h
-                .audit()
-                .await
-                .iter()
-                .filter(|r| r["decision"] == "hold")
-                .count();
-            if let (Some(id), 2) = (v["holds"][0]["id"].as_str(), joined) {
-                return h.approve(id, "carol", json!({})).await;
+            let audit = h.audit().await;
+            if audit.iter().filter(|r| r["decision"] == "hold").count() == 2 {
+                return h.approve(&id, "carol", json!({})).await;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

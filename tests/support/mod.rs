@@ -185,6 +185,19 @@ limits:
         }
     }
 
+    /// A harness whose only manifest is `yaml`, for `agent`, and a token
+    /// for that agent.
+    pub async fn with_agent(agent: &str, yaml: &str) -> (Harness, String) {
+        let file = format!("{agent}.yaml");
+        let h = Self::with(Opts {
+            manifests: &[(file.as_str(), yaml)],
+            ..Opts::default()
+        })
+        .await;
+        let t = h.token(agent);
+        (h, t)
+    }
+
     /// A valid agent token.
     pub fn token(&self, agent: &str) -> String {
         token_with(json!({"sub": agent}))
