@@ -637,13 +637,14 @@ impl Upstream {
             // never sent again.
             let (mut failures, mut resumes) = (0u32, 0u32);
             while !modern && failures < MAX_RESUME_FAILURES && resumes < MAX_RESUMES {
-                let Some(last) = sse.last_id().map(str::to_owned) else {
+                let Some(last) = sse.last_id().cloned() else {
                     break;
                 };
+                sse.discard_partial();
                 tokio::time::sleep(sse.retry().unwrap_or(DEFAULT_SSE_RETRY)).await;
                 resumes += 1;
                 let seen = sse.events();
-                let body = match self.resume(s, &last).await {
+                let body = match self.resume(s, last).await {
                     Ok(b) => b,
                     Err(Resume::Final(why)) => {
                         ended = why;
@@ -729,10 +730,12 @@ impl Upstream {
 
     /// Reopens a call's event stream after `last_id` (a GET with
     /// `Last-Event-ID`).
-    async fn resume(&self, s: &Session, last_id: &str) -> Result<hyper::body::Incoming, Resume> {
-        let last = HeaderValue::from_str(last_id)
-            .map_err(|_| Resume::Final("ended with an event id that is no header value".into()))?;
-        let req = stream_request(&self.url, &self.headers, s, Some(last))
+    async fn resume(
+        &self,
+        s: &Session,
+        last_id: HeaderValue,
+    ) -> Result<hyper::body::Incoming, Resume> {
+        let req = stream_request(&self.url, &self.headers, s, Some(last_id))
             .map_err(|e| Resume::Final(format!("ended, and the GET to resume it failed: {e}")))?;
         let resp = match self.client.request(req).await {
             Ok(r) => r,
@@ -753,19 +756,10 @@ impl Upstream {
             ))),
             // The session is gone, the server resumes nothing, or it
             // refuses: asking again will not change it.
-            s if s.is_client_error()
-                && !matches!(
-                    s,
-                    StatusCode::TOO_MANY_REQUESTS
-                        | StatusCode::REQUEST_TIMEOUT
-                        | StatusCode::CONFLICT
-                ) =>
-            {
-                Err(Resume::Final(format!(
-                    "ended, and resuming it got HTTP {}",
-                    s.as_u16()
-                )))
-            }
+            s if !retry_may_help(s) => Err(Resume::Final(format!(
+                "ended, and resuming it got HTTP {}",
+                s.as_u16()
+            ))),
             s => Err(Resume::Retry(format!(
                 "ended, and resuming it got HTTP {}",
                 s.as_u16()
@@ -889,6 +883,17 @@ enum Resume {
     Final(String),
 }
 
+/// Whether asking again for a stream the server refused with `status` may
+/// work: not for a 4xx (the session is gone, nothing is offered, it is
+/// refused), except a conflict, a rate limit or a timeout.
+pub(crate) fn retry_may_help(status: StatusCode) -> bool {
+    !status.is_client_error()
+        || matches!(
+            status,
+            StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT
+        )
+}
+
 /// Whether an answer is an event stream (`text/event-stream`).
 pub(crate) fn is_event_stream(headers: &http::HeaderMap) -> bool {
     headers
@@ -932,7 +937,8 @@ pub(crate) fn stream_request(
 #[derive(Default)]
 pub struct SseReader {
     buf: BytesMut,
-    last_id: Option<String>,
+    /// As a header value: it is only ever sent back as `Last-Event-ID`.
+    last_id: Option<HeaderValue>,
     retry: Option<Duration>,
     /// Complete events seen, with data or not.
     events: u64,
@@ -951,9 +957,15 @@ impl SseReader {
     }
 
     /// The id to send as `Last-Event-ID` when reconnecting, if the server
-    /// gave one (an empty `id` clears it).
-    pub fn last_id(&self) -> Option<&str> {
-        self.last_id.as_deref()
+    /// gave one (an empty `id`, or one no header can carry, clears it).
+    pub fn last_id(&self) -> Option<&HeaderValue> {
+        self.last_id.as_ref()
+    }
+
+    /// Forgets an event the stream ended in the middle of: as EventSource
+    /// does, it is never dispatched, and a reconnected stream starts clean.
+    pub fn discard_partial(&mut self) {
+        self.buf.clear();
     }
 
     /// The reconnection delay the server asked for (between
@@ -977,7 +989,7 @@ impl SseReader {
             let Some((end, sep)) = end else { break };
             let event = self.buf.split_to(end + sep);
             self.events += 1;
-            let mut data: Vec<u8> = Vec::new();
+            let mut data: Option<Vec<u8>> = None;
             for line in event[..end].split(|b| *b == b'\n') {
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 let (field, value) = match line.iter().position(|b| *b == b':') {
@@ -986,19 +998,19 @@ impl SseReader {
                 };
                 let value = value.strip_prefix(b" ").unwrap_or(value);
                 match field {
-                    b"data" => {
-                        if !data.is_empty() {
-                            data.push(b'\n');
+                    // Lines joined with '\n' (the first may be empty).
+                    b"data" => match &mut data {
+                        Some(d) => {
+                            d.push(b'\n');
+                            d.extend_from_slice(value);
                         }
-                        data.extend_from_slice(value);
-                    }
-                    // As EventSource: an id with a NUL is ignored, and an
-                    // id that is no text cannot be sent back in a header.
+                        None => data = Some(value.to_vec()),
+                    },
+                    // As EventSource: an id with a NUL is ignored.
                     b"id" if !value.contains(&0) => {
-                        self.last_id = match std::str::from_utf8(value) {
-                            Ok("") | Err(_) => None,
-                            Ok(v) => Some(v.to_owned()),
-                        };
+                        self.last_id = Some(value)
+                            .filter(|v| !v.is_empty())
+                            .and_then(|v| HeaderValue::from_bytes(v).ok());
                     }
                     b"retry" if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => {
                         let ms = std::str::from_utf8(value)
@@ -1011,8 +1023,8 @@ impl SseReader {
                     _ => {}
                 }
             }
-            if !data.is_empty() {
-                out.push(data);
+            if let Some(d) = data.filter(|d| !d.is_empty()) {
+                out.push(d);
             }
         }
         out
@@ -1143,42 +1155,53 @@ mod tests {
 
     #[test]
     fn sse_reader_keeps_the_last_event_id_and_the_retry_delay() {
+        let id = |r: &SseReader| r.last_id().map(|v| v.to_str().unwrap().to_owned());
         let mut r = SseReader::default();
-        assert_eq!((r.last_id(), r.retry(), r.events()), (None, None, 0));
+        assert_eq!((id(&r), r.retry(), r.events()), (None, None, 0));
         // A priming event: an id, a retry, no data (nothing to dispatch).
         assert!(r
             .push(b"id: e-1\r\nretry: 2500\r\ndata: \r\n\r\n")
             .is_empty());
         assert_eq!(
-            (r.last_id(), r.retry(), r.events()),
+            (id(&r).as_deref(), r.retry(), r.events()),
             (Some("e-1"), Some(Duration::from_millis(2500)), 1)
         );
         // The id counts once its event is complete, across chunks.
         assert_eq!(r.push(b"id: e-2\ndata: {}\n"), Vec::<Vec<u8>>::new());
-        assert_eq!(r.last_id(), Some("e-1"));
+        assert_eq!(id(&r).as_deref(), Some("e-1"));
         assert_eq!(r.push(b"\n"), vec![b"{}".to_vec()]);
-        assert_eq!(r.last_id(), Some("e-2"));
+        assert_eq!(id(&r).as_deref(), Some("e-2"));
         // An event without an id keeps it; a NUL in an id is ignored; a
         // retry that is not all digits is ignored; one too long or too
         // short is clamped.
         r.push(b"data: x\n\nid: a\0b\nretry: 5s\n\n");
         assert_eq!(
-            (r.last_id(), r.retry()),
+            (id(&r).as_deref(), r.retry()),
             (Some("e-2"), Some(Duration::from_millis(2500)))
         );
         r.push(b"retry: 99999999999999999999999\n\n");
         assert_eq!(r.retry(), Some(MAX_SSE_RETRY));
         r.push(b"retry: 0\n\n");
         assert_eq!(r.retry(), Some(MIN_SSE_RETRY));
-        // An empty id clears it: there is nothing to resume from.
+        // An empty id clears it, and so does one no header can carry:
+        // there is nothing to resume from.
         r.push(b"id\n\n");
-        assert_eq!(r.last_id(), None);
-        assert_eq!(r.events(), 7);
-        // "data" without a colon is a data line with no value.
+        assert_eq!(id(&r), None);
+        r.push(b"id: e-3\n\nid: a\x01b\n\n");
+        assert_eq!(id(&r), None);
+        assert_eq!(r.events(), 9);
+        // "data" without a colon is a data line with no value, the first
+        // line too.
         assert_eq!(
-            r.push(b"data: a\ndata\ndata:b\n\n"),
-            vec![b"a\n\nb".to_vec()]
+            r.push(b"data: a\ndata\ndata:b\n\ndata\ndata: c\n\n"),
+            vec![b"a\n\nb".to_vec(), b"\nc".to_vec()]
         );
+        // An event the stream ended in the middle of is never dispatched,
+        // and does not run into the next stream's first event.
+        assert!(r.push(b"data: {\"half").is_empty());
+        r.discard_partial();
+        assert_eq!(r.pending(), 0);
+        assert_eq!(r.push(b"data: {}\n\n"), vec![b"{}".to_vec()]);
     }
 
     #[test]

@@ -98,15 +98,6 @@ enum End {
     Failed(String),
 }
 
-/// What reopening a session's stream resumes from: the last event id the
-/// server gave (sent as `Last-Event-ID`, so that it replays what it sent
-/// while the stream was down) and its `retry` delay.
-#[derive(Default)]
-struct Resumption {
-    last_id: Option<String>,
-    retry: Option<Duration>,
-}
-
 /// Counts a running task for as long as it lives.
 struct Running<'a>(&'a AtomicUsize);
 
@@ -195,12 +186,16 @@ impl Streams {
         let mut stop = self.stop.subscribe();
         let mut ready = Some(ready);
         let mut backoff = FIRST_RETRY;
-        let mut resume = Resumption::default();
+        // One reader for all of the session's streams: it keeps the last
+        // event id the server gave (sent as `Last-Event-ID` on reopening,
+        // so that it replays what it sent while the stream was down) and
+        // its `retry` delay.
+        let mut sse = SseReader::default();
         loop {
             let end = tokio::select! {
                 _ = &mut cancel => return,
                 _ = stop.wait_for(|s| *s) => return,
-                end = self.once(&session, &mut ready, &mut resume) => end,
+                end = self.once(&session, &mut ready, &mut sse) => end,
             };
             match end {
                 End::NotOffered(why) => {
@@ -221,7 +216,7 @@ impl Streams {
                     }
                     // A server that closes its stream on purpose (SSE
                     // polling) says when to come back.
-                    if let Some(r) = resume.retry {
+                    if let Some(r) = sse.retry() {
                         backoff = r;
                     }
                     tracing::debug!(upstream.name = %self.name, reason = %why, retry_ms = backoff.as_millis() as u64, "upstream GET stream ended; reopening");
@@ -245,18 +240,15 @@ impl Streams {
         &self,
         s: &Session,
         ready: &mut Option<oneshot::Sender<()>>,
-        resume: &mut Resumption,
+        sse: &mut SseReader,
     ) -> End {
         let mut fire = || {
             if let Some(r) = ready.take() {
                 let _ = r.send(());
             }
         };
-        let last = resume
-            .last_id
-            .as_deref()
-            .and_then(|l| HeaderValue::from_str(l).ok());
-        let req = match super::stream_request(&self.url, &self.headers, s, last) {
+        sse.discard_partial();
+        let req = match super::stream_request(&self.url, &self.headers, s, sse.last_id().cloned()) {
             Ok(r) => r,
             Err(e) => {
                 // The headers were validated with the config; not expected.
@@ -286,10 +278,7 @@ impl Streams {
             ))),
             s if s.is_success() => None,
             StatusCode::NOT_FOUND => Some(End::SessionGone),
-            StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => {
-                Some(End::Failed(format!("HTTP {}", status.as_u16())))
-            }
-            s if s.is_client_error() => Some(End::Refused(s)),
+            s if !super::retry_may_help(s) => Some(End::Refused(s)),
             s => Some(End::Failed(format!("HTTP {}", s.as_u16()))),
         };
         if matches!(end, Some(End::NotOffered(_))) {
@@ -303,14 +292,10 @@ impl Streams {
         }
         let opened = Instant::now();
         let mut body = resp.into_body();
-        let mut sse = SseReader::default();
-        let end = loop {
-            let Some(frame) = body.frame().await else {
-                break End::Dropped(opened, "closed by the server".into());
-            };
+        while let Some(frame) = body.frame().await {
             let frame = match frame {
                 Ok(f) => f,
-                Err(e) => break End::Dropped(opened, e.to_string()),
+                Err(e) => return End::Dropped(opened, e.to_string()),
             };
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -319,17 +304,10 @@ impl Streams {
                 self.event(&event);
             }
             if sse.pending() > self.max_event {
-                break End::Failed("an event is larger than the limit".into());
+                return End::Failed("an event is larger than the limit".into());
             }
-        };
-        // What the next GET of this session resumes from.
-        if let Some(id) = sse.last_id() {
-            resume.last_id = Some(id.to_owned());
         }
-        if let Some(r) = sse.retry() {
-            resume.retry = Some(r);
-        }
-        end
+        End::Dropped(opened, "closed by the server".into())
     }
 
     /// Acts on one event's data.
