@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 
 mod verify;
 pub use verify::{
-    last_link as verified_last_link, verify, verify_after, verify_signed, verify_signed_after,
-    Anchors, Broken, Link, Signed,
+    verified_last_link, verify, verify_after, verify_signed, verify_signed_after, Anchors, Broken,
+    Link, Signed,
 };
 
 /// `prev` of the first record.

@@ -1885,14 +1885,11 @@ fn shape(mut result: RawResult, version: &str) -> RawResult {
             result.remove("resultType");
         }
         if let Some(mut m) = meta {
-            if m.remove(mcp::META_SERVER_INFO).is_some() {
-                if m.is_empty() {
-                    result.remove("_meta");
-                } else {
-                    result.insert("_meta", &Value::Object(m));
-                }
-            } else if m.is_empty() {
+            let ours = m.remove(mcp::META_SERVER_INFO).is_some();
+            if m.is_empty() {
                 result.remove("_meta");
+            } else if ours {
+                result.insert("_meta", &Value::Object(m));
             }
         }
     }

@@ -475,36 +475,18 @@ pub fn tool_call(mut params: Map<String, Value>) -> Result<ToolCall, InvalidPara
             Shape::Other,
         ));
     }
-    let arguments = match params.remove("arguments") {
-        None => Value::Object(Map::new()),
-        Some(v @ Value::Object(_)) => v,
-        Some(_) => {
-            return Err(InvalidParams(
-                "\"arguments\" must be an object".into(),
-                Shape::NotAnObject,
-            ))
-        }
+    // Members that must be objects when present.
+    let mut object = |key: &str| match params.remove(key) {
+        None => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
+        Some(_) => Err(InvalidParams(
+            format!("{key:?} must be an object"),
+            Shape::NotAnObject,
+        )),
     };
-    let meta = match params.remove("_meta") {
-        None => None,
-        Some(Value::Object(m)) => Some(m),
-        Some(_) => {
-            return Err(InvalidParams(
-                "\"_meta\" must be an object".into(),
-                Shape::NotAnObject,
-            ))
-        }
-    };
-    let input_responses = match params.remove("inputResponses") {
-        None => None,
-        Some(Value::Object(m)) => Some(m),
-        Some(_) => {
-            return Err(InvalidParams(
-                "\"inputResponses\" must be an object".into(),
-                Shape::NotAnObject,
-            ))
-        }
-    };
+    let arguments = Value::Object(object("arguments")?.unwrap_or_default());
+    let meta = object("_meta")?;
+    let input_responses = object("inputResponses")?;
     let request_state = match params.remove("requestState") {
         None => None,
         Some(Value::String(s)) => Some(s),

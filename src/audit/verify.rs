@@ -213,7 +213,7 @@ pub fn verify_after(path: &Path, start: &Link) -> Result<u64, Broken> {
 
 /// Checks `path`'s chain and returns its last record's link (what a log
 /// that continues it starts from); [`Link::genesis`] for an empty log.
-pub fn last_link(path: &Path) -> Result<Link, Broken> {
+pub fn verified_last_link(path: &Path) -> Result<Link, Broken> {
     let mut last = Link::genesis();
     walk(path, &Link::genesis(), |_, seq, _, hash| {
         last = Link {
