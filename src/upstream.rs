@@ -174,7 +174,7 @@ impl Upstream {
         let tools_changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let asks = Arc::new(asks::Asks::default());
         let (url, headers, stdio) = match &cfg.transport {
-            Transport::Http { url, headers } => (url.clone(), headers.clone(), None),
+            Transport::Http { url, headers } => (url.clone(), with_host(url, headers), None),
             Transport::Stdio { command, env, cwd } => (
                 http::Uri::from_static("http://127.0.0.1/"),
                 Vec::new(),
@@ -902,6 +902,36 @@ pub(crate) fn is_event_stream(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
+/// The upstream's configured headers plus its `Host`, computed once: the
+/// client would otherwise format `host:port` and validate it into a new
+/// header value on every request. Its value is the one the client would
+/// set (the port only when it is not the scheme's default); a configured
+/// `Host` is left alone.
+fn with_host(
+    url: &http::Uri,
+    headers: &[(HeaderName, HeaderValue)],
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = headers.to_vec();
+    if out.iter().any(|(k, _)| k == http::header::HOST) {
+        return out;
+    }
+    let Some(host) = url.host() else {
+        return out;
+    };
+    let default_port = match url.scheme_str() {
+        Some("https" | "wss") => 443,
+        _ => 80,
+    };
+    let value = match url.port_u16() {
+        Some(p) if p != default_port => HeaderValue::try_from(format!("{host}:{p}")),
+        _ => HeaderValue::try_from(host),
+    };
+    if let Ok(v) = value {
+        out.insert(0, (http::header::HOST, v));
+    }
+    out
+}
+
 /// A GET that opens (or, with `last_id`, resumes) a session's event
 /// stream.
 pub(crate) fn stream_request(
@@ -1144,6 +1174,60 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_is_computed_once_as_the_client_would_set_it() {
+        let host = |url: &str, headers: &[(HeaderName, HeaderValue)]| {
+            let all = with_host(&url.parse().unwrap(), headers);
+            let hosts: Vec<_> = all
+                .iter()
+                .filter(|(k, _)| k == http::header::HOST)
+                .map(|(_, v)| v.to_str().unwrap().to_owned())
+                .collect();
+            (hosts, all.len())
+        };
+        assert_eq!(
+            host("http://127.0.0.1:8080/mcp", &[]),
+            (vec!["127.0.0.1:8080".into()], 1)
+        );
+        assert_eq!(
+            host("http://tools.internal/mcp", &[]),
+            (vec!["tools.internal".into()], 1)
+        );
+        assert_eq!(
+            host("http://tools.internal:80/mcp", &[]),
+            (vec!["tools.internal".into()], 1)
+        );
+        assert_eq!(
+            host("https://tools.internal:443/mcp", &[]),
+            (vec!["tools.internal".into()], 1)
+        );
+        assert_eq!(
+            host("https://tools.internal:80/mcp", &[]),
+            (vec!["tools.internal:80".into()], 1)
+        );
+        assert_eq!(
+            host("http://[::1]:9000/mcp", &[]),
+            (vec!["[::1]:9000".into()], 1)
+        );
+        // Configured headers are kept; a configured Host wins and is not doubled.
+        let auth = (
+            http::header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer x"),
+        );
+        assert_eq!(
+            host("http://a:1/", std::slice::from_ref(&auth)),
+            (vec!["a:1".into()], 2)
+        );
+        let own = (
+            http::header::HOST,
+            HeaderValue::from_static("front.example"),
+        );
+        assert_eq!(
+            host("http://a:1/", &[own, auth]),
+            (vec!["front.example".into()], 2)
+        );
+    }
 
     #[test]
     fn sse_reader_splits_events_across_chunks() {
