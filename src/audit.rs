@@ -731,11 +731,11 @@ mod tests {
     use crate::mcp::canonical_json;
     use serde_json::json;
 
-    fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("tg-audit-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d.join("audit.jsonl")
+    /// A scratch dir (hold it: it goes when dropped) and a log path in it.
+    fn tmp(name: &str) -> (crate::scratch::Scratch, PathBuf) {
+        let d = crate::scratch::Scratch::new(name).unwrap();
+        let log = d.join("audit.jsonl");
+        (d, log)
     }
 
     fn rec(tool: &str) -> Record {
@@ -804,7 +804,7 @@ mod tests {
 
     #[tokio::test]
     async fn chain_verifies_and_continues_across_restarts() {
-        let p = tmp("chain");
+        let (_d, p) = tmp("chain");
         let (a, _t) = Auditor::start(&p).unwrap();
         for i in 0..5 {
             a.submit(rec(&format!("t{i}"))).unwrap();
@@ -829,7 +829,7 @@ mod tests {
     async fn records_are_written_while_the_callers_runtime_is_busy() {
         // This test's runtime has one thread, blocked below: a writer that
         // were a task on it could not write until the block ends.
-        let p = tmp("own-thread");
+        let (_d, p) = tmp("own-thread");
         let (a, _t) = Auditor::start(&p).unwrap();
         a.submit(rec("while-busy")).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -850,7 +850,7 @@ mod tests {
 
     #[tokio::test]
     async fn tampering_is_detected_at_the_first_bad_record() {
-        let p = tmp("tamper");
+        let (_d, p) = tmp("tamper");
         let (a, _t) = Auditor::start(&p).unwrap();
         for i in 0..4 {
             a.submit(rec(&format!("t{i}"))).unwrap();
@@ -873,7 +873,7 @@ mod tests {
     async fn an_outage_keeps_a_bounded_backlog_and_the_chain_verifies_after_recovery() {
         // The log is a symlink to /dev/full (every write fails with ENOSPC)
         // until it is pointed at a real file: a disk that fills and frees.
-        let link = tmp("outage");
+        let (_d, link) = tmp("outage");
         let real = link.with_file_name("real.jsonl");
         std::os::unix::fs::symlink("/dev/full", &link).unwrap();
         // A small bound, so the test need not queue 64 MiB.
@@ -929,7 +929,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_refuses_to_start() {
-        let p = tmp("torn");
+        let (_d, p) = tmp("torn");
         std::fs::write(&p, "{\"seq\":1,\"hash\":\"ab").unwrap();
         assert!(Auditor::start(&p).is_err());
     }
@@ -937,7 +937,7 @@ mod tests {
     #[tokio::test]
     async fn signed_checkpoints_detect_wholesale_rewrites_and_count_the_unsigned_tail() {
         use base64::Engine as _;
-        let p = tmp("signed");
+        let (_d, p) = tmp("signed");
         let (seed, public) = keygen().unwrap();
         let seed: [u8; 32] = base64::engine::general_purpose::STANDARD
             .decode(seed)
@@ -977,7 +977,7 @@ mod tests {
             "shutdown signs the tail: {s:?}"
         );
         // Rewrite everything with a fresh chain but no key: detected.
-        let forged = tmp("forged");
+        let (_d, forged) = tmp("forged");
         let (f, ft) = Auditor::start(&forged).unwrap();
         for i in 0..7 {
             f.submit(rec(&format!("t{i}"))).unwrap();
@@ -1013,7 +1013,7 @@ mod tests {
     /// feature, which the crate does not enable).
     #[tokio::test]
     async fn interval_checkpoints_sign_the_tail_and_keep_an_idle_log_fresh() {
-        let p = tmp("interval");
+        let (_d, p) = tmp("interval");
         let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]);
         let public = key.verifying_key();
         let (a, _t) = Auditor::start_signed(

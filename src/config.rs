@@ -1447,8 +1447,7 @@ mod tests {
 
     #[test]
     fn hs256_secrets_can_come_from_a_file() {
-        let d = std::env::temp_dir().join(format!("tg-secret-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let d = crate::scratch::Scratch::new("secret").unwrap();
         std::fs::write(
             d.join("agent.key"),
             "file-secret-0123456789abcdef0123456789\n",
@@ -1494,7 +1493,7 @@ mod tests {
 
     #[test]
     fn normalize_resolves_dots_and_symlinks() {
-        let d = std::env::temp_dir().join(format!("tg-norm-{}", std::process::id()));
+        let d = crate::scratch::Scratch::new("norm").unwrap();
         std::fs::create_dir_all(d.join("real")).unwrap();
         let link = d.join("link");
         let _ = std::fs::remove_file(&link);
@@ -1505,6 +1504,5 @@ mod tests {
             real.join("y.txt")
         );
         assert_eq!(normalize_path(&d.join("./real//./z")), real.join("z"));
-        std::fs::remove_dir_all(&d).unwrap();
     }
 }

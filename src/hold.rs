@@ -686,12 +686,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn store(tag: &str, ttl: Duration) -> (Holds, std::path::PathBuf) {
-        let p = std::env::temp_dir().join(format!("tg-holds-{}-{tag}.db", std::process::id()));
-        for s in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{s}", p.display()));
-        }
-        (Holds::open(&p, ttl).unwrap(), p)
+    /// A store in a scratch dir (first, so it is dropped after the store).
+    fn store(tag: &str, ttl: Duration) -> (crate::scratch::Scratch, Holds, std::path::PathBuf) {
+        let d = crate::scratch::Scratch::new(tag).unwrap();
+        let p = d.join("holds.db");
+        (d, Holds::open(&p, ttl).unwrap(), p)
     }
 
     fn new(agent: &str, sha: &str, needed: u32) -> NewHold {
@@ -709,7 +708,7 @@ mod tests {
 
     #[tokio::test]
     async fn identical_calls_join_then_an_approval_is_used_exactly_once() {
-        let (h, _) = store("once", Duration::from_secs(60));
+        let (_d, h, _) = store("once", Duration::from_secs(60));
         let Admission::Created(hold) = h.admit(new("bot", "a", 1), 10).await.unwrap() else {
             panic!()
         };
@@ -749,7 +748,7 @@ mod tests {
 
     #[tokio::test]
     async fn two_person_rule_self_approval_and_decided_holds() {
-        let (h, _) = store("two", Duration::from_secs(60));
+        let (_d, h, _) = store("two", Duration::from_secs(60));
         let Admission::Created(hold) = h.admit(new("bot", "a", 2), 10).await.unwrap() else {
             panic!()
         };
@@ -778,7 +777,7 @@ mod tests {
 
     #[tokio::test]
     async fn denied_holds_refuse_identical_retries_and_windows_let_them_pass() {
-        let (h, _) = store("deny", Duration::from_secs(60));
+        let (_d, h, _) = store("deny", Duration::from_secs(60));
         let Admission::Created(d) = h.admit(new("bot", "x", 1), 10).await.unwrap() else {
             panic!()
         };
@@ -803,7 +802,7 @@ mod tests {
 
     #[tokio::test]
     async fn holds_expire_and_pending_holds_are_bounded() {
-        let (h, _) = store("exp", Duration::from_millis(30));
+        let (_d, h, _) = store("exp", Duration::from_millis(30));
         let Admission::Created(a) = h.admit(new("bot", "1", 1), 2).await.unwrap() else {
             panic!()
         };
@@ -831,7 +830,7 @@ mod tests {
 
     #[tokio::test]
     async fn state_survives_reopening() {
-        let (h, p) = store("reopen", Duration::from_secs(60));
+        let (_d, h, p) = store("reopen", Duration::from_secs(60));
         let Admission::Created(a) = h.admit(new("bot", "1", 1), 10).await.unwrap() else {
             panic!()
         };
@@ -851,7 +850,8 @@ mod tests {
 
     #[test]
     fn a_corrupt_state_file_is_a_clear_error() {
-        let p = std::env::temp_dir().join(format!("tg-holds-{}-corrupt.db", std::process::id()));
+        let d = crate::scratch::Scratch::new("corrupt").unwrap();
+        let p = d.join("holds.db");
         std::fs::write(&p, vec![0x42u8; 8192]).unwrap();
         let e = Holds::open(&p, Duration::from_secs(1)).err().unwrap();
         assert!(e.contains("unusable"), "{e}");

@@ -37,6 +37,8 @@ pub mod notify;
 pub mod policy;
 pub mod ratelimit;
 pub mod reload;
+#[doc(hidden)]
+pub mod scratch;
 pub mod server;
 pub mod session;
 pub mod upstream;

@@ -773,7 +773,7 @@ deny:
 
     #[test]
     fn policy_path_guard_resolves_dots_and_symlinks() {
-        let base = std::env::temp_dir().join(format!("tg-guard-{}", std::process::id()));
+        let base = crate::scratch::Scratch::new("guard").unwrap();
         std::fs::create_dir_all(base.join("tool-manifests")).unwrap();
         std::fs::create_dir_all(base.join("work")).unwrap();
         std::fs::write(base.join("toolgate.yaml"), "x").unwrap();
@@ -829,7 +829,6 @@ deny:
             );
             assert_eq!(dec.verdict, Verdict::Allow, "{arg}");
         }
-        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -133,8 +133,9 @@ async fn wait_log(log: &Path, pred: impl Fn(&[Value]) -> bool) {
 }
 
 /// A closed log of 7 calls signed every 3 records and at shutdown:
-/// t0 t1 t2 [cp] t3 t4 t5 [cp] t6 [cp].
-fn signed_log(tag: &str) -> (PathBuf, PathBuf) {
+/// t0 t1 t2 [cp] t3 t4 t5 [cp] t6 [cp]. The directory goes with the
+/// returned [`support::Scratch`].
+fn signed_log(tag: &str) -> (support::Scratch, PathBuf, PathBuf) {
     let dir = support::temp_dir(tag);
     let (secret, public) = keygen(&dir);
     let log = dir.join("audit.jsonl");
@@ -166,12 +167,12 @@ fn signed_log(tag: &str) -> (PathBuf, PathBuf) {
         [false, false, false, true, false, false, false, true, false, true],
         "layout"
     );
-    (log, public)
+    (dir, log, public)
 }
 
 #[test]
 fn an_intact_signed_log_verifies_and_names_its_last_signed_seq_and_time() {
-    let (log, public) = signed_log("intact");
+    let (_dir, log, public) = signed_log("intact");
     let last = lines(&log).pop().unwrap();
     let t = assert_ok(&verify(
         &log,
@@ -187,7 +188,7 @@ fn an_intact_signed_log_verifies_and_names_its_last_signed_seq_and_time() {
 
 #[test]
 fn an_edit_inside_the_signed_part_fails_whether_or_not_it_is_rechained() {
-    let (log, public) = signed_log("edit");
+    let (_dir, log, public) = signed_log("edit");
     let orig = lines(&log);
     // t4 (seq 6) sits between two checkpoints, which are kept.
     let mut edited = orig.clone();
@@ -209,7 +210,7 @@ fn an_edit_inside_the_signed_part_fails_whether_or_not_it_is_rechained() {
 
 #[test]
 fn records_after_the_first_checkpoint_rewritten_and_rechained_are_caught() {
-    let (log, public) = signed_log("after-first");
+    let (_dir, log, public) = signed_log("after-first");
     let orig = lines(&log);
     // Later checkpoints kept, everything after the first rewritten.
     let mut forged = orig.clone();
@@ -246,7 +247,7 @@ fn records_after_the_first_checkpoint_rewritten_and_rechained_are_caught() {
 
 #[test]
 fn a_wholesale_rewrite_fails_with_or_without_the_checkpoint_lines() {
-    let (log, public) = signed_log("wholesale");
+    let (_dir, log, public) = signed_log("wholesale");
     let orig = lines(&log);
     // Every checkpoint removed, the rest renumbered and re-chained: the
     // hash chain alone is happy, the key is not.
@@ -393,7 +394,7 @@ async fn a_log_cut_back_to_an_earlier_checkpoint_is_caught_by_its_anchors() {
 /// log it continues, and then it checks that one's chain and the link.
 #[test]
 fn a_log_whose_head_was_cut_is_broken_unless_it_continues_a_named_log() {
-    let (log, public) = signed_log("head-cut");
+    let (_dir, log, public) = signed_log("head-cut");
     let all = lines(&log);
     let dir = log.parent().unwrap().to_path_buf();
     write(&log, &all[2..]);

@@ -27,6 +27,8 @@ struct Driver {
         Full<Bytes>,
     >,
     _child: Kill,
+    /// Chromium's profile, removed after the browser is gone.
+    _profile: support::Scratch,
 }
 
 struct Kill(Child);
@@ -64,18 +66,20 @@ impl Driver {
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver starts");
+        let profile = support::temp_dir("chromium");
+        let profile_arg = format!("--user-data-dir={}", profile.display());
         let mut d = Driver {
             base: format!("http://127.0.0.1:{port}"),
             session: String::new(),
             client: toolgate::upstream::http_client(),
             _child: Kill(child),
+            _profile: profile,
         };
-        let profile = support::temp_dir("chromium");
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
             "binary": chromium,
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                      "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--window-size=1200,900", format!("--user-data-dir={}", profile.display())],
+                     "--window-size=1200,900", profile_arg],
         }}}});
         let started = Instant::now();
         let v = loop {

@@ -196,8 +196,12 @@ fn audit_verify_names_the_first_bad_record() {
 
 #[test]
 fn demo_starts_and_its_printed_calls_show_allow_deny_and_schema_error() {
+    // The demo writes its files under the temp dir and keeps them (for
+    // `audit verify` afterwards): here that is a scratch dir.
+    let tmp = support::temp_dir("demo");
     let mut child = toolgate()
         .args(["demo", "--listen", "127.0.0.1:0"])
+        .env("TMPDIR", &*tmp)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

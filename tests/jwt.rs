@@ -147,10 +147,12 @@ fn leeway_and_not_before_are_honoured() {
 
 #[test]
 fn bad_key_files_are_config_errors_naming_the_key() {
-    std::fs::write(std::env::temp_dir().join("tg-not-a-key.pem"), "hello").unwrap();
+    let dir = crate::support::temp_dir("not-a-key");
+    let pem = dir.join("not-a-key.pem");
+    std::fs::write(&pem, "hello").unwrap();
     let yaml = format!(
         "auth:\n  agents:\n    issuer: i\n    audience: a\n    keys:\n      - rs256: {{ public_key_pem: {} }}\n      - jwks: {{ path: missing.json }}\n",
-        std::env::temp_dir().join("tg-not-a-key.pem").display()
+        pem.display()
     );
     let e = Config::from_yaml(&fixtures().join("toolgate.yaml"), &yaml)
         .unwrap_err()

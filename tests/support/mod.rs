@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
@@ -18,16 +18,12 @@ use toolgate::server::Server;
 pub const SECRET: &str = "test-agent-secret-0123456789abcdef";
 pub const ADMIN_SECRET: &str = "test-admin-secret-0123456789abcdef";
 
-static N: AtomicU32 = AtomicU32::new(0);
+pub use toolgate::scratch::Scratch;
 
-/// A fresh temporary directory.
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "toolgate-test-{}-{}-{tag}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
+/// A fresh temporary directory with an empty `tool-manifests/`, removed
+/// when dropped (see [`Scratch`]).
+pub fn temp_dir(tag: &str) -> Scratch {
+    let d = Scratch::new(tag).expect("temp dir");
     std::fs::create_dir_all(d.join("tool-manifests")).expect("temp dir");
     d
 }
@@ -64,6 +60,8 @@ pub struct Harness {
         hyper_util::client::legacy::connect::HttpConnector,
         Full<Bytes>,
     >,
+    /// The directory this harness made (none when it was given one).
+    _scratch: Option<Scratch>,
 }
 
 pub struct Opts<'a> {
@@ -115,7 +113,13 @@ impl Harness {
         std::env::set_var("TG_TEST_AGENT_SECRET", SECRET);
         std::env::set_var("TG_TEST_ADMIN_SECRET", ADMIN_SECRET);
         std::env::set_var("TG_TEST_UPSTREAM_KEY", "upstream-credential");
-        let dir = o.dir.clone().unwrap_or_else(|| temp_dir("gate"));
+        let (dir, scratch) = match o.dir.clone() {
+            Some(d) => (d, None),
+            None => {
+                let s = temp_dir("gate");
+                (s.to_path_buf(), Some(s))
+            }
+        };
         for (name, text) in o.manifests {
             std::fs::write(dir.join("tool-manifests").join(name), text).expect("write manifest");
         }
@@ -182,6 +186,7 @@ limits:
             dir,
             url,
             client: toolgate::upstream::http_client(),
+            _scratch: scratch,
         }
     }
 
@@ -655,7 +660,7 @@ impl OperatorLog {
 pub struct Served {
     pub tools: ToolServer,
     pub port: u16,
-    pub dir: PathBuf,
+    pub dir: Scratch,
     /// An agent token for billing-bot.
     pub token: String,
     child: Option<std::process::Child>,
