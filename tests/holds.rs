@@ -967,3 +967,68 @@ async fn a_session_era_agent_answers_input_requests_asked_on_its_stream() {
     let events: Vec<&str> = audit.iter().map(|r| r["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["call", "input_round"], "{audit:#?}");
 }
+
+/// SPEC: while a call waits on a hold, SSE keep-alives come at least every
+/// 15 s; with a progress token each one also reports progress. This test
+/// waits for the first one (about 10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_waiting_on_a_hold_gets_keep_alives_within_15_s_with_progress() {
+    use http_body_util::BodyExt;
+    let h = Harness::with(Opts {
+        manifests: &[("ops-bot.yaml", OPS_BOT)],
+        holds: "holds: { wait: 30s, ttl: 1h }",
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("ops-bot");
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}, "progressToken": "p7"});
+    let body = json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"billing__grant_role","arguments":{"principal":"ops-bot","role":"x"},"_meta":meta}});
+    let req = http::Request::post(&h.url)
+        .header("authorization", format!("Bearer {t}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "billing__grant_role")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let resp = h.client.request(req).await.unwrap();
+    let opened = std::time::Instant::now();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = resp.into_body();
+    let mut text = String::new();
+    let first = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(frame) = stream.frame().await {
+            if let Ok(data) = frame.unwrap().into_data() {
+                text.push_str(&String::from_utf8_lossy(&data));
+            }
+            if text.contains(": keepalive\n\n") && text.contains("notifications/progress") {
+                return;
+            }
+        }
+        panic!("the stream ended while the hold was pending: {text:?}");
+    })
+    .await;
+    assert!(
+        first.is_ok(),
+        "no keep-alive within 15 s (after {:?}): {text:?}",
+        opened.elapsed()
+    );
+    let note: Value = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .unwrap();
+    assert_eq!(note["method"], "notifications/progress", "{note}");
+    assert_eq!(note["params"]["progressToken"], "p7");
+    assert_eq!(note["params"]["progress"], 1);
+    let hold = first_pending(&h).await;
+    assert!(
+        note["params"]["message"].as_str().unwrap().contains(&hold),
+        "{note}"
+    );
+    // Nothing was forwarded while it waited.
+    assert!(h.received().is_empty());
+}
