@@ -123,7 +123,10 @@ impl ParseError {
 pub fn parse_strict(bytes: &[u8]) -> Result<Value, ParseError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let mut failure = None;
-    let overflow = overflowing_integers(bytes);
+    let overflow = Overflow {
+        bytes,
+        found: std::cell::OnceCell::new(),
+    };
     let seed = StrictSeed {
         depth: 0,
         failure: &mut failure,
@@ -146,7 +149,23 @@ struct StrictSeed<'a> {
     /// Numbers visited so far, in document order.
     numbers: &'a mut usize,
     /// Which of them (by order) are integer literals beyond 64 bits.
-    overflow: &'a [usize],
+    overflow: &'a Overflow<'a>,
+}
+
+/// The integer literals beyond 64 bits in a message, found on demand:
+/// serde_json hands only those (and real floats) to `visit_f64`, so a
+/// message without either never pays for the scan.
+struct Overflow<'a> {
+    bytes: &'a [u8],
+    found: std::cell::OnceCell<Vec<usize>>,
+}
+
+impl Overflow<'_> {
+    fn contains(&self, nth: usize) -> bool {
+        self.found
+            .get_or_init(|| overflowing_integers(self.bytes))
+            .contains(&nth)
+    }
 }
 
 /// The document-order indexes of the number literals in `bytes` that are
@@ -240,7 +259,7 @@ impl<'de> Visitor<'de> for StrictSeed<'_> {
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
         let nth = *self.numbers;
         *self.numbers += 1;
-        if self.overflow.contains(&nth) {
+        if self.overflow.contains(nth) {
             let at = pointer_of(self.path);
             *self.failure = Some(ParseError::Json(format!(
                 "the integer at {at} does not fit in 64 bits (it would not reach the tool as sent)"
