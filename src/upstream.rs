@@ -438,28 +438,31 @@ impl Upstream {
     }
 
     /// A POST to the upstream in session `s`, with the configured headers.
-    fn post(&self, s: &Session, with_version: bool) -> http::request::Builder {
-        // Static names and values: a name or value given as a string is
-        // parsed and copied on every request.
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(self.url.clone())
-            .header(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )
-            .header(
-                http::header::ACCEPT,
-                HeaderValue::from_static("application/json, text/event-stream"),
-            );
+    fn post(&self, s: &Session, with_version: bool, body: Vec<u8>) -> Request<Full<Bytes>> {
+        // Static names and values (a name or value given as a string is
+        // parsed and copied on every request), set in place (a
+        // `request::Builder` moves the whole request through a `Result` at
+        // every header).
+        let mut req = Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.url.clone();
+        let h = req.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            http::header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
         if with_version {
-            req = req.header(MCP_PROTOCOL_VERSION, HeaderValue::from_static(s.version));
+            h.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static(s.version));
         }
         if let Some(sid) = &s.id {
-            req = req.header(MCP_SESSION_ID, sid.clone());
+            h.insert(MCP_SESSION_ID, sid.clone());
         }
         for (k, v) in &self.headers {
-            req = req.header(k, v.clone());
+            h.append(k, v.clone());
         }
         req
     }
@@ -469,10 +472,7 @@ impl Upstream {
     async fn post_message(&self, s: &Session, msg: &Value) -> Result<(), UpstreamError> {
         let body = serde_json::to_vec(msg)
             .map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
-        let req = self
-            .post(s, true)
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
+        let req = self.post(s, true, body);
         let resp = tokio::time::timeout(self.timeout, self.client.request(req))
             .await
             .map_err(|_| UpstreamError::Timeout(self.name.clone()))?
@@ -585,18 +585,19 @@ impl Upstream {
             .and_then(Value::as_str)
             .map(mcp::encode_header_value);
         let body = mcp::upstream_message((!notification).then_some(id), method, params, modern);
-        let mut req = self.post(s, method != "initialize");
+        let mut req = self.post(s, method != "initialize", body);
         if modern {
-            req = req.header(MCP_METHOD, method);
+            let bad = |e: http::header::InvalidHeaderValue| {
+                UpstreamError::Protocol(self.name.clone(), e.to_string())
+            };
+            let h = req.headers_mut();
+            h.insert(MCP_METHOD, HeaderValue::from_str(method).map_err(bad)?);
             if let Some(n) = name_header
                 .filter(|_| matches!(method, "tools/call" | "prompts/get" | "resources/read"))
             {
-                req = req.header(MCP_NAME, n);
+                h.insert(MCP_NAME, HeaderValue::try_from(n).map_err(bad)?);
             }
         }
-        let req = req
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| UpstreamError::Protocol(self.name.clone(), e.to_string()))?;
         let resp = self
             .client
             .request(req)
