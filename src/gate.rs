@@ -1913,13 +1913,16 @@ fn header_str(h: &HeaderMap, name: impl AsHeaderName) -> Option<&str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn response(status: StatusCode, content_type: &str, body: Body) -> Response<Body> {
+/// A response with `content_type` (none when empty). The type is static,
+/// so its header value is not parsed and copied for every response.
+fn response(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
     let mut r = Response::new(body);
     *r.status_mut() = status;
     if !content_type.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(content_type) {
-            r.headers_mut().insert(http::header::CONTENT_TYPE, v);
-        }
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type),
+        );
     }
     r
 }
