@@ -983,18 +983,9 @@ async fn a_call_waiting_on_a_hold_gets_keep_alives_within_15_s_with_progress() {
     let t = h.token("ops-bot");
     let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}, "progressToken": "p7"});
     let body = json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"billing__grant_role","arguments":{"principal":"ops-bot","role":"x"},"_meta":meta}});
-    let req = http::Request::post(&h.url)
-        .header("authorization", format!("Bearer {t}"))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", "tools/call")
-        .header("mcp-name", "billing__grant_role")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))
-        .unwrap();
-    let resp = h.client.request(req).await.unwrap();
+    let resp = h
+        .modern_stream(&t, "tools/call", Some("billing__grant_role"), &body)
+        .await;
     let opened = std::time::Instant::now();
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut stream = resp.into_body();

@@ -499,17 +499,9 @@ async fn a_2026_agent_listens_for_list_changes_with_subscriptions_listen() {
         "params": {"notifications": {"toolsListChanged": true, "resourceSubscriptions": ["billing://x"]},
             "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
                       "io.modelcontextprotocol/clientCapabilities": {}}}});
-    let req = http::Request::post(&h.url)
-        .header("authorization", format!("Bearer {t}"))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", "subscriptions/listen")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            body.to_string(),
-        )))
-        .unwrap();
-    let resp = h.client.request(req).await.unwrap();
+    let resp = h
+        .modern_stream(&t, "subscriptions/listen", None, &body)
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut stream = resp.into_body();

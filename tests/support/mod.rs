@@ -274,6 +274,31 @@ limits:
         (status, h, v)
     }
 
+    /// A 2026-07-28 request (`Mcp-Method`, and `Mcp-Name` when given)
+    /// that accepts an event stream; the response comes back unread, for
+    /// tests that read the stream as it arrives.
+    pub async fn modern_stream(
+        &self,
+        token: &str,
+        method: &str,
+        name: Option<&str>,
+        body: &Value,
+    ) -> http::Response<hyper::body::Incoming> {
+        let mut req = Request::post(&self.url)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", method);
+        if let Some(n) = name {
+            req = req.header("mcp-name", n);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        self.client.request(req).await.expect("toolgate answers")
+    }
+
     /// A 2026-07-28 tools/call with `_meta` extras, sent with `accept`;
     /// returns the content type and every message of the answer (each
     /// event's data for a stream).
