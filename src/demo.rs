@@ -178,7 +178,8 @@ impl ToolServer {
                     .sessions
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let Ok(v) = http::HeaderValue::from_str(&format!("demo-session-{n}")) {
-                    r.headers_mut().insert("mcp-session-id", v);
+                    r.headers_mut()
+                        .insert(crate::mcp::headers::MCP_SESSION_ID, v);
                 }
                 return r;
             }

@@ -37,12 +37,7 @@ use crate::ratelimit::{Limiters, Scope};
 use crate::session::{SessionError, Sessions};
 use crate::upstream::{Answer, Catalog, RawResult, Route, Upstream, Who};
 
-// Header names as constants: a name given as a string is parsed (and
-// lowercased) on every lookup.
-const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
-const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
-const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
-const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
+use crate::mcp::headers::{MCP_METHOD, MCP_NAME, MCP_PROTOCOL_VERSION, MCP_SESSION_ID};
 
 mod held;
 mod items;

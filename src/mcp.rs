@@ -48,6 +48,17 @@ pub mod code {
     pub const UNSUPPORTED_VERSION: i64 = -32022;
 }
 
+/// MCP's HTTP header names, as constants: a name given as a string is
+/// parsed (and lowercased) on every lookup or insert.
+pub mod headers {
+    use http::HeaderName;
+    pub const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
+    pub const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+    pub const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
+    pub const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
+    pub const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+}
+
 /// 2026-07-28 request envelope keys in `params._meta`.
 pub const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 pub const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";

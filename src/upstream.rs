@@ -71,13 +71,9 @@ pub enum Answer {
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-// Static header names: a name given as a string is parsed and copied on
-// every request.
-const MCP_PROTOCOL_VERSION: HeaderName = HeaderName::from_static("mcp-protocol-version");
-const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
-const MCP_METHOD: HeaderName = HeaderName::from_static("mcp-method");
-const MCP_NAME: HeaderName = HeaderName::from_static("mcp-name");
-const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+use crate::mcp::headers::{
+    LAST_EVENT_ID, MCP_METHOD, MCP_NAME, MCP_PROTOCOL_VERSION, MCP_SESSION_ID,
+};
 
 /// Builds the pooled HTTP client shared by all upstreams.
 pub fn http_client() -> HttpClient {
