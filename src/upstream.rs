@@ -435,10 +435,6 @@ impl Upstream {
 
     /// A POST to the upstream in session `s`, with the configured headers.
     fn post(&self, s: &Session, with_version: bool, body: Vec<u8>) -> Request<Full<Bytes>> {
-        // Static names and values (a name or value given as a string is
-        // parsed and copied on every request), set in place (a
-        // `request::Builder` moves the whole request through a `Result` at
-        // every header).
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.url.clone();
@@ -451,15 +447,7 @@ impl Upstream {
             http::header::ACCEPT,
             HeaderValue::from_static("application/json, text/event-stream"),
         );
-        if with_version {
-            h.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static(s.version));
-        }
-        if let Some(sid) = &s.id {
-            h.insert(MCP_SESSION_ID, sid.clone());
-        }
-        for (k, v) in &self.headers {
-            h.append(k, v.clone());
-        }
+        session_headers(h, s, with_version, &self.headers);
         req
     }
 
@@ -732,8 +720,7 @@ impl Upstream {
         s: &Session,
         last_id: HeaderValue,
     ) -> Result<hyper::body::Incoming, Resume> {
-        let req = stream_request(&self.url, &self.headers, s, Some(last_id))
-            .map_err(|e| Resume::Final(format!("ended, and the GET to resume it failed: {e}")))?;
+        let req = stream_request(&self.url, &self.headers, s, Some(last_id));
         let resp = match self.client.request(req).await {
             Ok(r) => r,
             Err(e) => {
@@ -936,25 +923,42 @@ pub(crate) fn stream_request(
     headers: &[(HeaderName, HeaderValue)],
     s: &Session,
     last_id: Option<HeaderValue>,
-) -> Result<Request<Full<Bytes>>, http::Error> {
-    let mut req = Request::builder()
-        .method(Method::GET)
-        .uri(url.clone())
-        .header(
-            http::header::ACCEPT,
-            HeaderValue::from_static("text/event-stream"),
-        )
-        .header(MCP_PROTOCOL_VERSION, HeaderValue::from_static(s.version));
-    if let Some(sid) = &s.id {
-        req = req.header(MCP_SESSION_ID, sid.clone());
-    }
+) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(Bytes::new()));
+    *req.uri_mut() = url.clone();
+    let h = req.headers_mut();
+    h.insert(
+        http::header::ACCEPT,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    session_headers(h, s, true, headers);
     if let Some(last) = last_id {
-        req = req.header(LAST_EVENT_ID, last);
+        h.insert(LAST_EVENT_ID, last);
     }
-    for (k, v) in headers {
-        req = req.header(k, v.clone());
+    req
+}
+
+/// What every request to a session-era or stateless upstream carries: its
+/// revision (not on `initialize`, which negotiates it), its session, and
+/// the configured headers (with `Host`, see [`with_host`]). Set in place
+/// with static names: a `request::Builder` moves the whole request through
+/// a `Result` at every header, and a name given as a string is parsed on
+/// every request.
+fn session_headers(
+    h: &mut http::HeaderMap,
+    s: &Session,
+    with_version: bool,
+    configured: &[(HeaderName, HeaderValue)],
+) {
+    if with_version {
+        h.insert(MCP_PROTOCOL_VERSION, HeaderValue::from_static(s.version));
     }
-    req.body(Full::new(Bytes::new()))
+    if let Some(sid) = &s.id {
+        h.insert(MCP_SESSION_ID, sid.clone());
+    }
+    for (k, v) in configured {
+        h.append(k, v.clone());
+    }
 }
 
 /// An incremental `text/event-stream` parser yielding each event's data.

@@ -248,15 +248,7 @@ impl Streams {
             }
         };
         sse.discard_partial();
-        let req = match super::stream_request(&self.url, &self.headers, s, sse.last_id().cloned()) {
-            Ok(r) => r,
-            Err(e) => {
-                // The headers were validated with the config; not expected.
-                tracing::warn!(upstream.name = %self.name, error = %e, "cannot build the GET stream request");
-                fire();
-                return End::Refused(StatusCode::BAD_REQUEST);
-            }
-        };
+        let req = super::stream_request(&self.url, &self.headers, s, sse.last_id().cloned());
         let resp = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
