@@ -207,24 +207,18 @@ enum Only<'a> {
 
 /// Marks the pending holds past their ttl expired (of `only`); returns them.
 fn expire_pending(c: &Connection, now: i64, only: Only<'_>) -> rusqlite::Result<Vec<Hold>> {
-    let base = "SELECT id FROM holds WHERE status = 'pending' AND expires_at <= ?1";
-    let ids: Vec<String> = match only {
-        Only::All => {
-            let mut st = c.prepare(base)?;
-            let rows = st.query_map(params![now], |r| r.get::<_, String>(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        }
-        Only::Agent(key) | Only::Hold(key) => {
-            let column = if matches!(only, Only::Agent(_)) {
-                "agent"
-            } else {
-                "id"
-            };
-            let mut st = c.prepare(&format!("{base} AND {column} = ?2"))?;
-            let rows = st.query_map(params![now, key], |r| r.get::<_, String>(0))?;
-            rows.collect::<rusqlite::Result<_>>()?
-        }
+    let (agent, id) = match only {
+        Only::All => (None, None),
+        Only::Agent(a) => (Some(a), None),
+        Only::Hold(h) => (None, Some(h)),
     };
+    let mut st = c.prepare_cached(
+        "SELECT id FROM holds WHERE status = 'pending' AND expires_at <= ?1 \
+         AND (?2 IS NULL OR agent = ?2) AND (?3 IS NULL OR id = ?3)",
+    )?;
+    let ids: Vec<String> = st
+        .query_map(params![now, agent, id], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<_>>()?;
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         c.execute(
