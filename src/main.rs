@@ -185,10 +185,12 @@ enum AuditCmd {
         key: Option<PathBuf>,
         /// PATH continues this rotated-out log (e.g. after logrotate's
         /// copytruncate): its chain is checked too, and PATH's first record
-        /// must link to its last. Without it, PATH must start at seq 1 with
-        /// a `prev` of 64 zeros, so a log whose head was cut is broken.
+        /// must link to its last. Repeat it for several rotations, oldest
+        /// first (`--continues audit.jsonl.2 --continues audit.jsonl.1`).
+        /// Without it, PATH must start at seq 1 with a `prev` of 64 zeros,
+        /// so a log whose head was cut is broken.
         #[arg(long, value_name = "PREVIOUS_LOG")]
-        continues: Option<PathBuf>,
+        continues: Vec<PathBuf>,
         /// Fail when records after the last checkpoint are unsigned (for a
         /// closed log: toolgate signs the tail when it shuts down).
         #[arg(long, requires = "key")]
@@ -320,20 +322,22 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
                     max_age,
                 },
         } => {
-            let start = match &continues {
-                None => toolgate::audit::Link::genesis(),
-                Some(prev) => match toolgate::audit::verified_last_link(prev) {
+            // The rotated-out logs, oldest first, each continuing the one
+            // before: the first record of PATH links to the last of them.
+            let mut start = toolgate::audit::Link::genesis();
+            for prev in &continues {
+                start = match toolgate::audit::verified_last_link(prev, &start) {
                     Ok(l) => l,
                     Err(b) => {
                         println!("BROKEN: {} (the log it continues): {b}", prev.display());
                         return Ok(ExitCode::from(1));
                     }
-                },
-            };
+                };
+            }
             let Some(key) = key else {
                 return Ok(match toolgate::audit::verify_after(&path, &start) {
                     Ok(n) => {
-                        let from = match &continues {
+                        let from = match continues.last() {
                             Some(prev) => format!(
                                 " (from seq {}, continuing {})",
                                 start.seq + 1,

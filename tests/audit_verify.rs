@@ -438,4 +438,24 @@ fn a_log_whose_head_was_cut_is_broken_unless_it_continues_a_named_log() {
     edited[0]["tool"] = json!("t8");
     write(&previous, &edited);
     assert_broken(&unkeyed(), "(the log it continues)");
+
+    // Two rotations, named oldest first: one chain over three files. In
+    // the other order the older one does not start the chain.
+    let oldest = dir.join("audit.jsonl.2");
+    write(&oldest, &all[..1]);
+    write(&previous, &all[1..2]);
+    let both = |first: &Path, second: &Path| {
+        toolgate()
+            .args(["audit", "verify"])
+            .arg(&log)
+            .arg("--continues")
+            .arg(first)
+            .arg("--continues")
+            .arg(second)
+            .output()
+            .unwrap()
+    };
+    let t = assert_ok(&both(&oldest, &previous));
+    assert!(t.contains("8 records (from seq 3, continuing"), "{t}");
+    assert_broken(&both(&previous, &oldest), "(the log it continues)");
 }

@@ -211,11 +211,12 @@ pub fn verify_after(path: &Path, start: &Link) -> Result<u64, Broken> {
     walk(path, start, |_, _, _, _| Ok(()))
 }
 
-/// Checks `path`'s chain and returns its last record's link (what a log
-/// that continues it starts from); [`Link::genesis`] for an empty log.
-pub fn verified_last_link(path: &Path) -> Result<Link, Broken> {
-    let mut last = Link::genesis();
-    walk(path, &Link::genesis(), |_, seq, _, hash| {
+/// Checks the chain of `path`, whose first record must link to `start`,
+/// and returns its last record's link (what a log that continues it starts
+/// from); `start` for an empty log.
+pub fn verified_last_link(path: &Path, start: &Link) -> Result<Link, Broken> {
+    let mut last = start.clone();
+    walk(path, start, |_, seq, _, hash| {
         last = Link {
             seq,
             hash: hash.to_owned(),
