@@ -378,7 +378,11 @@ impl Gate {
             tool.name = tracing::field::Empty,
             decision = tracing::field::Empty,
         );
-        let outcome = self.pipeline(req, &mut ctx).instrument(span.clone()).await;
+        // Boxed once here: each async level below would otherwise copy the
+        // pipeline's whole state (kilobytes) into its own on every call.
+        let outcome = Box::pin(self.pipeline(req, &mut ctx))
+            .instrument(span.clone())
+            .await;
         let resp = self.finish(outcome, &ctx, &span);
         self.0
             .metrics
