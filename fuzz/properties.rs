@@ -16,10 +16,19 @@ use toolgate::policy::{decide as decide_call, Guard, Verdict};
 
 /// Any bytes an agent can POST: the strict JSON-RPC/MCP parser never
 /// panics, and whatever it accepts is a well-formed message whose
-/// tools/call parameters either parse or are refused. Returns "refused",
+/// tools/call parameters either parse or are refused; requests read in one
+/// pass come out as the general path reads them. Returns "refused",
 /// "request", "tools/call", "tools/call refused" or "response".
 pub fn mcp_parse(data: &[u8]) -> &'static str {
-    let Ok(msg) = mcp::parse_message(data) else {
+    let parsed = mcp::parse_message(data);
+    // Requests are read in one pass, everything else as a tree: the answer
+    // (message, refusal and its wording) is the tree's in every case.
+    assert_eq!(
+        parsed,
+        mcp::parse_strict(data).and_then(mcp::message_from_value),
+        "the one-pass read differs from the general path"
+    );
+    let Ok(msg) = parsed else {
         return "refused";
     };
     match msg {

@@ -379,9 +379,186 @@ pub enum Message {
 }
 
 /// Parses and checks one JSON-RPC message strictly.
+///
+/// Requests are read in one pass ([`envelope_request`]); anything that pass
+/// does not accept is read again as a tree and checked by
+/// [`message_from_value`], which gives the answer (the same one: the fuzz
+/// target `mcp_parse` compares the two on every input).
 pub fn parse_message(bytes: &[u8]) -> Result<Message, ParseError> {
+    if let Some(r) = envelope_request(bytes) {
+        return Ok(Message::Request(r));
+    }
     let v = parse_strict(bytes)?;
     message_from_value(v)
+}
+
+/// The common case of [`parse_message`] without a tree for the envelope: a
+/// request whose members are `jsonrpc` ("2.0"), `method` (1-256 bytes),
+/// optionally `id` (a string or an i64) and `params` (an object, read by
+/// the same strict visitor as any value, at the same depth, path and number
+/// count). Anything else, from an unknown member to a parse error anywhere,
+/// is `None`: this only ever accepts what the general path accepts, as the
+/// same [`Request`], and leaves every refusal (and its wording) to it.
+fn envelope_request(bytes: &[u8]) -> Option<Request> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let overflow = Overflow {
+        bytes,
+        found: std::cell::OnceCell::new(),
+    };
+    let mut failure = None;
+    let visitor = Envelope {
+        failure: &mut failure,
+        overflow: &overflow,
+    };
+    let r = de::Deserializer::deserialize_map(&mut de, visitor).ok()?;
+    de.end().ok()?;
+    failure.is_none().then_some(r)
+}
+
+struct Envelope<'a> {
+    failure: &'a mut Option<ParseError>,
+    overflow: &'a Overflow<'a>,
+}
+
+/// A member of the envelope; `Other` ends the one-pass read.
+enum Member {
+    Jsonrpc,
+    Id,
+    Method,
+    Params,
+}
+
+impl<'de> de::Deserialize<'de> for Member {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Member;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an envelope member")
+            }
+            fn visit_str<E: de::Error>(self, k: &str) -> Result<Member, E> {
+                match k {
+                    "jsonrpc" => Ok(Member::Jsonrpc),
+                    "id" => Ok(Member::Id),
+                    "method" => Ok(Member::Method),
+                    "params" => Ok(Member::Params),
+                    _ => Err(E::custom("not a request member")),
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// `"2.0"`, borrowed or unescaped; anything else is an error.
+struct Version;
+
+impl<'de> de::Deserialize<'de> for Version {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Version;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"2.0\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Version, E> {
+                if v == "2.0" {
+                    Ok(Version)
+                } else {
+                    Err(E::custom("not 2.0"))
+                }
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// An id as [`message_from_value`] takes it: a string, or an integer that
+/// fits i64. Counts a number, as the strict visitor does.
+struct IdSeed<'a>(&'a mut usize);
+
+impl<'de> DeserializeSeed<'de> for IdSeed<'_> {
+    type Value = Id;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Id, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Visitor<'_> for IdSeed<'_> {
+    type Value = Id;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string or an integer")
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Id, E> {
+        *self.0 += 1;
+        Ok(Id::Num(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Id, E> {
+        *self.0 += 1;
+        i64::try_from(v)
+            .map(Id::Num)
+            .map_err(|_| E::custom("id beyond i64"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Id, E> {
+        Ok(Id::Str(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Id, E> {
+        Ok(Id::Str(v))
+    }
+}
+
+impl<'de> Visitor<'de> for Envelope<'_> {
+    type Value = Request;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON-RPC request")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Request, A::Error> {
+        let dup = || de::Error::custom("duplicate member");
+        let (mut version, mut id, mut method, mut params) = (false, None, None, None);
+        let mut numbers = 0usize;
+        while let Some(m) = map.next_key::<Member>()? {
+            match m {
+                Member::Jsonrpc if version => return Err(dup()),
+                Member::Jsonrpc => {
+                    map.next_value::<Version>()?;
+                    version = true;
+                }
+                Member::Id if id.is_some() => return Err(dup()),
+                Member::Id => id = Some(map.next_value_seed(IdSeed(&mut numbers))?),
+                Member::Method if method.is_some() => return Err(dup()),
+                Member::Method => {
+                    let m: String = map.next_value()?;
+                    if m.is_empty() || m.len() > 256 {
+                        return Err(de::Error::custom("bad method"));
+                    }
+                    method = Some(m);
+                }
+                Member::Params if params.is_some() => return Err(dup()),
+                Member::Params => {
+                    let mut path = vec!["params".to_owned()];
+                    let v = map.next_value_seed(StrictSeed {
+                        depth: 1,
+                        failure: self.failure,
+                        path: &mut path,
+                        numbers: &mut numbers,
+                        overflow: self.overflow,
+                    })?;
+                    let Value::Object(p) = v else {
+                        return Err(de::Error::custom("params not an object"));
+                    };
+                    params = Some(p);
+                }
+            }
+        }
+        match (version, method) {
+            (true, Some(method)) => Ok(Request {
+                id,
+                method,
+                params: params.unwrap_or_default(),
+            }),
+            _ => Err(de::Error::custom("incomplete envelope")),
+        }
+    }
 }
 
 fn envelope(msg: impl Into<String>) -> ParseError {
@@ -812,6 +989,73 @@ pub fn write_str(s: &str, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn general(b: &[u8]) -> Result<Message, ParseError> {
+        parse_strict(b).and_then(message_from_value)
+    }
+
+    /// The one-pass read takes the usual requests, in any member order and
+    /// spelling, and gives what the general path gives.
+    #[test]
+    fn requests_are_read_in_one_pass_as_the_general_path_reads_them() {
+        let deep = format!("{}1{}", "[".repeat(62), "]".repeat(62));
+        for m in [
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"a__b","arguments":{"x":[1,2.5,-3]}}}"#.to_owned(),
+            r#"{"params":{"name":"a"},"method":"tools/call","id":"x","jsonrpc":"2.0"}"#.to_owned(),
+            r#" {"jsonrpc":"2\u002e0","\u006dethod":"ping","id":-9223372036854775808} "#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","id":9223372036854775807,"method":"m","params":{}}"#.to_owned(),
+            format!(r#"{{"jsonrpc":"2.0","method":"{}","params":{{"a":{deep}}}}}"#, "m".repeat(256)),
+        ] {
+            let fast = envelope_request(m.as_bytes());
+            assert!(fast.is_some(), "one pass: {m}");
+            assert_eq!(Ok(Message::Request(fast.unwrap())), general(m.as_bytes()), "{m}");
+        }
+    }
+
+    /// Everything else goes to the general path, whose answer (refusal,
+    /// wording, JSON pointer) is the one given.
+    #[test]
+    fn anything_else_is_left_to_the_general_path() {
+        let deep = format!("{}1{}", "[".repeat(63), "]".repeat(63));
+        let big = "9".repeat(30);
+        for m in [
+            r#"{"jsonrpc":"2.0","id":1,"result":{}}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","id":1,"method":"m","result":{}}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":"m","extra":1}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","jsonrpc":"2.0","method":"m"}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":"m","method":"n"}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"m"}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":"m","params":{},"params":{}}"#.to_owned(),
+            r#"{"jsonrpc":"1.0","method":"m"}"#.to_owned(),
+            r#"{"jsonrpc":2.0,"method":"m"}"#.to_owned(),
+            r#"{"method":"m"}"#.to_owned(),
+            r#"{"jsonrpc":"2.0"}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":""}"#.to_owned(),
+            format!(r#"{{"jsonrpc":"2.0","method":"{}"}}"#, "m".repeat(257)),
+            r#"{"jsonrpc":"2.0","method":7}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":"m","id":null}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":"m","id":1.5}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":"m","id":9223372036854775808}"#.to_owned(),
+            format!(r#"{{"jsonrpc":"2.0","method":"m","id":{big}}}"#),
+            format!(r#"{{"jsonrpc":"2.0","id":1,"method":"m","params":{{"a":{big}}}}}"#),
+            format!(
+                r#"{{"jsonrpc":"2.0","method":"m","params":{{"n":1,"a":[2.5,{big}]}},"id":3}}"#
+            ),
+            r#"{"jsonrpc":"2.0","method":"m","params":[]}"#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":"m","params":{"a":1,"a":2}}"#.to_owned(),
+            format!(r#"{{"jsonrpc":"2.0","method":"m","params":{{"a":{deep}}}}}"#),
+            r#"{"jsonrpc":"2.0","method":"m"} x"#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":"m""#.to_owned(),
+            r#"{"jsonrpc":"2.0","method":"\ud800"}"#.to_owned(),
+            r#"[{"jsonrpc":"2.0","method":"m"}]"#.to_owned(),
+            r#""jsonrpc""#.to_owned(),
+        ] {
+            assert_eq!(envelope_request(m.as_bytes()), None, "general path: {m}");
+            assert_eq!(parse_message(m.as_bytes()), general(m.as_bytes()), "{m}");
+        }
+    }
 
     /// What the upstream gets is what copying the params and fitting
     /// `_meta` in the tree gave (the way it was built before).
