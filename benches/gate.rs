@@ -162,6 +162,18 @@ fn parsing(c: &mut Criterion) {
             serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": call.name, "arguments": call.arguments}})).expect("serialises")
         })
     });
+    // What parse_message falls back to (and did for every message before
+    // the envelope was read in one pass): a tree of the whole message.
+    c.bench_function("parse/general path: strict tree + envelope check", |b| {
+        b.iter(|| {
+            toolgate::mcp::parse_strict(black_box(BODY))
+                .and_then(toolgate::mcp::message_from_value)
+                .expect("valid")
+        })
+    });
+    c.bench_function("parse/one pass: parse_message", |b| {
+        b.iter(|| toolgate::mcp::parse_message(black_box(BODY)).expect("valid"))
+    });
 }
 
 fn fixture(name: &str) -> Vec<u8> {
