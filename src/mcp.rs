@@ -420,7 +420,7 @@ struct Envelope<'a> {
     overflow: &'a Overflow<'a>,
 }
 
-/// A member of the envelope; `Other` ends the one-pass read.
+/// A member of a request's envelope; any other key ends the one-pass read.
 enum Member {
     Jsonrpc,
     Id,
