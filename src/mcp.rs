@@ -134,10 +134,7 @@ impl ParseError {
 pub fn parse_strict(bytes: &[u8]) -> Result<Value, ParseError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let mut failure = None;
-    let overflow = Overflow {
-        bytes,
-        found: std::cell::OnceCell::new(),
-    };
+    let overflow = Overflow::new(bytes);
     let seed = StrictSeed {
         depth: 0,
         failure: &mut failure,
@@ -171,7 +168,14 @@ struct Overflow<'a> {
     found: std::cell::OnceCell<Vec<usize>>,
 }
 
-impl Overflow<'_> {
+impl<'a> Overflow<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Overflow {
+            bytes,
+            found: std::cell::OnceCell::new(),
+        }
+    }
+
     fn contains(&self, nth: usize) -> bool {
         self.found
             .get_or_init(|| overflowing_integers(self.bytes))
@@ -395,16 +399,13 @@ pub fn parse_message(bytes: &[u8]) -> Result<Message, ParseError> {
 /// The common case of [`parse_message`] without a tree for the envelope: a
 /// request whose members are `jsonrpc` ("2.0"), `method` (1-256 bytes),
 /// optionally `id` (a string or an i64) and `params` (an object, read by
-/// the same strict visitor as any value, at the same depth, path and number
+/// the same strict visitor as any value, at the same depth and number
 /// count). Anything else, from an unknown member to a parse error anywhere,
 /// is `None`: this only ever accepts what the general path accepts, as the
 /// same [`Request`], and leaves every refusal (and its wording) to it.
 fn envelope_request(bytes: &[u8]) -> Option<Request> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let overflow = Overflow {
-        bytes,
-        found: std::cell::OnceCell::new(),
-    };
+    let overflow = Overflow::new(bytes);
     let mut failure = None;
     let visitor = Envelope {
         failure: &mut failure,
@@ -528,18 +529,20 @@ impl<'de> Visitor<'de> for Envelope<'_> {
                 Member::Method if method.is_some() => return Err(dup()),
                 Member::Method => {
                     let m: String = map.next_value()?;
-                    if m.is_empty() || m.len() > 256 {
+                    if !method_ok(&m) {
                         return Err(de::Error::custom("bad method"));
                     }
                     method = Some(m);
                 }
                 Member::Params if params.is_some() => return Err(dup()),
                 Member::Params => {
-                    let mut path = vec!["params".to_owned()];
+                    // The path only names where a refusal is, and no refusal
+                    // leaves this pass (the general path gives it), so it
+                    // starts empty rather than allocating "params" per call.
                     let v = map.next_value_seed(StrictSeed {
                         depth: 1,
                         failure: self.failure,
-                        path: &mut path,
+                        path: &mut Vec::new(),
                         numbers: &mut numbers,
                         overflow: self.overflow,
                     })?;
@@ -559,6 +562,11 @@ impl<'de> Visitor<'de> for Envelope<'_> {
             _ => Err(de::Error::custom("incomplete envelope")),
         }
     }
+}
+
+/// A request's `method`: 1-256 bytes (both paths of [`parse_message`]).
+fn method_ok(m: &str) -> bool {
+    !m.is_empty() && m.len() <= 256
 }
 
 fn envelope(msg: impl Into<String>) -> ParseError {
@@ -597,7 +605,7 @@ pub fn message_from_value(v: Value) -> Result<Message, ParseError> {
         });
     }
     let method = match obj.remove("method") {
-        Some(Value::String(m)) if !m.is_empty() && m.len() <= 256 => m,
+        Some(Value::String(m)) if method_ok(&m) => m,
         _ => return Err(envelope("\"method\" must be a non-empty string")),
     };
     let params = match obj.remove("params") {
