@@ -134,6 +134,9 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
         let (line, column) = (loc.line().max(1), loc.column().max(1));
         let mut p = problem(line, column, msg);
         p.path = key_path_at(text, line as usize, column as usize);
+        if p.message.starts_with("missing field") {
+            p.path = parent_path(&p.path).to_owned();
+        }
         p
     })
 }
@@ -152,20 +155,56 @@ pub(crate) fn key_path_at(text: &str, line: usize, column: usize) -> String {
         let k = s.split_once(':')?.0.trim();
         (!k.is_empty() && !k.starts_with(['{', '[', '#', '"', '\''])).then(|| k.to_owned())
     };
+    let skip = |t: &str| t.is_empty() || t.starts_with('#');
+    // The index of the sequence item starting on line `i` at indent `ind`:
+    // its earlier siblings at the same indent.
+    let item_index = |i: usize, ind: usize| {
+        let mut n = 0;
+        let mut j = i;
+        while j > 0 {
+            j -= 1;
+            let lj = lines[j];
+            let tj = lj.trim_start();
+            if skip(tj) {
+                continue;
+            }
+            if indent(lj) < ind || (indent(lj) == ind && !tj.starts_with('-')) {
+                break;
+            }
+            if indent(lj) == ind {
+                n += 1;
+            }
+        }
+        format!("[{n}]")
+    };
     let mut segs: Vec<String> = Vec::new();
     let here = lines[line - 1];
-    let mut limit = column.saturating_sub(1).min(indent(here) + 1);
-    if let Some(k) = key_of(&here[indent(here).min(here.len())..]) {
-        if column.saturating_sub(1) <= indent(here) + 2 {
+    let ind = indent(here);
+    let t = here.trim_start();
+    let col = column.saturating_sub(1);
+    // The line the error is on: its own key (whether the error points at
+    // the key or into its value), and its item index when it starts one;
+    // then only lines indented less than it are its parents.
+    let mut limit = if skip(t) {
+        col.min(ind + 1)
+    } else if t.starts_with("- ") || t == "-" {
+        match key_of(t) {
+            Some(k) if col >= ind + 2 => segs.push(format!("{}.{k}", item_index(line - 1, ind))),
+            _ => segs.push(item_index(line - 1, ind)),
+        }
+        ind
+    } else {
+        if let Some(k) = key_of(t) {
             segs.push(k);
         }
-    }
+        ind
+    };
     let mut i = line - 1;
     while i > 0 && limit > 0 {
         i -= 1;
         let l = lines[i];
         let t = l.trim_start();
-        if t.is_empty() || t.starts_with('#') {
+        if skip(t) {
             continue;
         }
         let ind = indent(l);
@@ -173,24 +212,7 @@ pub(crate) fn key_path_at(text: &str, line: usize, column: usize) -> String {
             continue;
         }
         if t.starts_with("- ") || t == "-" {
-            // A sequence item: count earlier siblings at the same indent.
-            let mut n = 0;
-            let mut j = i;
-            while j > 0 {
-                j -= 1;
-                let lj = lines[j];
-                let tj = lj.trim_start();
-                if tj.is_empty() || tj.starts_with('#') {
-                    continue;
-                }
-                if indent(lj) < ind || (indent(lj) == ind && !tj.starts_with('-')) {
-                    break;
-                }
-                if indent(lj) == ind {
-                    n += 1;
-                }
-            }
-            let item = format!("[{n}]");
+            let item = item_index(i, ind);
             match key_of(t) {
                 Some(k) if ind + 2 < limit => segs.push(format!("{item}.{k}")),
                 _ => segs.push(item),
@@ -209,6 +231,16 @@ pub(crate) fn key_path_at(text: &str, line: usize, column: usize) -> String {
         out.push_str(&s);
     }
     out
+}
+
+/// The key path of the mapping a "missing field" error is about: serde
+/// places it at the mapping's first key, whose own name is not the place.
+fn parent_path(path: &str) -> &str {
+    match path.rfind(['.', '[']) {
+        Some(i) if path[i..].starts_with('[') => path,
+        Some(i) => &path[..i],
+        None => "",
+    }
 }
 
 /// The JSON Schema of the config format (`toolgate schema config`).
@@ -392,11 +424,30 @@ struct UpstreamSpec {
     #[serde(default)]
     env: std::collections::BTreeMap<String, Spanned<String>>,
     #[serde(default)]
-    cwd: Option<String>,
+    cwd: Option<Spanned<String>>,
     #[serde(default)]
     prefix: Option<Spanned<String>>,
     #[serde(default)]
     headers: std::collections::BTreeMap<String, Spanned<String>>,
+    /// TLS for an `https` url: trusted roots and the client certificate.
+    #[serde(default)]
+    tls: Option<Spanned<TlsSpec>>,
+}
+
+/// An `https` upstream's TLS settings. The server's certificate is always
+/// verified; there is no setting to skip that.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSpec {
+    /// PEM bundle of the CAs to trust, instead of the system's roots.
+    #[serde(default)]
+    ca_file: Option<Spanned<String>>,
+    /// PEM certificate chain presented for mutual TLS (with `key_file`).
+    #[serde(default)]
+    cert_file: Option<Spanned<String>>,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    key_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -511,6 +562,9 @@ pub enum Transport {
     Http {
         url: http::Uri,
         headers: Vec<(http::HeaderName, http::HeaderValue)>,
+        /// This upstream's own TLS settings (`tls:`); `None` means the
+        /// shared client, which verifies against the system's roots.
+        tls: Option<Arc<rustls::ClientConfig>>,
     },
     Stdio {
         command: Vec<String>,
@@ -1151,6 +1205,76 @@ fn jwk_alg(jwk: &jsonwebtoken::jwk::Jwk) -> Option<jsonwebtoken::Algorithm> {
     }
 }
 
+/// An upstream's `tls:` block as a client config, each problem located at
+/// its key. Without the block, an `https` upstream uses the system's roots,
+/// so an empty system store is a problem here rather than a failed call.
+fn upstream_tls(
+    r: &mut Report,
+    key: &str,
+    spec: Option<&Spanned<TlsSpec>>,
+    url: &Spanned<String>,
+    https: bool,
+    base: &Path,
+) -> Option<Arc<rustls::ClientConfig>> {
+    use crate::upstream::tls::{client_config, system_roots, TlsField};
+    let Some(spec) = spec else {
+        if https && system_roots().is_empty() {
+            r.at(
+                url,
+                format!("{key}.url"),
+                "no CA certificates found in the system store; set tls.ca_file",
+            );
+        }
+        return None;
+    };
+    let t = &spec.value;
+    if !https {
+        r.at(spec, format!("{key}.tls"), "tls applies to an https url");
+        return None;
+    }
+    let identity = match (&t.cert_file, &t.key_file) {
+        (Some(c), Some(k)) => Some((resolve(base, &c.value), resolve(base, &k.value))),
+        (None, None) => None,
+        (Some(c), None) => {
+            r.at(
+                c,
+                format!("{key}.tls.cert_file"),
+                "cert_file needs key_file",
+            );
+            return None;
+        }
+        (None, Some(k)) => {
+            r.at(k, format!("{key}.tls.key_file"), "key_file needs cert_file");
+            return None;
+        }
+    };
+    if t.ca_file.is_none() && system_roots().is_empty() {
+        r.at(
+            spec,
+            format!("{key}.tls"),
+            "no CA certificates found in the system store; set ca_file",
+        );
+        return None;
+    }
+    let ca = t.ca_file.as_ref().map(|c| resolve(base, &c.value));
+    let identity_ref = identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+    match client_config(ca.as_deref(), identity_ref) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            let (field, at) = match e.field {
+                TlsField::CaFile => ("ca_file", t.ca_file.as_ref()),
+                TlsField::CertFile => ("cert_file", t.cert_file.as_ref()),
+                TlsField::KeyFile => ("key_file", t.key_file.as_ref()),
+            };
+            match at {
+                Some(at) => r.at(at, format!("{key}.tls.{field}"), e.message),
+                None => r.at(spec, format!("{key}.tls"), e.message),
+            }
+            None
+        }
+    }
+}
+
 fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Vec<UpstreamConfig> {
     let mut out = Vec::new();
     let mut names = BTreeSet::new();
@@ -1208,23 +1332,35 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
         let transport = match (&u.url, &u.command) {
             (Some(url), None) => {
                 let uri = match url.value.parse::<http::Uri>() {
-                    Ok(uri) if uri.scheme_str() == Some("http") && uri.host().is_some() => {
+                    Ok(uri)
+                        if matches!(uri.scheme_str(), Some("http" | "https"))
+                            && uri.host().is_some() =>
+                    {
                         Some(uri)
-                    }
-                    Ok(uri) if uri.scheme_str() == Some("https") => {
-                        r.at(url, format!("{key}.url"), "https upstreams are not supported yet; use http on a trusted network or a stdio command");
-                        let _ = uri;
-                        None
                     }
                     _ => {
                         r.at(
                             url,
                             format!("{key}.url"),
-                            format!("{:?} is not an http URL", url.value),
+                            format!("{:?} is not an http(s) URL", url.value),
                         );
                         None
                     }
                 };
+                if let Some((ek, ev)) = u.env.iter().next() {
+                    r.at(
+                        ev,
+                        format!("{key}.env.{ek}"),
+                        "env applies to command upstreams; give a url upstream its settings with headers",
+                    );
+                }
+                if let Some(c) = &u.cwd {
+                    r.at(c, format!("{key}.cwd"), "cwd applies to command upstreams");
+                }
+                let https = uri
+                    .as_ref()
+                    .is_some_and(|u| u.scheme_str() == Some("https"));
+                let tls = upstream_tls(r, &key, u.tls.as_ref(), url, https, base);
                 let mut headers = Vec::new();
                 for (hk, hv) in &u.headers {
                     let hname = match http::HeaderName::try_from(hk.as_str()) {
@@ -1263,7 +1399,7 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
                         Err(e) => r.at(hv, format!("{key}.headers.{hk}"), e),
                     }
                 }
-                uri.map(|url| Transport::Http { url, headers })
+                uri.map(|url| Transport::Http { url, headers, tls })
             }
             (None, Some(cmd)) => {
                 if cmd.value.is_empty() {
@@ -1280,6 +1416,9 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
                             format!("{key}.headers.{hk}"),
                             "headers apply to url upstreams; give a stdio server its settings with env",
                         );
+                    }
+                    if let Some(t) = &u.tls {
+                        r.at(t, format!("{key}.tls"), "tls applies to an https url");
                     }
                     let mut env = Vec::new();
                     for (ek, ev) in &u.env {
@@ -1305,7 +1444,7 @@ fn upstreams(r: &mut Report, specs: &[Spanned<UpstreamSpec>], base: &Path) -> Ve
                     Some(Transport::Stdio {
                         command,
                         env,
-                        cwd: u.cwd.as_ref().map(|c| resolve(base, c)),
+                        cwd: u.cwd.as_ref().map(|c| resolve(base, &c.value)),
                     })
                 }
             }
@@ -1411,6 +1550,65 @@ mod tests {
     }
 
     #[test]
+    fn https_upstreams_check_their_tls_settings_where_they_are_written() {
+        let dir = crate::scratch::Scratch::new("config-tls").unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(dir.join("client.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(dir.join("client.key"), ca.signing_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("empty.pem"), "").unwrap();
+        let load_in = |text: String| {
+            std::env::set_var("TG_TEST_SECRET", "0123456789abcdef0123456789abcdef");
+            Config::from_yaml(&dir.join("toolgate.yaml"), &text)
+        };
+        let c = load_in(format!("{MIN}upstreams:\n  - name: a\n    url: https://tools.internal/mcp\n    tls: {{ ca_file: ca.pem, cert_file: client.pem, key_file: client.key }}\n  - name: b\n    url: https://other.internal/mcp\n")).unwrap();
+        let Transport::Http { tls, url, .. } = &c.upstreams[0].transport else {
+            panic!("not http");
+        };
+        assert!(tls.is_some());
+        assert_eq!(url.scheme_str(), Some("https"));
+        let Transport::Http { tls, .. } = &c.upstreams[1].transport else {
+            panic!("not http");
+        };
+        assert!(tls.is_none(), "no block: the shared client, system roots");
+
+        let e = load_in(format!("{MIN}upstreams:\n  - name: a\n    url: http://127.0.0.1:1/mcp\n    tls: {{ ca_file: ca.pem }}\n  - name: b\n    url: https://x.internal/mcp\n    tls: {{ ca_file: empty.pem }}\n  - name: c\n    url: https://x.internal/mcp\n    tls: {{ cert_file: client.pem }}\n  - name: d\n    url: https://x.internal/mcp\n    tls: {{ ca_file: ca.pem, cert_file: client.pem, key_file: ca.pem }}\n  - name: e\n    command: [x]\n    tls: {{ ca_file: ca.pem }}\n  - name: g\n    url: http://127.0.0.1:1/mcp\n    env: {{ A: b }}\n    cwd: work\n")).unwrap_err();
+        let all = e.to_string();
+        assert!(
+            all.contains(":10:10: upstreams[0].tls: tls applies to an https url"),
+            "{all}"
+        );
+        assert!(all.contains(":13:21: upstreams[1].tls.ca_file:"), "{all}");
+        assert!(all.contains("empty.pem holds no PEM certificate"), "{all}");
+        assert!(
+            all.contains(":16:23: upstreams[2].tls.cert_file: cert_file needs key_file"),
+            "{all}"
+        );
+        assert!(all.contains(":19:62: upstreams[3].tls.key_file:"), "{all}");
+        assert!(all.contains("no usable private key"), "{all}");
+        assert!(
+            all.contains("upstreams[4].tls: tls applies to an https url"),
+            "{all}"
+        );
+        assert!(
+            all.contains("upstreams[5].env.A: env applies to command upstreams"),
+            "{all}"
+        );
+        assert!(
+            all.contains(":26:10: upstreams[5].cwd: cwd applies to command upstreams"),
+            "{all}"
+        );
+        assert_eq!(e.0.len(), 7, "{all}");
+        // No setting turns verification off.
+        let e = load_in(format!("{MIN}upstreams:\n  - name: f\n    url: https://x.internal/mcp\n    tls: {{ verify: false }}\n")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(":10:12: upstreams[0].tls: unknown field `verify`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_duplicate_keys_are_refused_with_location() {
         let e = load(&format!("{MIN}listne: 1\n")).unwrap_err();
         assert_eq!(e.0.len(), 1);
@@ -1443,6 +1641,16 @@ mod tests {
         );
         assert_eq!(key_path_at(y, 10, 5), "tools[1].argumets");
         assert_eq!(key_path_at(y, 1, 1), "auth");
+        // An error in a key's value names that key, never a sibling.
+        let y = "limits:\n  max_body: 1MiB\n  max_sessions: lots\nupstreams:\n  - name: a\n    url: http://x\n  - name: b\n    command: cat\n    tls: { verify: false }\n";
+        assert_eq!(key_path_at(y, 3, 17), "limits.max_sessions");
+        assert_eq!(key_path_at(y, 8, 14), "upstreams[1].command");
+        assert_eq!(key_path_at(y, 9, 12), "upstreams[1].tls");
+        assert_eq!(key_path_at(y, 7, 11), "upstreams[1].name");
+        assert_eq!(key_path_at(y, 7, 3), "upstreams[1]");
+        assert_eq!(parent_path("upstreams[1].name"), "upstreams[1]");
+        assert_eq!(parent_path("listen"), "");
+        assert_eq!(parent_path("tools[0]"), "tools[0]");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Received {
     pub arguments: Value,
     pub meta: Value,
     pub headers: http::HeaderMap,
+    /// The HTTP version the call came over (HTTP/2 from a TLS client that
+    /// negotiated it).
+    pub version: http::Version,
 }
 
 /// The demo MCP tool server.
@@ -114,21 +117,24 @@ impl ToolServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let me = me.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let me = me.clone();
-                        async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-                });
+                tokio::spawn(me.clone().serve_io(stream));
             }
         });
         Ok(local)
+    }
+
+    /// Serves one connection, HTTP/1.1 or HTTP/2 (tests put TLS under it).
+    pub async fn serve_io<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let svc = hyper::service::service_fn(move |req| {
+            let me = self.clone();
+            async move { Ok::<_, std::convert::Infallible>(me.handle(req).await) }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+            .await;
     }
 
     /// GET requests received so far (it offers no GET stream: each is
@@ -213,6 +219,7 @@ impl ToolServer {
                         arguments: params.get("arguments").cloned().unwrap_or(Value::Null),
                         meta: params.get("_meta").cloned().unwrap_or(Value::Null),
                         headers: parts.headers.clone(),
+                        version: parts.version,
                     });
                 }
                 if method == "resources/read" {
@@ -238,6 +245,7 @@ impl ToolServer {
                         arguments: args.clone(),
                         meta: params.get("_meta").cloned().unwrap_or(Value::Null),
                         headers: parts.headers.clone(),
+                        version: parts.version,
                     });
                 }
                 let result = if tool == "confirm_refund" {

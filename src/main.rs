@@ -946,6 +946,7 @@ async fn demo(listen: &str, tools_listen: &str) -> anyhow::Result<()> {
     config.upstreams[0].transport = Transport::Http {
         url: format!("http://{tools_addr}/mcp").parse()?,
         headers: Vec::new(),
+        tls: None,
     };
     config.listen = listen.parse().context("--listen")?;
     // Free the admin port too if it is taken; the demo must start anywhere.

@@ -4,7 +4,8 @@
 //! asks with the newest revision and follows what the server answers. Every
 //! request carries the configured `headers` (never the agent's credential),
 //! is bounded by `limits.upstream_timeout` and `limits.max_upstream_body`, and
-//! reuses pooled keep-alive connections. Responses may be JSON or an SSE
+//! reuses pooled keep-alive connections (HTTP/2 when an `https` upstream
+//! offers it, see `tls`). Responses may be JSON or an SSE
 //! stream; either way only the JSON-RPC response to our request id is taken.
 //! Each upstream session also has its standalone GET stream (`listen`),
 //! where the server says its tools changed.
@@ -34,6 +35,7 @@ pub mod asks;
 mod listen;
 pub mod raw;
 pub mod stdio;
+pub mod tls;
 
 pub use raw::RawResult;
 
@@ -69,17 +71,34 @@ pub enum Answer {
     Error(Value),
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+/// The pooled client every HTTP upstream, webhook and CLI request uses.
+pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 use crate::mcp::headers::{
     LAST_EVENT_ID, MCP_METHOD, MCP_NAME, MCP_PROTOCOL_VERSION, MCP_SESSION_ID,
 };
 
-/// Builds the pooled HTTP client shared by all upstreams.
+/// Builds the pooled client shared by the upstreams without TLS settings of
+/// their own: `http`, and `https` verified against the system's roots.
 pub fn http_client() -> HttpClient {
+    client_with(tls::default_config())
+}
+
+/// Builds a pooled client whose `https` connections use `tls`. ALPN offers
+/// HTTP/2 and HTTP/1.1; the pool multiplexes calls over one HTTP/2
+/// connection when the server picks it. `http` URLs stay plain HTTP/1.1.
+pub fn client_with(tls: rustls::ClientConfig) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    // The TLS layer, not the TCP connector, decides which schemes pass.
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(connector);
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
@@ -169,8 +188,13 @@ impl Upstream {
     ) -> Self {
         let tools_changed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let asks = Arc::new(asks::Asks::default());
+        // An upstream with TLS settings of its own gets a pool of its own.
+        let client = match &cfg.transport {
+            Transport::Http { tls: Some(t), .. } => client_with(t.as_ref().clone()),
+            _ => client,
+        };
         let (url, headers, stdio) = match &cfg.transport {
-            Transport::Http { url, headers } => (url.clone(), with_host(url, headers), None),
+            Transport::Http { url, headers, .. } => (url.clone(), with_host(url, headers), None),
             Transport::Stdio { command, env, cwd } => (
                 http::Uri::from_static("http://127.0.0.1/"),
                 Vec::new(),

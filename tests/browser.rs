@@ -22,10 +22,7 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 struct Driver {
     base: String,
     session: String,
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Full<Bytes>,
-    >,
+    client: toolgate::upstream::HttpClient,
     _child: Kill,
     /// Chromium's profile, removed after the browser is gone.
     _profile: support::Scratch,

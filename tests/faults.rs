@@ -839,10 +839,7 @@ struct Gate {
     dir: PathBuf,
     port: u16,
     admin: u16,
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Full<Bytes>,
-    >,
+    client: toolgate::upstream::HttpClient,
 }
 
 fn free_port() -> u16 {

@@ -19,4 +19,5 @@ mod jwt;
 mod operate;
 mod relay;
 mod stdio;
+mod tls;
 mod tooling;

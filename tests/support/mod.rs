@@ -56,10 +56,7 @@ pub struct Harness {
     pub tools_url: String,
     pub dir: PathBuf,
     pub url: String,
-    pub client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Full<Bytes>,
-    >,
+    pub client: toolgate::upstream::HttpClient,
     /// The directory this harness made (none when it was given one).
     _scratch: Option<Scratch>,
 }
@@ -690,10 +687,7 @@ pub struct Served {
     pub token: String,
     child: Option<std::process::Child>,
     stderr: Option<std::thread::JoinHandle<String>>,
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        Full<Bytes>,
-    >,
+    client: toolgate::upstream::HttpClient,
 }
 
 impl Served {
