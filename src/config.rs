@@ -372,6 +372,35 @@ struct ApproverAuthSpec {
     keys: Spanned<Vec<Spanned<KeySpec>>>,
 }
 
+/// Every key or certificate file `spec` names, resolved against `base`.
+fn key_files(spec: &ConfigSpec, base: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let a = &spec.auth.value;
+    let approvers = a.approvers.iter().flat_map(|p| p.value.keys.value.iter());
+    for k in a.agents.value.keys.value.iter().chain(approvers) {
+        match &k.value {
+            KeySpec::Hs256(s) => out.extend(s.secret_file.as_deref().map(|f| resolve(base, f))),
+            KeySpec::Rs256(p) | KeySpec::Es256(p) => out.push(resolve(base, &p.public_key_pem)),
+            KeySpec::Jwks(j) => out.push(resolve(base, &j.path)),
+        }
+    }
+    if let Some(c) = spec.audit.as_ref().and_then(|a| a.checkpoint.as_ref()) {
+        out.push(resolve(base, &c.key_file.value));
+    }
+    for u in &spec.upstreams {
+        if let Some(t) = &u.value.tls {
+            let t = &t.value;
+            for f in [&t.ca_file, &t.cert_file, &t.key_file]
+                .into_iter()
+                .flatten()
+            {
+                out.push(resolve(base, &f.value));
+            }
+        }
+    }
+    out.iter().map(|p| normalize_path(p)).collect()
+}
+
 fn default_sub() -> String {
     "sub".into()
 }
@@ -502,8 +531,17 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Manifests directory, absolute.
     pub manifests: PathBuf,
+    /// The manifests directory as written: absolute, symlinks kept. Reloads
+    /// read it and the watcher follows it, so a repointed symlink (a
+    /// Kubernetes `..data` swap, `ln -sfn` and a rename) takes effect.
+    pub manifests_as_written: PathBuf,
     /// SQLite state file, absolute.
     pub state: PathBuf,
+    /// The key and certificate files the config names (hs256 `secret_file`,
+    /// public keys, JWK sets, the checkpoint signing key, upstream TLS
+    /// files), absolute: policy as much as the config itself, so the
+    /// policy-path guard protects them (a read secret mints tokens).
+    pub key_files: Vec<PathBuf>,
     /// Audit log file, absolute.
     pub audit_path: PathBuf,
     /// Signs audit checkpoints, when configured.
@@ -750,7 +788,8 @@ impl Config {
                 file: path,
                 problems: &mut problems,
             };
-            build(spec, abs, &base, &mut r)
+            let key_files = key_files(&spec, &base);
+            build(spec, abs, &base, &mut r).map(|c| Config { key_files, ..c })
         };
         match cfg {
             Some(c) if problems.is_empty() => Ok(c),
@@ -832,12 +871,13 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
             }
         }
     }
-    let manifests = normalize_path(&resolve(
+    let manifests_as_written = resolve(
         base,
         spec.manifests
             .as_ref()
             .map_or("tool-manifests", |s| s.value.as_str()),
-    ));
+    );
+    let manifests = normalize_path(&manifests_as_written);
     let state = match &spec.state {
         None => normalize_path(&base.join(".toolgate/state.db")),
         Some(s) => match s.value.strip_prefix("sqlite://") {
@@ -950,7 +990,7 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
         };
         let mut b = GlobSetBuilder::new();
         for (i, p) in patterns.iter().enumerate() {
-            match tool_glob(&p.value) {
+            match escalation_glob(&p.value) {
                 Ok(g) => {
                     b.add(g);
                 }
@@ -1048,7 +1088,9 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
         listen: listen?,
         admin,
         manifests,
+        manifests_as_written,
         state,
+        key_files: Vec::new(),
         audit_path,
         agents,
         approvers,
@@ -1062,16 +1104,23 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
 /// Compiles a tool-name glob: `*` and `?` over exposed names, nothing else
 /// special (no character classes, no alternation, `/` is an ordinary char).
 pub fn tool_glob(pattern: &str) -> Result<Glob, String> {
-    literal_glob(pattern, false)
+    literal_glob(pattern, false, false)
+}
+
+/// An `escalation.tools` pattern: like [`tool_glob`], but case-insensitive.
+/// The guard errs towards holding: `*grant*` must catch an upstream's
+/// `GrantRole` as surely as `grant_role`.
+pub fn escalation_glob(pattern: &str) -> Result<Glob, String> {
+    literal_glob(pattern, false, true)
 }
 
 /// A resource URI pattern: like [`tool_glob`], but `*` and `?` stay within
 /// one `/`-separated segment and `**` spans segments.
 pub fn uri_glob(pattern: &str) -> Result<Glob, String> {
-    literal_glob(pattern, true)
+    literal_glob(pattern, true, false)
 }
 
-fn literal_glob(pattern: &str, segments: bool) -> Result<Glob, String> {
+fn literal_glob(pattern: &str, segments: bool, any_case: bool) -> Result<Glob, String> {
     if pattern.is_empty() {
         return Err("an empty pattern matches nothing".into());
     }
@@ -1089,6 +1138,7 @@ fn literal_glob(pattern: &str, segments: bool) -> Result<Glob, String> {
     }
     globset::GlobBuilder::new(&escaped)
         .literal_separator(segments)
+        .case_insensitive(any_case)
         .backslash_escape(false)
         .build()
         .map_err(|e| format!("invalid pattern {pattern:?}: {e}"))
@@ -1485,6 +1535,17 @@ mod tests {
         assert_eq!(c.escalation.patterns.len(), 9);
         assert!(c.escalation.tools.is_match("iam__grant_role"));
         assert!(!c.escalation.tools.is_match("billing__get_invoice"));
+        for camel in [
+            "iam__GrantRole",
+            "aws__AssumeRole",
+            "iam__PutRolePolicy",
+            "X__TOKEN",
+        ] {
+            assert!(
+                c.escalation.tools.is_match(camel),
+                "{camel}: any case is guarded"
+            );
+        }
     }
 
     #[test]

@@ -93,6 +93,10 @@ pub struct Decision {
     pub tool_rule: Option<usize>,
 }
 
+/// Most path-like tokens the policy-path guard resolves for one call; a
+/// call with more is held (see [`Guard::names_policy_path_within`]).
+pub const MAX_PATH_CHECKS: usize = 256;
+
 /// The built-in escalation guard, which no manifest can switch off.
 pub struct Guard {
     /// `escalation.tools`: tools where naming oneself is an escalation.
@@ -169,14 +173,23 @@ impl Guard {
     /// until nothing changes, so `%252F` counts too): a tool may well
     /// decode what it is given, and when in doubt, hold.
     pub fn names_policy_path(&self, s: &str) -> bool {
-        if self.names_plain_policy_path(s) {
+        self.names_policy_path_within(s, &mut MAX_PATH_CHECKS.clone())
+    }
+
+    /// [`Self::names_policy_path`], resolving at most `budget` tokens (it
+    /// is spent across a call's arguments). Resolving is filesystem IO on
+    /// the calling thread, so an argument made of a million path-like
+    /// tokens would stall it: once the budget is spent the answer is yes
+    /// (hold), since what was not checked may name a policy path.
+    pub fn names_policy_path_within(&self, s: &str, budget: &mut usize) -> bool {
+        if self.names_plain_policy_path(s, budget) {
             return true;
         }
         let mut text = Cow::Borrowed(s);
         for _ in 0..4 {
             match percent_decode(&text) {
                 Some(d) => {
-                    if self.names_plain_policy_path(&d) {
+                    if self.names_plain_policy_path(&d, budget) {
                         return true;
                     }
                     text = Cow::Owned(d);
@@ -187,35 +200,97 @@ impl Guard {
         false
     }
 
-    fn names_plain_policy_path(&self, s: &str) -> bool {
+    fn names_plain_policy_path(&self, s: &str, budget: &mut usize) -> bool {
+        if self.names_unquoted_policy_path(s, budget) {
+            return true;
+        }
+        // A shell removes quotes and backslashes: `tg."yaml"` is `tg.yaml`.
+        if s.contains(['"', '\'', '\\']) {
+            let bare: String = s
+                .chars()
+                .filter(|c| !matches!(c, '"' | '\'' | '\\'))
+                .collect();
+            return self.names_unquoted_policy_path(&bare, budget);
+        }
+        false
+    }
+
+    fn names_unquoted_policy_path(&self, s: &str, budget: &mut usize) -> bool {
         // Every token checked below is a substring of `s` (a `file:` URI's
-        // path too), so a string without '/', '.', '~' or a protected
-        // basename has none that could name a path: the usual argument.
-        if !s.bytes().any(|b| matches!(b, b'/' | b'.' | b'~')) && !self.names_any(s) {
+        // path too), so a string without '/', '.', '~', a glob character or
+        // a protected basename has none that could name a path: the usual
+        // argument.
+        if !s
+            .bytes()
+            .any(|b| matches!(b, b'/' | b'.' | b'~' | b'*' | b'?'))
+            && !self.names_any(s)
+        {
             return false;
         }
-        let check = |tok: &str| {
+        let mut check = |tok: &str| {
             let tok = strip_file_uri(tok);
-            if tok.is_empty() || !self.looks_like_path(tok) {
+            let glob = tok.contains(['*', '?', '[']);
+            if tok.is_empty() || !(glob || self.looks_like_path(tok)) {
                 return false;
             }
+            if *budget == 0 {
+                return true;
+            }
+            *budget -= 1;
             let p = Path::new(tok);
             let abs = if p.is_absolute() {
                 p.to_path_buf()
             } else {
                 self.cwd.join(p)
             };
+            if glob {
+                return self.glob_names_protected(&abs);
+            }
             self.is_protected(&(self.resolve)(&abs))
         };
-        check(s)
-            || s.split(|c: char| {
-                c.is_whitespace()
-                    || matches!(
-                        c,
-                        ';' | '|' | '&' | '<' | '>' | '(' | ')' | '`' | '\'' | '"' | '=' | ','
-                    )
-            })
-            .any(check)
+        // Shell words, then the same split finer (`X=1:/p`, `[/p]`, `${p}`),
+        // which a glob's `[...]` must not be split by first.
+        let words = |c: char| {
+            c.is_whitespace()
+                || matches!(
+                    c,
+                    ';' | '|' | '&' | '<' | '>' | '(' | ')' | '`' | '\'' | '"' | '=' | ','
+                )
+        };
+        let finer = |c: char| words(c) || matches!(c, ':' | '[' | ']' | '{' | '}' | '$');
+        check(s) || s.split(words).any(&mut check) || s.split(finer).any(&mut check)
+    }
+
+    /// Whether the glob `pattern` (absolute) could expand to a protected
+    /// path: it matches a policy file, a policy directory or one of their
+    /// parents, or its literal part lies inside a policy directory.
+    fn glob_names_protected(&self, pattern: &Path) -> bool {
+        let text = pattern.to_string_lossy();
+        // The directory before the first glob character is resolved like
+        // any path, so a symlinked prefix cannot hide a policy file.
+        let first = text.find(['*', '?', '[']).unwrap_or(text.len());
+        let cut = text[..first].rfind('/').map_or(0, |i| i + 1);
+        let dir = (self.resolve)(Path::new(&text[..cut]));
+        let literal = (self.resolve)(Path::new(&text[..first]));
+        if self.dirs.iter().any(|d| literal.starts_with(d)) {
+            return true;
+        }
+        let full = dir.join(&text[cut..]);
+        let Ok(g) = globset::GlobBuilder::new(&full.to_string_lossy())
+            .literal_separator(true)
+            .build()
+        else {
+            // Not a glob after all (an unclosed `[`): the plain path check.
+            return self.is_protected(&(self.resolve)(pattern));
+        };
+        let m = g.compile_matcher();
+        let parents = |p: &PathBuf| [Some(p.clone()), p.parent().map(Path::to_path_buf)];
+        self.files
+            .iter()
+            .chain(self.dirs.iter())
+            .flat_map(parents)
+            .flatten()
+            .any(|p| m.is_match(&p))
     }
 }
 
@@ -341,11 +416,20 @@ fn substitute(v: &Value, agent: &str) -> Option<Value> {
 
 /// Whether argument `actual` equals `expected` for a hold condition. Strings
 /// that came from `${agent}` compare folded (generous: when in doubt, hold).
+/// A `hold_when` string comparison errs towards holding: `Admin`, `ADMIN `
+/// and a full-width `ａｄｍｉｎ` all equal `admin` (case, compatibility
+/// forms, look-alikes, invisible characters and whitespace folded).
+fn cond_str_eq(a: &str, e: &str) -> bool {
+    let loose = |s: &str| fold_identity(&s.split_whitespace().collect::<String>());
+    a == e || loose(a) == loose(e)
+}
+
 fn cond_eq(actual: &Value, expected: &Value, agent: &str) -> bool {
     match (actual, substitute(expected, agent)) {
-        (Value::String(a), Some(Value::String(e))) => fold_identity(a) == fold_identity(&e),
+        (Value::String(a), Some(Value::String(e))) => cond_str_eq(a, &e),
         (_, Some(e)) => *actual == e,
         (_, None) => match (actual, expected) {
+            (Value::String(a), Value::String(e)) => cond_str_eq(a, e),
             (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
             _ => actual == expected,
         },
@@ -551,11 +635,16 @@ pub fn decide(
             );
         }
     }
-    if any_string(args, &mut |s| guard.names_policy_path(s)) {
-        return hold(
-            Rule::PolicyPath,
-            "arguments name a path of toolgate's own policy".into(),
-        );
+    let mut budget = MAX_PATH_CHECKS;
+    if any_string(args, &mut |s| {
+        guard.names_policy_path_within(s, &mut budget)
+    }) {
+        let reason = if budget == 0 {
+            "arguments hold more paths than the policy-path guard checks"
+        } else {
+            "arguments name a path of toolgate's own policy"
+        };
+        return hold(Rule::PolicyPath, reason.into());
     }
     if guard.escalation_tools.is_match(tool) {
         let me = fold_identity(agent);
@@ -577,7 +666,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{normalize_path, tool_glob, DEFAULT_ESCALATION_TOOLS};
+    use crate::config::{escalation_glob, normalize_path, DEFAULT_ESCALATION_TOOLS};
     use crate::manifest::compile;
     use serde_json::json;
 
@@ -591,7 +680,7 @@ mod tests {
     fn guard_in(dir: &Path) -> Guard {
         let mut b = globset::GlobSetBuilder::new();
         for p in DEFAULT_ESCALATION_TOOLS {
-            b.add(tool_glob(p).unwrap());
+            b.add(escalation_glob(p).unwrap());
         }
         let dir = dir.canonicalize().unwrap();
         Guard::new(
@@ -745,6 +834,22 @@ deny:
             json!({"principal": "someone", "role": "owner"}),
         );
         assert_eq!(dec.rule, Rule::HoldWhen(2, 1));
+        // Literal values are compared as generously as identities.
+        for role in [
+            "Admin",
+            "ADMIN",
+            "OWNER",
+            "admin ",
+            " owner\t",
+            "\u{ff41}\u{ff44}\u{ff4d}\u{ff49}\u{ff4e}",
+            "ad\u{200b}min",
+        ] {
+            let dec = d(
+                "iam__grant_role",
+                json!({"principal": "someone", "role": role}),
+            );
+            assert_eq!(dec.rule, Rule::HoldWhen(2, 1), "{role:?}");
+        }
         let dec = d(
             "iam__grant_role",
             json!({"principal": "someone", "role": "reader"}),
@@ -832,6 +937,82 @@ deny:
     }
 
     #[test]
+    fn policy_path_guard_sees_through_globs_quotes_and_separators() {
+        let base = crate::scratch::Scratch::new("guard-shell").unwrap();
+        std::fs::create_dir_all(base.join("tool-manifests")).unwrap();
+        std::fs::create_dir_all(base.join("work")).unwrap();
+        std::fs::write(base.join("toolgate.yaml"), "x").unwrap();
+        let g = guard_in(&base);
+        let m = manifest(M);
+        let b = base.canonicalize().unwrap().display().to_string();
+        let held = [
+            format!("cat {b}/toolgate.y*"),
+            format!("cat {b}/tool?ate.yaml"),
+            format!("cat {b}/toolgate.y[a]ml"),
+            format!("cat {b}/tool-manifests/*.yaml"),
+            format!("rm -rf {b}/tool-*"),
+            format!("cat {b}/.toolgate/audit.json?"),
+            format!("cat {b}/toolgate.\"yaml\""),
+            format!("cat '{b}'/toolgate.yaml"),
+            format!("cat {b}/tool\\gate.yaml"),
+            format!("cat [{b}/toolgate.yaml]"),
+            format!("X=1:{b}/toolgate.yaml"),
+            format!("echo ${{{b}/toolgate.yaml}}"),
+            "../toolgate.y*".to_owned(),
+        ];
+        for arg in held {
+            let dec = decide(&g, Some(&m), "billing-bot", "fs__run", &json!({"cmd": arg}));
+            assert_eq!(dec.rule, Rule::PolicyPath, "{arg}");
+        }
+        for arg in [
+            format!("cat {b}/work/*.txt"),
+            "ls *.txt".to_owned(),
+            "what? why?".to_owned(),
+            format!("cat {b}/work/[notes].md"),
+        ] {
+            let dec = decide(&g, Some(&m), "billing-bot", "fs__run", &json!({"cmd": arg}));
+            assert_eq!(dec.verdict, Verdict::Allow, "{arg}");
+        }
+    }
+
+    #[test]
+    fn policy_path_guard_holds_what_it_has_no_budget_to_check() {
+        let g = guard();
+        let m = manifest(M);
+        // Distinct path-like tokens, none protected: each one would be
+        // resolved on the filesystem.
+        let many: String = (0..MAX_PATH_CHECKS + 10)
+            .map(|i| format!("a/b{i} "))
+            .collect();
+        let dec = decide(
+            &g,
+            Some(&m),
+            "billing-bot",
+            "fs__run",
+            &json!({"cmd": many}),
+        );
+        assert_eq!(dec.rule, Rule::PolicyPath);
+        assert!(dec.reason.contains("more paths than"), "{}", dec.reason);
+        let few: String = (0..MAX_PATH_CHECKS / 4)
+            .map(|i| format!("a/b{i} "))
+            .collect();
+        let dec = decide(&g, Some(&m), "billing-bot", "fs__run", &json!({"cmd": few}));
+        assert_eq!(dec.verdict, Verdict::Allow);
+        // The budget is per call, across every string argument.
+        let spread: Vec<String> = (0..MAX_PATH_CHECKS + 1)
+            .map(|i| format!("a/c{i}"))
+            .collect();
+        let dec = decide(
+            &g,
+            Some(&m),
+            "billing-bot",
+            "fs__run",
+            &json!({"paths": spread}),
+        );
+        assert_eq!(dec.rule, Rule::PolicyPath);
+    }
+
+    #[test]
     fn self_identity_guard_folds_confusables() {
         for evasion in [
             "b\u{456}lling-bot",                    // Cyrillic i
@@ -843,6 +1024,18 @@ deny:
         ] {
             let dec = d("fs__grant_access", json!({"who": evasion}));
             assert_eq!(dec.rule, Rule::SelfIdentity, "{evasion:?}");
+        }
+        // Escalation tools match in any case: an upstream's CamelCase names.
+        let m = manifest("agent: billing-bot\ntools:\n  - name: \"iam__*\"\n");
+        for tool in ["iam__GrantRole", "iam__AssumeRole", "iam__PutRolePolicy"] {
+            let dec = decide(
+                &guard(),
+                Some(&m),
+                "billing-bot",
+                tool,
+                &json!({"who": "billing-bot"}),
+            );
+            assert_eq!(dec.rule, Rule::SelfIdentity, "{tool}");
         }
         // Folding is of look-alikes only: other names still pass.
         for other in ["billing-bat", "bi11ing-bots", "filling-bot"] {

@@ -54,6 +54,7 @@ pub fn guard_for(config: &Config) -> Guard {
         s.push(suffix);
         files.push(PathBuf::from(s));
     }
+    files.extend(config.key_files.iter().cloned());
     let cwd = std::env::current_dir()
         .map(|d| normalize_path(&d))
         .unwrap_or_default();
@@ -304,6 +305,27 @@ mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
     use std::io::{Read, Write};
+
+    #[test]
+    fn the_guard_protects_the_key_files_the_config_names() {
+        let dir = crate::scratch::Scratch::new("guard-keys").unwrap();
+        std::fs::create_dir_all(dir.join("keys")).unwrap();
+        std::fs::write(
+            dir.join("keys/agent.secret"),
+            "0123456789abcdef0123456789abcdef",
+        )
+        .unwrap();
+        std::fs::write(dir.join("keys/audit.key"), "x").unwrap();
+        let yaml = "auth:\n  agents:\n    issuer: i\n    audience: a\n    keys:\n      - hs256: { secret_file: keys/agent.secret }\n";
+        let config = Config::from_yaml(&dir.join("toolgate.yaml"), yaml).unwrap();
+        let g = guard_for(&config);
+        let secret = dir.join("keys/agent.secret").canonicalize().unwrap();
+        assert!(g.names_policy_path(&secret.display().to_string()));
+        assert!(g.names_policy_path(&format!("cat {}", secret.display())));
+        let sibling = secret.with_file_name("other");
+        assert!(!g.names_policy_path(&sibling.display().to_string()));
+        assert!(!g.names_policy_path("/srv/data/x"));
+    }
 
     /// One POST with a body on a kept-alive connection; returns the body.
     fn call(s: &mut std::net::TcpStream, body: &[u8]) -> Vec<u8> {
