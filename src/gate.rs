@@ -252,6 +252,80 @@ impl Outcome {
 /// A refused 2026-07-28 request: code, message, extra `data` member.
 type StatelessError = (i64, String, Option<(&'static str, Value)>);
 
+/// The one header of `name`, as text; a repeated or non-text one is a
+/// mismatch.
+fn one_header<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'h str>, StatelessError> {
+    let mismatch = |m: String| (code::HEADER_MISMATCH, m, None);
+    let mut all = headers.get_all(name).iter();
+    let first = all.next();
+    if all.next().is_some() {
+        return Err(mismatch(format!("{name} header appears more than once")));
+    }
+    first
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| mismatch(format!("{name} header is not valid text")))
+        })
+        .transpose()
+}
+
+/// Whether the `Mcp-Method` and `Mcp-Name` headers agree with the body.
+/// Required with 2026-07-28; in any revision, headers that are present
+/// must agree, since what routes or inspects by header (a load balancer, a
+/// WAF) must never see another call than the one decided.
+fn headers_agree(
+    headers: &HeaderMap,
+    req: &mcp::Request,
+    required: bool,
+) -> Result<(), StatelessError> {
+    let mismatch = |m: String| (code::HEADER_MISMATCH, m, None);
+    let method = one_header(headers, &MCP_METHOD)?;
+    let name = one_header(headers, &MCP_NAME)?
+        .map(mcp::decode_header_value)
+        .transpose()
+        .map_err(mismatch)?;
+    if !required && method.is_none() && name.is_none() {
+        return Ok(());
+    }
+    match method {
+        Some(m) if m == req.method => {}
+        Some(_) => {
+            return Err(mismatch(
+                "mcp-method header does not match the request body's method".into(),
+            ))
+        }
+        None if !required => {}
+        None => {
+            return Err(mismatch(
+                "mcp-method header is required with protocol revision 2026-07-28".into(),
+            ))
+        }
+    }
+    let body_name = match req.method.as_str() {
+        "tools/call" | "prompts/get" => {
+            Some(req.params.get("name").and_then(Value::as_str).unwrap_or(""))
+        }
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+            Some(req.params.get("uri").and_then(Value::as_str).unwrap_or(""))
+        }
+        _ => None,
+    };
+    match (name.as_deref(), body_name) {
+        (Some(h), Some(b)) if h == b => Ok(()),
+        (None, None) => Ok(()),
+        (None, Some(_)) if !required => Ok(()),
+        (Some(_), None) => Err(mismatch(
+            "mcp-name header given for a request that names nothing".into(),
+        )),
+        _ => Err(mismatch(
+            "mcp-name header does not match the request body's name".into(),
+        )),
+    }
+}
+
 /// Per-request facts the pipeline fills in.
 struct Ctx {
     request_id: String,
@@ -721,13 +795,27 @@ impl Gate {
                 &msg,
             ))
         };
-        if req.method == "initialize" {
-            return Ok(mcp::V2025_11_25);
-        }
         let modern = match header_version {
             Some(v) => !mcp::SESSION_VERSIONS.contains(&v) && v != "2024-11-05",
             None => false,
         };
+        if req.method == "initialize" || !modern {
+            if let Err((code, msg, _)) = headers_agree(headers, req, false) {
+                return Err(Box::new(refused(
+                    rpc_error(
+                        StatusCode::BAD_REQUEST,
+                        req.id.as_ref(),
+                        code,
+                        &msg,
+                        json!({"decision": "deny", "request_id": ctx.request_id}),
+                    ),
+                    &msg,
+                )));
+            }
+        }
+        if req.method == "initialize" {
+            return Ok(mcp::V2025_11_25);
+        }
         if modern {
             return match self.stateless_checks(headers, req) {
                 Ok(()) => Ok(mcp::V2026_07_28),
@@ -782,20 +870,7 @@ impl Gate {
         req: &mcp::Request,
     ) -> Result<(), StatelessError> {
         let mismatch = |m: String| (code::HEADER_MISMATCH, m, None);
-        let one = |name: &HeaderName| -> Result<Option<&str>, StatelessError> {
-            let mut all = headers.get_all(name).iter();
-            let first = all.next();
-            if all.next().is_some() {
-                return Err(mismatch(format!("{name} header appears more than once")));
-            }
-            first
-                .map(|v| {
-                    v.to_str()
-                        .map_err(|_| mismatch(format!("{name} header is not valid text")))
-                })
-                .transpose()
-        };
-        let version = one(&MCP_PROTOCOL_VERSION)?.unwrap_or_default();
+        let version = one_header(headers, &MCP_PROTOCOL_VERSION)?.unwrap_or_default();
         if version != mcp::V2026_07_28 {
             return Err((
                 code::UNSUPPORTED_VERSION,
@@ -806,11 +881,6 @@ impl Gate {
                 )),
             ));
         }
-        let method = one(&MCP_METHOD)?;
-        let name = one(&MCP_NAME)?
-            .map(mcp::decode_header_value)
-            .transpose()
-            .map_err(mismatch)?;
         let meta = req.params.get("_meta").and_then(Value::as_object);
         let Some(meta) = meta.filter(|m| {
             m.get(mcp::META_VERSION).is_some_and(Value::is_string)
@@ -829,38 +899,7 @@ impl Gate {
         if meta.get(mcp::META_VERSION).and_then(Value::as_str) != Some(version) {
             return Err(mismatch("mcp-protocol-version header does not match the request envelope's protocol version".into()));
         }
-        match method {
-            Some(m) if m == req.method => {}
-            Some(_) => {
-                return Err(mismatch(
-                    "mcp-method header does not match the request body's method".into(),
-                ))
-            }
-            None => {
-                return Err(mismatch(
-                    "mcp-method header is required with protocol revision 2026-07-28".into(),
-                ))
-            }
-        }
-        let body_name = match req.method.as_str() {
-            "tools/call" | "prompts/get" => {
-                Some(req.params.get("name").and_then(Value::as_str).unwrap_or(""))
-            }
-            "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
-                Some(req.params.get("uri").and_then(Value::as_str).unwrap_or(""))
-            }
-            _ => None,
-        };
-        match (name.as_deref(), body_name) {
-            (Some(h), Some(b)) if h == b => Ok(()),
-            (None, None) => Ok(()),
-            (Some(_), None) => Err(mismatch(
-                "mcp-name header given for a request that names nothing".into(),
-            )),
-            _ => Err(mismatch(
-                "mcp-name header does not match the request body's name".into(),
-            )),
-        }
+        headers_agree(headers, req, true)
     }
 
     fn notification(&self, req: &mcp::Request, request_id: &str) -> Outcome {

@@ -1074,6 +1074,84 @@ async fn sessions_belong_to_one_agent_and_headers_must_match_the_body() {
 // ---- escalation evasions --------------------------------------------------
 
 #[tokio::test]
+async fn routing_headers_that_disagree_with_the_body_are_refused_in_every_revision() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    // initialize naming another method in its headers: no session opened.
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}).to_string();
+    for headers in [
+        vec![
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "billing__delete_all"),
+        ],
+        vec![("mcp-method", "tools/call")],
+        vec![("mcp-name", "billing__get_invoice")],
+    ] {
+        let (s, hs, v) = h.post(Some(&t), &headers, init.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{headers:?}: {v}");
+        assert_eq!(v["error"]["code"], -32020, "{v}");
+        assert!(hs.get("mcp-session-id").is_none());
+    }
+    // In a 2025-11-25 session: headers may be absent, but never disagree.
+    let sid = h.initialize(&t).await;
+    let call = |name: &str| {
+        json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":name,"arguments":{"invoice_id":"INV-000001"}}}).to_string()
+    };
+    let session = [
+        ("mcp-session-id", sid.as_str()),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut v: Vec<(&str, &str)> = session.to_vec();
+        v.extend_from_slice(extra);
+        v
+    };
+    let (s, _, v) = h
+        .post(
+            Some(&t),
+            &with(&[("mcp-name", "billing__get_invoice")]),
+            call("billing__delete_invoice"),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_i64()),
+        (StatusCode::BAD_REQUEST, Some(-32020)),
+        "{v}"
+    );
+    let (s, _, v) = h
+        .post(
+            Some(&t),
+            &with(&[("mcp-method", "tools/list")]),
+            call("billing__get_invoice"),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_i64()),
+        (StatusCode::BAD_REQUEST, Some(-32020)),
+        "{v}"
+    );
+    assert!(h.tools.received().is_empty(), "nothing forwarded");
+    // Agreeing headers, and none at all, pass.
+    let (s, _, v) = h
+        .post(
+            Some(&t),
+            &with(&[
+                ("mcp-method", "tools/call"),
+                ("mcp-name", "billing__get_invoice"),
+            ]),
+            call("billing__get_invoice"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _, v) = h
+        .post(Some(&t), &session, call("billing__get_invoice"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(h.tools.received().len(), 2);
+}
+
+#[tokio::test]
 async fn disguised_self_grants_and_policy_paths_are_held() {
     // More cases than the default bound on pending holds per agent.
     let s = Suite::with(Opts {
