@@ -459,3 +459,41 @@ fn a_log_whose_head_was_cut_is_broken_unless_it_continues_a_named_log() {
     assert!(t.contains("8 records (from seq 3, continuing"), "{t}");
     assert_broken(&both(&previous, &oldest), "(the log it continues)");
 }
+
+/// A key injected before the real one (`{"decision":"deny",...}`) leaves
+/// the hash intact for a reader that keeps the last value, while another
+/// reader sees the first: verify refuses duplicate keys at any depth.
+#[test]
+fn a_record_with_an_injected_duplicate_key_is_broken_at_any_depth() {
+    let (_dir, log, public) = signed_log("dup-key");
+    let orig = std::fs::read_to_string(&log).unwrap();
+    // Writes the log with `with` inserted after the first `at` of `line`.
+    let inject = |line: usize, at: &str, with: &str| {
+        let mut out: Vec<String> = orig.lines().map(str::to_owned).collect();
+        let edited = out[line - 1].replacen(at, &format!("{at}{with}"), 1);
+        assert_ne!(edited, out[line - 1], "{at} not in line {line}");
+        out[line - 1] = edited;
+        std::fs::write(&log, out.join("\n") + "\n").unwrap();
+    };
+    // seq 5 is the allowed call t3.
+    assert_eq!(lines(&log)[4]["decision"], "allow");
+    inject(5, "{", r#""decision":"deny","#);
+    assert_eq!(
+        lines(&log)[4]["decision"],
+        "allow",
+        "a lenient reader still sees the hashed value"
+    );
+    assert_broken(
+        &verify_unkeyed(&log),
+        r#"line 5 (seq 5): duplicate key "decision" at /"#,
+    );
+    assert_broken(&verify(&log, &public, &[]), "line 5 (seq 5): duplicate key");
+    // Nested: inside a checkpoint's detail (seq 4).
+    inject(4, r#""detail":{"#, r#""covers_seq":1,"#);
+    assert_broken(
+        &verify_unkeyed(&log),
+        r#"line 4 (seq 4): duplicate key "covers_seq" at /detail"#,
+    );
+    std::fs::write(&log, &orig).unwrap();
+    assert_ok(&verify(&log, &public, &[]));
+}

@@ -147,8 +147,16 @@ fn walk(
             why,
         };
         let line = line.map_err(|e| bad(format!("read error: {e}"), want))?;
-        let mut obj = match serde_json::from_slice::<Value>(&line) {
+        // Strictly, as the gate parses a call: with duplicate keys, what a
+        // reader sees (say, the first `decision`) need not be what was hashed.
+        let mut obj = match crate::mcp::parse_strict(&line) {
             Ok(Value::Object(o)) => o,
+            Err(e @ crate::mcp::ParseError::DuplicateKey { .. }) => {
+                return Err(bad(
+                    format!("{e}: a record with a duplicated key was tampered with"),
+                    claimed_seq(&line).unwrap_or(want),
+                ))
+            }
             _ => return Err(bad("not a JSON record".into(), want)),
         };
         let seq = obj
@@ -197,6 +205,15 @@ fn walk(
         n += 1;
     }
     Ok(n)
+}
+
+/// The `seq` an unreadable line claims, to name it by (the last one, as a
+/// lenient reader would take it).
+fn claimed_seq(line: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<Value>(line)
+        .ok()?
+        .get("seq")?
+        .as_u64()
 }
 
 /// Checks the whole chain of a log toolgate started (its first record is
