@@ -9,7 +9,8 @@
 //!   decision needs a token whose `amr` shows one of the listed methods;
 //! - nobody decides a hold of their own identity; deciding a hold that is
 //!   not pending is a conflict (409);
-//! - every authentication failure and every decision is audited.
+//! - every authentication failure, every refusal (403) and every decision
+//!   is audited; a partial approval (1 of 2) is audited as still `hold`.
 //!
 //! The API takes credentials only from the `Authorization` header (never
 //! cookies), so a browser cannot be tricked into a cross-site decision.
@@ -142,21 +143,31 @@ where
             return r;
         }
     };
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let refused = Refused {
+        gate,
+        approver: &approver,
+        method: req.method().clone(),
+        path: &path,
+        hold_id: match segments.as_slice() {
+            ["v1", "holds", id, ..] => Some(id),
+            _ => None,
+        },
+    };
     let can_read = approver.has_role("approver") || approver.has_role("viewer");
     if !can_read {
-        return error(
-            StatusCode::FORBIDDEN,
+        return refused.forbidden(
+            "admin.role",
             "this token has neither the viewer nor the approver role",
         );
     }
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["metrics"]) => metrics(gate).await,
         (Method::GET, ["v1", "agents"]) => agents(gate),
         (Method::GET, ["v1", "audit"]) => audit(gate, req.uri().query()).await,
         (Method::POST, ["v1", "reload"]) => {
             if !approver.has_role("approver") {
-                return error(StatusCode::FORBIDDEN, "reloading needs the approver role");
+                return refused.forbidden("admin.role", "reloading needs the approver role");
             }
             match gate.reload(&format!("api:{}", approver.subject)).await {
                 Ok(report) => json_response(StatusCode::OK, &json!(report)),
@@ -176,9 +187,53 @@ where
         (Method::POST, ["v1", "holds", id, action @ ("approve" | "deny")]) => {
             let id = (*id).to_owned();
             let approve = *action == "approve";
-            decide(gate, &approver, &id, approve, req).await
+            decide(gate, &refused, &id, approve, req).await
         }
         _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+/// The longest path or hold id an audit record of a refusal keeps.
+const MAX_AUDITED: usize = 256;
+
+/// An authenticated management request, for refusing it.
+struct Refused<'a> {
+    gate: &'a Gate,
+    approver: &'a Approver,
+    method: Method,
+    path: &'a str,
+    hold_id: Option<&'a str>,
+}
+
+impl Refused<'_> {
+    /// Answers 403 and records it as an authentication failure is: one
+    /// audit record (who, what, why) through the same bounded queue, and an
+    /// `admin_forbidden` alert. What the caller controls is cut to
+    /// [`MAX_AUDITED`] characters.
+    fn forbidden(&self, rule: &str, why: &str) -> Response<Body> {
+        let cut = |s: &str| s.chars().take(MAX_AUDITED).collect::<String>();
+        let (path, hold_id) = (cut(self.path), self.hold_id.map(cut));
+        let detail = json!({"path": path, "method": self.method.as_str(), "status": 403});
+        self.gate.0.audit(Record {
+            event: "admin_forbidden",
+            decision: Some("deny"),
+            rule: Some(rule.to_owned()),
+            reason: Some(why.to_owned()),
+            hold_id: hold_id.clone(),
+            approver: Some(self.approver.subject.clone()),
+            detail: Some(detail.clone()),
+            ..Record::default()
+        });
+        self.gate.0.raise(&crate::alert::Alert {
+            kind: "admin_forbidden",
+            agent: None,
+            message: format!(
+                "management plane refused {} {path} to {:?}: {why}",
+                self.method, self.approver.subject
+            ),
+            detail: json!({"approver": self.approver.subject, "hold_id": hold_id, "rule": rule, "request": detail}),
+        });
+        error(StatusCode::FORBIDDEN, why)
     }
 }
 
@@ -393,7 +448,7 @@ struct DecisionBody {
 
 async fn decide<B>(
     gate: &Gate,
-    approver: &Approver,
+    refused: &Refused<'_>,
     id: &str,
     approve: bool,
     req: Request<B>,
@@ -402,17 +457,15 @@ where
     B: http_body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let approver = refused.approver;
     if !approver.has_role("approver") {
-        return error(
-            StatusCode::FORBIDDEN,
-            "deciding holds needs the approver role",
-        );
+        return refused.forbidden("admin.role", "deciding holds needs the approver role");
     }
     let cfg = gate.0.config.approvers.as_ref();
     if let Some(required) = cfg.map(|c| &c.require_amr).filter(|r| !r.is_empty()) {
         if !approver.amr.iter().any(|m| required.contains(m)) {
-            return error(
-                StatusCode::FORBIDDEN,
+            return refused.forbidden(
+                "admin.require_amr",
                 &format!("deciding holds needs a token whose amr shows one of {required:?} (sign in with MFA)"),
             );
         }
@@ -457,6 +510,13 @@ where
     };
     match result {
         Ok(hold) => {
+            // Only the approval that approves the hold records `approved`;
+            // one short of `approvals_needed` leaves it held.
+            let decision = match (approve, hold.status) {
+                (false, _) => "denied",
+                (true, Status::Pending) => "hold",
+                (true, _) => "approved",
+            };
             gate.0.audit(Record {
                 event: if approve {
                     "hold_approved"
@@ -465,7 +525,7 @@ where
                 },
                 agent: Some(Arc::from(hold.agent.as_str())),
                 tool: Some(hold.tool.clone()),
-                decision: Some(if approve { "approved" } else { "denied" }),
+                decision: Some(decision),
                 rule: Some(hold.rule.clone()),
                 reason,
                 args_sha256: Some(hold.args_sha256.clone()),
@@ -475,7 +535,11 @@ where
                     "status": hold.status.as_str(),
                     "approvals": hold.approvals.len(),
                     "approvals_needed": hold.approvals_needed,
-                    "for": parsed.window,
+                    // The window in force (the most restrictive approval's),
+                    // and the one this approver asked for.
+                    "for": hold.grant_for,
+                    "grant_until": hold.grant_until,
+                    "requested_for": parsed.window,
                 })),
                 ..Record::default()
             });
@@ -485,6 +549,9 @@ where
                 gate.0.metrics.hold_decision_seconds.observe(secs);
             }
             json_response(StatusCode::OK, &json!(hold))
+        }
+        Err(DecideError::SelfApproval) => {
+            refused.forbidden("hold.self_approval", &DecideError::SelfApproval.to_string())
         }
         Err(e) => {
             let status = match e {

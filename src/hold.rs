@@ -10,8 +10,12 @@
 //!   even when identical retries race ([`Holds::admit`], [`Holds::poll`]);
 //! - the state file uses WAL with `synchronous=FULL`: a pending hold, an
 //!   approval and a window survive a restart or a kill -9;
-//! - an approver can never decide a hold of their own identity (folded
-//!   comparison), and one approver counts once;
+//! - an approver can never decide a hold of their own identity, and one
+//!   approver counts once (both compared by [`decider_key`]: folded, and
+//!   blind to whitespace and control characters);
+//! - with several approvals, the most restrictive one sets the grant: any
+//!   single-use approval makes it single-use, else the shortest window wins;
+//! - a denial is kept apart from the approvals (`denied_by`);
 //! - pending holds per agent are bounded.
 
 use std::path::Path;
@@ -67,9 +71,22 @@ impl Status {
     }
 }
 
-/// One approver's decision on a hold.
+/// One approver's approval of a hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Approval {
+    pub approver: String,
+    pub at: String,
+    pub reason: Option<String>,
+    /// The window this approver granted (`15m`); `None`: single use.
+    #[serde(rename = "for")]
+    pub window: Option<String>,
+    #[serde(skip)]
+    pub window_ms: Option<i64>,
+}
+
+/// Who denied a hold, when and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Denial {
     pub approver: String,
     pub at: String,
     pub reason: Option<String>,
@@ -95,7 +112,11 @@ pub struct Hold {
     pub decided_at: Option<String>,
     /// End of the approval window, if one was granted.
     pub grant_until: Option<String>,
+    /// The window in force (the shortest all approvers granted), if any.
+    pub grant_for: Option<String>,
     pub deny_reason: Option<String>,
+    /// The denial, if the hold was denied by an approver.
+    pub denied_by: Option<Denial>,
     #[serde(skip)]
     pub expires_ms: i64,
     #[serde(skip)]
@@ -249,7 +270,9 @@ CREATE TABLE IF NOT EXISTS holds (
     decided_at INTEGER,
     grant_until INTEGER,
     used INTEGER NOT NULL DEFAULT 0,
-    deny_reason TEXT
+    deny_reason TEXT,
+    denied_by TEXT,
+    denied_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS holds_key ON holds(agent, tool, args_sha256, created_at);
 CREATE INDEX IF NOT EXISTS holds_status ON holds(status, created_at);
@@ -258,11 +281,83 @@ CREATE TABLE IF NOT EXISTS approvals (
     approver TEXT NOT NULL,
     at INTEGER NOT NULL,
     reason TEXT,
+    window_ms INTEGER,
     PRIMARY KEY (hold_id, approver)
 );
 ";
 
-const COLS: &str = "id, agent, tool, upstream, arguments, args_sha256, reason, rule, approvals_needed, status, created_at, expires_at, decided_at, grant_until, deny_reason, used";
+/// Whether `table` has `column` (older state files lack newer columns).
+fn has_column(c: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    let mut st = c.prepare(&format!("PRAGMA table_info({table})"))?;
+    let names = st.query_map([], |r| r.get::<_, String>(1))?;
+    for n in names {
+        if n? == column {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Brings a state file written by an older toolgate up to [`SCHEMA`], in
+/// one transaction: adds the columns it lacks, and moves each denial, which
+/// older versions stored among the approvals (reason `denied` or
+/// `denied: ...`, at the hold's decision time), to `holds.denied_by`.
+/// Approvals recorded before `window_ms` existed count as single use.
+fn migrate(c: &mut Connection) -> rusqlite::Result<()> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if !has_column(&tx, "approvals", "window_ms")? {
+        tx.execute("ALTER TABLE approvals ADD COLUMN window_ms INTEGER", [])?;
+    }
+    if !has_column(&tx, "holds", "denied_by")? {
+        tx.execute_batch(
+            "ALTER TABLE holds ADD COLUMN denied_by TEXT;
+             ALTER TABLE holds ADD COLUMN denied_at INTEGER;
+             UPDATE holds SET denied_at = decided_at, denied_by = (
+                 SELECT a.approver FROM approvals a
+                 WHERE a.hold_id = holds.id AND a.at = holds.decided_at
+                   AND (a.reason = 'denied' OR a.reason LIKE 'denied: %')
+                 ORDER BY a.approver LIMIT 1)
+             WHERE status = 'denied';
+             DELETE FROM approvals WHERE EXISTS (
+                 SELECT 1 FROM holds h
+                 WHERE h.id = approvals.hold_id AND h.status = 'denied'
+                   AND h.denied_by = approvals.approver AND h.decided_at = approvals.at
+                   AND (approvals.reason = 'denied' OR approvals.reason LIKE 'denied: %'));",
+        )?;
+    }
+    tx.commit()
+}
+
+/// The key identities are compared by when deciding holds (approver
+/// against agent, approver against approver): [`fold_identity`], with every
+/// whitespace (Unicode `White_Space`) and control character dropped before
+/// and after folding, so `" ops-bot"`, `"ops-bot\u{a0}"` and `"alice "` are
+/// `ops-bot` and `alice`. Stricter than the escalation guard's comparison,
+/// which must keep word boundaries.
+fn decider_key(s: &str) -> String {
+    fn strip(s: &str) -> String {
+        s.chars()
+            .filter(|c| !c.is_whitespace() && !c.is_control())
+            .collect()
+    }
+    strip(&fold_identity(&strip(s)))
+}
+
+/// The grant of a hold approved with these windows (`None`: single use):
+/// the most restrictive one, so any single-use approval makes the grant
+/// single-use, and otherwise the shortest window wins.
+fn effective_window(windows: impl IntoIterator<Item = Option<i64>>) -> Option<i64> {
+    windows
+        .into_iter()
+        .try_fold(i64::MAX, |shortest, w| w.map(|w| shortest.min(w)))
+}
+
+/// A window in milliseconds as the API shows it (`15m`).
+fn show_window(ms: i64) -> String {
+    humantime::format_duration(Duration::from_millis(ms.max(0) as u64)).to_string()
+}
+
+const COLS: &str = "id, agent, tool, upstream, arguments, args_sha256, reason, rule, approvals_needed, status, created_at, expires_at, decided_at, grant_until, deny_reason, used, denied_by, denied_at";
 
 struct Row {
     hold: Hold,
@@ -273,7 +368,20 @@ struct Row {
 fn row(r: &rusqlite::Row) -> rusqlite::Result<Row> {
     let status: String = r.get(9)?;
     let grant_until_ms: Option<i64> = r.get(13)?;
+    let decided_ms: Option<i64> = r.get(12)?;
     let args: String = r.get(4)?;
+    let deny_reason: Option<String> = r.get(14)?;
+    let denied_by = match (
+        r.get::<_, Option<String>>(16)?,
+        r.get::<_, Option<i64>>(17)?,
+    ) {
+        (Some(approver), Some(at)) => Some(Denial {
+            approver,
+            at: rfc3339(at),
+            reason: deny_reason.clone(),
+        }),
+        _ => None,
+    };
     Ok(Row {
         hold: Hold {
             id: r.get(0)?,
@@ -289,9 +397,13 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<Row> {
             approvals: Vec::new(),
             created_at: rfc3339(r.get(10)?),
             expires_at: rfc3339(r.get(11)?),
-            decided_at: r.get::<_, Option<i64>>(12)?.map(rfc3339),
+            decided_at: decided_ms.map(rfc3339),
             grant_until: grant_until_ms.map(rfc3339),
-            deny_reason: r.get(14)?,
+            grant_for: grant_until_ms
+                .zip(decided_ms)
+                .map(|(until, at)| show_window(until - at)),
+            deny_reason,
+            denied_by,
             expires_ms: r.get(11)?,
             created_ms: r.get(10)?,
         },
@@ -302,13 +414,16 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<Row> {
 
 fn approvals_of(c: &Connection, id: &str) -> rusqlite::Result<Vec<Approval>> {
     let mut st = c.prepare_cached(
-        "SELECT approver, at, reason FROM approvals WHERE hold_id = ?1 ORDER BY at, approver",
+        "SELECT approver, at, reason, window_ms FROM approvals WHERE hold_id = ?1 ORDER BY at, approver",
     )?;
     let rows = st.query_map([id], |r| {
+        let window_ms: Option<i64> = r.get(3)?;
         Ok(Approval {
             approver: r.get(0)?,
             at: rfc3339(r.get(1)?),
             reason: r.get(2)?,
+            window: window_ms.map(show_window),
+            window_ms,
         })
     })?;
     rows.collect()
@@ -335,14 +450,15 @@ impl Holds {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
-        let conn = Connection::open(path)
+        let mut conn = Connection::open(path)
             .map_err(|e| format!("cannot open state {}: {e}", path.display()))?;
-        let setup = || -> rusqlite::Result<()> {
+        let mut setup = || -> rusqlite::Result<()> {
             conn.busy_timeout(Duration::from_secs(5))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
             conn.pragma_update(None, "synchronous", "FULL")?;
             conn.pragma_update(None, "foreign_keys", "ON")?;
             conn.execute_batch(SCHEMA)?;
+            migrate(&mut conn)?;
             let ok: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
             if ok != "ok" {
                 return Err(rusqlite::Error::InvalidQuery);
@@ -543,7 +659,9 @@ impl Holds {
 
     /// Records `approver`'s approval; the hold becomes approved once enough
     /// distinct approvers agree. `window` lets identical calls pass until it
-    /// ends (else the approval is single-use).
+    /// ends (else the approval is single-use); with several approvals the
+    /// most restrictive one counts ([`effective_window`]), from the moment
+    /// the hold is approved.
     pub async fn approve(
         &self,
         id: &str,
@@ -565,16 +683,19 @@ impl Holds {
                     }
                     return Ok(Err(e));
                 }
-                if r.hold.approvals.iter().any(|a| fold_identity(&a.approver) == fold_identity(&approver)) {
+                let key = decider_key(&approver);
+                if r.hold.approvals.iter().any(|a| decider_key(&a.approver) == key) {
                     return Ok(Err(DecideError::AlreadyApproved));
                 }
+                let window_ms = window.map(|w| w.as_millis() as i64);
                 tx.execute(
-                    "INSERT INTO approvals (hold_id, approver, at, reason) VALUES (?1, ?2, ?3, ?4)",
-                    params![id, approver, now, reason],
+                    "INSERT INTO approvals (hold_id, approver, at, reason, window_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![id, approver, now, reason, window_ms],
                 )?;
                 let count = r.hold.approvals.len() as u32 + 1;
                 if count >= r.hold.approvals_needed {
-                    let until = window.map(|w| now + w.as_millis() as i64);
+                    let windows = r.hold.approvals.iter().map(|a| a.window_ms);
+                    let until = effective_window(windows.chain([window_ms])).map(|w| now + w);
                     tx.execute(
                         "UPDATE holds SET status = 'approved', decided_at = ?1, grant_until = ?2 WHERE id = ?3",
                         params![now, until, id],
@@ -592,7 +713,8 @@ impl Holds {
         res
     }
 
-    /// Denies a pending hold.
+    /// Denies a pending hold; the denier is kept in `denied_by`, apart from
+    /// the approvals.
     pub async fn deny(
         &self,
         id: &str,
@@ -608,12 +730,8 @@ impl Holds {
                     return Ok(Err(e));
                 }
                 tx.execute(
-                    "UPDATE holds SET status = 'denied', decided_at = ?1, deny_reason = ?2 WHERE id = ?3",
-                    params![now, reason.clone().unwrap_or_else(|| format!("denied by {approver}")), id],
-                )?;
-                tx.execute(
-                    "INSERT OR REPLACE INTO approvals (hold_id, approver, at, reason) VALUES (?1, ?2, ?3, ?4)",
-                    params![id, approver, now, reason.map(|r| format!("denied: {r}")).unwrap_or_else(|| "denied".into())],
+                    "UPDATE holds SET status = 'denied', decided_at = ?1, deny_reason = ?2, denied_by = ?3, denied_at = ?1 WHERE id = ?4",
+                    params![now, reason.unwrap_or_else(|| format!("denied by {approver}")), approver, id],
                 )?;
                 let r = load(&tx, &id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
                 tx.commit()?;
@@ -665,7 +783,7 @@ impl Holds {
 
 /// Why `approver` may not decide `hold` now, if so.
 fn undecidable(hold: &Hold, approver: &str, now: i64) -> Option<DecideError> {
-    if fold_identity(approver) == fold_identity(&hold.agent) {
+    if decider_key(approver) == decider_key(&hold.agent) {
         return Some(DecideError::SelfApproval);
     }
     match hold.status {
@@ -840,6 +958,184 @@ mod tests {
             Admission::Granted { .. }
         ));
         assert_eq!(h.list(Some(Status::Pending), 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn deciders_are_compared_blind_to_whitespace_and_control_characters() {
+        let (_d, h, _) = store("blind", Duration::from_secs(60));
+        let Admission::Created(hold) = h.admit(new("ops-bot", "a", 2), 10).await.unwrap() else {
+            panic!()
+        };
+        for me in [
+            " ops-bot",
+            "ops-bot\n",
+            "ops-bot\t",
+            "ops-bot\u{a0}",
+            "ops-bot\r",
+            "OPS-BOT\u{3000}",
+            "ops\u{2003}-bot",
+        ] {
+            assert_eq!(
+                h.approve(&hold.id, me, None, None).await.unwrap_err(),
+                DecideError::SelfApproval,
+                "{me:?}"
+            );
+            assert_eq!(
+                h.deny(&hold.id, me, None).await.unwrap_err(),
+                DecideError::SelfApproval,
+                "{me:?}"
+            );
+        }
+        h.approve(&hold.id, "alice", None, None).await.unwrap();
+        for again in ["alice ", "\u{3000}Alice", "al ice", "alice\u{85}"] {
+            assert_eq!(
+                h.approve(&hold.id, again, None, None).await.unwrap_err(),
+                DecideError::AlreadyApproved,
+                "{again:?}"
+            );
+        }
+        let hold = h.get(&hold.id).await.unwrap().unwrap();
+        assert_eq!((hold.status, hold.approvals.len()), (Status::Pending, 1));
+    }
+
+    #[test]
+    fn the_grant_is_the_most_restrictive_approval() {
+        assert_eq!(effective_window([None, Some(600_000)]), None);
+        assert_eq!(effective_window([Some(7 * 86_400_000), None]), None);
+        assert_eq!(
+            effective_window([Some(600_000), Some(60_000)]),
+            Some(60_000)
+        );
+        assert_eq!(effective_window([Some(900_000)]), Some(900_000));
+    }
+
+    #[tokio::test]
+    async fn with_two_approvals_the_shorter_window_or_single_use_wins() {
+        let (_d, h, _) = store("windows", Duration::from_secs(3600));
+        let min = |m: u64| Some(Duration::from_secs(60 * m));
+        // (alice's window, bob's window) -> the grant's.
+        let cases = [
+            ("1", None, min(10), None),
+            ("2", min(7 * 24 * 60), None, None),
+            ("3", min(10), min(60), Some("10m")),
+            ("4", min(60), min(5), Some("5m")),
+        ];
+        for (sha, alice, bob, want) in cases {
+            let Admission::Created(hold) = h.admit(new("bot", sha, 2), 10).await.unwrap() else {
+                panic!()
+            };
+            h.approve(&hold.id, "alice", None, alice).await.unwrap();
+            let done = h.approve(&hold.id, "bob", None, bob).await.unwrap();
+            assert_eq!(done.status, Status::Approved);
+            assert_eq!(done.grant_for.as_deref(), want, "case {sha}");
+            assert_eq!(done.grant_until.is_some(), want.is_some(), "case {sha}");
+            let first = h.admit(new("bot", sha, 2), 10).await.unwrap();
+            assert!(
+                matches!(first, Admission::Granted { window, .. } if window == want.is_some()),
+                "case {sha}: {first:?}"
+            );
+            let second = h.admit(new("bot", sha, 2), 10).await.unwrap();
+            assert_eq!(
+                matches!(second, Admission::Granted { .. }),
+                want.is_some(),
+                "case {sha}: single use passes once: {second:?}"
+            );
+        }
+        // The window runs from the approval that approved the hold.
+        let Admission::Created(hold) = h.admit(new("bot", "5", 2), 10).await.unwrap() else {
+            panic!()
+        };
+        h.approve(&hold.id, "alice", None, min(10)).await.unwrap();
+        h.approve(&hold.id, "bob", None, min(60)).await.unwrap();
+        h.advance(Duration::from_secs(11 * 60));
+        assert!(matches!(
+            h.admit(new("bot", "5", 2), 10).await.unwrap(),
+            Admission::Created(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_denial_is_kept_apart_from_the_approvals() {
+        let (_d, h, p) = store("denied-by", Duration::from_secs(60));
+        let Admission::Created(hold) = h.admit(new("bot", "a", 2), 10).await.unwrap() else {
+            panic!()
+        };
+        h.approve(&hold.id, "alice", Some("fine".into()), None)
+            .await
+            .unwrap();
+        let denied = h.deny(&hold.id, "bob", Some("no".into())).await.unwrap();
+        assert_eq!(denied.status, Status::Denied);
+        assert_eq!(denied.approvals.len(), 1);
+        assert_eq!(denied.approvals[0].approver, "alice");
+        let by = denied.denied_by.clone().expect("denied_by");
+        assert_eq!(
+            (by.approver.as_str(), by.reason.as_deref()),
+            ("bob", Some("no"))
+        );
+        assert_eq!(Some(&by.at), denied.decided_at.as_ref());
+        drop(h);
+        let h = Holds::open(&p, Duration::from_secs(60)).unwrap();
+        let again = h.get(&hold.id).await.unwrap().unwrap();
+        assert_eq!(again.denied_by, denied.denied_by, "survives a restart");
+        assert_eq!(again.approvals, denied.approvals);
+    }
+
+    /// The schema before `denied_by` and `window_ms`, with a denial stored
+    /// the old way (among the approvals).
+    const OLD_STATE: &str = "
+        CREATE TABLE holds (id TEXT PRIMARY KEY, agent TEXT NOT NULL, tool TEXT NOT NULL,
+            upstream TEXT, arguments TEXT NOT NULL, args_sha256 TEXT NOT NULL, reason TEXT NOT NULL,
+            rule TEXT NOT NULL, approvals_needed INTEGER NOT NULL, status TEXT NOT NULL,
+            created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, decided_at INTEGER,
+            grant_until INTEGER, used INTEGER NOT NULL DEFAULT 0, deny_reason TEXT);
+        CREATE TABLE approvals (hold_id TEXT NOT NULL REFERENCES holds(id), approver TEXT NOT NULL,
+            at INTEGER NOT NULL, reason TEXT, PRIMARY KEY (hold_id, approver));
+        INSERT INTO holds VALUES ('d', 'bot', 't', NULL, '{}', 'x', 'r', 'rule', 2, 'denied',
+            1000, 9999999999999, 2000, NULL, 0, 'no');
+        INSERT INTO approvals VALUES ('d', 'alice', 1500, 'denied: early'), ('d', 'bob', 2000, 'denied: no');
+        INSERT INTO holds VALUES ('p', 'bot', 't', NULL, '{}', 'y', 'r', 'rule', 2, 'pending',
+            1000, 9999999999999, NULL, NULL, 0, NULL);
+        INSERT INTO approvals VALUES ('p', 'carol', 1500, 'ok');
+    ";
+
+    #[tokio::test]
+    async fn an_older_state_file_is_migrated_and_its_denials_moved_out_of_the_approvals() {
+        let d = crate::scratch::Scratch::new("migrate").unwrap();
+        let p = d.join("holds.db");
+        Connection::open(&p)
+            .unwrap()
+            .execute_batch(OLD_STATE)
+            .unwrap();
+        for _ in 0..2 {
+            let h = Holds::open(&p, Duration::from_secs(60)).unwrap();
+            let denied = h.get("d").await.unwrap().unwrap();
+            let by = denied.denied_by.expect("moved to denied_by");
+            assert_eq!(
+                (by.approver.as_str(), by.reason.as_deref()),
+                ("bob", Some("no"))
+            );
+            assert_eq!(
+                denied
+                    .approvals
+                    .iter()
+                    .map(|a| a.approver.as_str())
+                    .collect::<Vec<_>>(),
+                ["alice"],
+                "only the row at the decision time was the denial"
+            );
+            let pending = h.get("p").await.unwrap().unwrap();
+            assert_eq!(
+                pending.approvals[0].window, None,
+                "an old approval is single use"
+            );
+            assert!(pending.denied_by.is_none());
+        }
+        let h = Holds::open(&p, Duration::from_secs(60)).unwrap();
+        let done = h
+            .approve("p", "dave", None, Some(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        assert_eq!((done.status, done.grant_for), (Status::Approved, None));
     }
 
     #[test]

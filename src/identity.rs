@@ -302,7 +302,13 @@ pub fn approver_from_claims(
     roles_claim: &str,
 ) -> Result<Approver, AuthError> {
     let subject = match claims.get(subject_claim) {
-        Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 256 => s.clone(),
+        // Control characters are refused as for agents: a name that prints
+        // like another must not pass for a different person.
+        Some(Value::String(s))
+            if !s.trim().is_empty() && s.len() <= 256 && !s.chars().any(char::is_control) =>
+        {
+            s.clone()
+        }
         _ => return Err(AuthError::Claim(subject_claim.to_owned())),
     };
     Ok(Approver {
@@ -460,5 +466,27 @@ mod tests {
         let a = approver_from_claims(c.as_object().unwrap(), "sub", "roles").unwrap();
         assert!(a.has_role("approver"));
         assert_eq!(a.amr, vec!["pwd", "mfa"]);
+    }
+
+    #[test]
+    fn approver_subjects_with_control_characters_are_refused_like_agents() {
+        for sub in [
+            "ops-bot\n",
+            "ops-bot\r",
+            "ops-bot\t",
+            "\u{0}alice",
+            "al\u{7f}ice",
+            "bob\u{85}",
+        ] {
+            let c = json!({"sub": sub, "roles": ["approver"]});
+            assert_eq!(
+                approver_from_claims(c.as_object().unwrap(), "sub", "roles"),
+                Err(AuthError::Claim("sub".into())),
+                "{sub:?}"
+            );
+            assert!(agent_from_claims(c.as_object().unwrap(), "sub").is_err());
+        }
+        let c = json!({"sub": "alice smith", "roles": ["approver"]});
+        assert!(approver_from_claims(c.as_object().unwrap(), "sub", "roles").is_ok());
     }
 }

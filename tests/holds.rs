@@ -331,6 +331,259 @@ async fn two_approvals_need_two_different_approvers() {
     assert_eq!(h.received(), ["refund"]);
 }
 
+/// The approver comparisons see through whitespace and refuse control
+/// characters: `" ops-bot"` is ops-bot, and `"alice "` is alice.
+#[tokio::test]
+async fn whitespace_or_control_characters_do_not_make_another_approver() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let id = hold_id(
+        &h.call(
+            &t,
+            "billing__grant_role",
+            json!({"principal": "x", "role": "admin"}),
+        )
+        .await,
+    );
+    for (me, want) in [
+        (" ops-bot", StatusCode::FORBIDDEN),
+        ("ops-bot\u{a0}", StatusCode::FORBIDDEN),
+        ("OPS-BOT\u{3000}", StatusCode::FORBIDDEN),
+        ("ops-bot\n", StatusCode::UNAUTHORIZED),
+        ("ops-bot\t", StatusCode::UNAUTHORIZED),
+        ("ops-bot\r", StatusCode::UNAUTHORIZED),
+    ] {
+        let (s, v) = h.approve(&id, me, json!({})).await;
+        assert_eq!(s, want, "{me:?}: {v}");
+    }
+    let audit = h.audit().await;
+    let failed = audit
+        .iter()
+        .filter(|r| r["event"] == "admin_auth_failed")
+        .count();
+    assert_eq!(
+        failed, 3,
+        "control characters are an authentication failure"
+    );
+    // Two approvals: the same person with a trailing space counts once.
+    let args = json!({"invoice_id": "INV-2", "amount": 5});
+    let two = hold_id(&h.call(&t, "billing__refund", args.clone()).await);
+    assert_eq!(h.approve(&two, "alice", json!({})).await.0, StatusCode::OK);
+    for again in ["alice ", "\u{2003}Alice"] {
+        let (s, v) = h.approve(&two, again, json!({})).await;
+        assert_eq!(s, StatusCode::CONFLICT, "{again:?}: {v}");
+    }
+    let v = h.call(&t, "billing__refund", args).await;
+    assert_eq!(code(&v), -32010, "still pending: {v}");
+    assert!(h.received().is_empty());
+}
+
+/// With `approvals: 2`, the grant is the most restrictive approval: one
+/// single-use approval makes it single use, else the shortest window wins;
+/// a partial approval is audited as still held.
+#[tokio::test]
+async fn two_approvals_grant_the_most_restrictive_window_and_a_partial_one_is_still_held() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let args = json!({"invoice_id": "INV-3", "amount": 7});
+    let id = hold_id(&h.call(&t, "billing__refund", args.clone()).await);
+    let (s, v) = h.approve(&id, "alice", json!({})).await;
+    assert_eq!((s, v["status"].as_str()), (StatusCode::OK, Some("pending")));
+    let (s, v) = h.approve(&id, "bob", json!({"for": "10m"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["grant_until"].clone(), v["grant_for"].clone()),
+        (Value::Null, Value::Null),
+        "{v}"
+    );
+    assert_eq!(v["approvals"][1]["for"], "10m", "{v}");
+    assert!(h
+        .call(&t, "billing__refund", args.clone())
+        .await
+        .get("result")
+        .is_some());
+    let v = h.call(&t, "billing__refund", args.clone()).await;
+    assert_eq!(code(&v), -32010, "single use: {v}");
+    // Alice's week and Bob's 15 minutes: 15 minutes.
+    let other = json!({"invoice_id": "INV-4", "amount": 7});
+    let id2 = hold_id(&h.call(&t, "billing__refund", other.clone()).await);
+    assert_eq!(
+        h.approve(&id2, "alice", json!({"for": "7d"})).await.0,
+        StatusCode::OK
+    );
+    let (s, v) = h.approve(&id2, "bob", json!({"for": "15m"})).await;
+    assert_eq!(
+        (s, v["grant_for"].as_str()),
+        (StatusCode::OK, Some("15m")),
+        "{v}"
+    );
+    for _ in 0..2 {
+        let v = h.call(&t, "billing__refund", other.clone()).await;
+        assert!(v.get("result").is_some(), "within the window: {v}");
+    }
+    h.server.gate.0.holds.advance(Duration::from_secs(16 * 60));
+    let v = h.call(&t, "billing__refund", other).await;
+    assert_eq!(code(&v), -32010, "past the shorter window: {v}");
+    let audit = h.audit().await;
+    let decided: Vec<(&str, &str, &Value)> = audit
+        .iter()
+        .filter(|r| r["event"] == "hold_approved")
+        .map(|r| {
+            (
+                r["approver"].as_str().unwrap(),
+                r["decision"].as_str().unwrap(),
+                &r["detail"],
+            )
+        })
+        .collect();
+    let got: Vec<(&str, &str)> = decided.iter().map(|(a, d, _)| (*a, *d)).collect();
+    assert_eq!(
+        got,
+        [
+            ("alice", "hold"),
+            ("bob", "approved"),
+            ("alice", "hold"),
+            ("bob", "approved")
+        ]
+    );
+    assert_eq!(
+        (
+            decided[0].2["approvals"].as_u64(),
+            decided[0].2["approvals_needed"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    assert_eq!(decided[0].2["status"], "pending");
+    assert_eq!(
+        (
+            decided[1].2["for"].clone(),
+            decided[1].2["requested_for"].clone()
+        ),
+        (Value::Null, json!("10m"))
+    );
+    assert_eq!(decided[3].2["for"], "15m");
+    assert!(decided[3].2["grant_until"].is_string());
+}
+
+/// The denier is not one of the approvals: `denied_by` names them.
+#[tokio::test]
+async fn a_denial_is_shown_apart_from_the_approvals() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let args = json!({"invoice_id": "INV-5", "amount": 9});
+    let id = hold_id(&h.call(&t, "billing__refund", args).await);
+    assert_eq!(h.approve(&id, "alice", json!({})).await.0, StatusCode::OK);
+    let (s, v) = h
+        .admin(
+            Method::POST,
+            &format!("/v1/holds/{id}/deny"),
+            Some(&approver_token("bob", &["approver"], &[])),
+            Some(json!({"reason": "no"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::OK, Some("denied")),
+        "{v}"
+    );
+    let (_, hold) = h
+        .admin(
+            Method::GET,
+            &format!("/v1/holds/{id}"),
+            Some(&approver_token("vera", &["viewer"], &[])),
+            None,
+        )
+        .await;
+    let approvers: Vec<&str> = hold["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["approver"].as_str().unwrap())
+        .collect();
+    assert_eq!(approvers, ["alice"], "{hold}");
+    assert_eq!(hold["denied_by"]["approver"], "bob", "{hold}");
+    assert_eq!(hold["denied_by"]["reason"], "no");
+    assert_eq!(hold["denied_by"]["at"], hold["decided_at"]);
+}
+
+/// Every 403 on the management plane is audited (who, what, why) and
+/// alerted, as a 401 is.
+#[tokio::test]
+async fn refused_management_actions_are_audited_with_who_what_and_why() {
+    let h = ops().await;
+    let t = h.token("ops-bot");
+    let id = hold_id(
+        &h.call(
+            &t,
+            "billing__grant_role",
+            json!({"principal": "x", "role": "admin"}),
+        )
+        .await,
+    );
+    let approve = format!("/v1/holds/{id}/approve");
+    let refused = [
+        (
+            approver_token("vera", &["viewer"], &[]),
+            Method::POST,
+            approve.clone(),
+            "admin.role",
+        ),
+        (
+            approver_token("ops-bot", &["approver"], &[]),
+            Method::POST,
+            approve.clone(),
+            "hold.self_approval",
+        ),
+        (
+            approver_token("nobody", &[], &[]),
+            Method::GET,
+            "/v1/holds".to_owned(),
+            "admin.role",
+        ),
+        (
+            approver_token("vera", &["viewer"], &[]),
+            Method::POST,
+            "/v1/reload".to_owned(),
+            "admin.role",
+        ),
+    ];
+    for (tok, method, path, _) in &refused {
+        let (s, v) = h
+            .admin(method.clone(), path, Some(tok), Some(json!({})))
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}: {v}");
+    }
+    let audit = h.audit().await;
+    let got: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["event"] == "admin_forbidden")
+        .collect();
+    assert_eq!(got.len(), refused.len(), "{audit:#?}");
+    for (r, (_, method, path, rule)) in got.iter().zip(&refused) {
+        assert_eq!(r["decision"], "deny");
+        assert_eq!(r["rule"], *rule, "{r}");
+        assert!(r["reason"].as_str().is_some_and(|w| !w.is_empty()), "{r}");
+        assert_eq!(r["detail"]["path"], path.as_str());
+        assert_eq!(r["detail"]["method"], method.as_str());
+    }
+    let who: Vec<&str> = got
+        .iter()
+        .map(|r| r["approver"].as_str().unwrap())
+        .collect();
+    assert_eq!(who, ["vera", "ops-bot", "nobody", "vera"]);
+    assert_eq!(
+        (got[0]["hold_id"].as_str(), got[1]["hold_id"].as_str()),
+        (Some(id.as_str()), Some(id.as_str()))
+    );
+    assert!(got[2]["hold_id"].is_null());
+    let alerts = audit
+        .iter()
+        .filter(|r| r["event"] == "alert" && r["detail"]["kind"] == "admin_forbidden")
+        .count();
+    assert_eq!(alerts, refused.len());
+    assert!(h.received().is_empty());
+}
+
 #[tokio::test]
 async fn a_denied_hold_answers_32011_to_identical_retries() {
     let h = ops().await;
