@@ -49,11 +49,43 @@ struct ManifestSpec {
     prompts: Vec<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize, Clone)]
-#[serde(untagged)]
+/// `120/min`, or `{ rate: 120/min, burst: 20 }`.
+#[derive(Debug, Clone)]
 enum RateSpec {
     Simple(String),
     Full { rate: String, burst: u32 },
+}
+
+/// The map form, as strict as every other manifest key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateFullSpec {
+    rate: String,
+    burst: u32,
+}
+
+impl<'de> Deserialize<'de> for RateSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RateSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a rate like 120/min, or { rate: 120/min, burst: 20 }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RateSpec, E> {
+                Ok(RateSpec::Simple(v.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RateSpec, A::Error> {
+                let f =
+                    RateFullSpec::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RateSpec::Full {
+                    rate: f.rate,
+                    burst: f.burst,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -879,6 +911,16 @@ mod tests {
         assert!(all.contains("aproval"), "{all}");
         let all = problems("agent: a\nagent: b\n");
         assert!(all.to_lowercase().contains("duplicate"), "{all}");
+        // The map form of a rate is as strict as every other key.
+        let all = problems("agent: a\nrate_limit: { rate: 10/min, burst: 5, brust: 7 }\n");
+        assert!(
+            all.contains("bad.yaml:2:") && all.contains("brust"),
+            "{all}"
+        );
+        assert!(all.contains("rate_limit"), "{all}");
+        let all = problems("agent: a\nrate_limit: 10\n");
+        assert!(all.contains("bad.yaml:2:1: rate_limit: invalid type"), "{all}");
+        assert!(all.contains("120/min"), "names the expected forms: {all}");
     }
 
     #[test]
