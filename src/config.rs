@@ -968,6 +968,33 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
         let max_pending_per_agent = h
             .and_then(|h| h.max_pending_per_agent.as_ref())
             .map_or(20, |m| m.value);
+        if let Some(t) = h.and_then(|h| h.ttl.as_ref()).filter(|_| ttl.is_zero()) {
+            r.at(
+                t,
+                "holds.ttl",
+                "must be longer than 0s: every hold would expire at once",
+            );
+        }
+        if let Some(w) = h.and_then(|h| h.wait.as_ref()).filter(|_| wait > ttl) {
+            r.at(
+                w,
+                "holds.wait",
+                format!(
+                    "is longer than holds.ttl ({}): a hold would expire while its call waits",
+                    humantime::format_duration(ttl)
+                ),
+            );
+        }
+        if let Some(m) = h
+            .and_then(|h| h.max_pending_per_agent.as_ref())
+            .filter(|m| m.value == 0)
+        {
+            r.at(
+                m,
+                "holds.max_pending_per_agent",
+                "must be at least 1: no call could be held",
+            );
+        }
         HoldsConfig {
             wait,
             ttl,
@@ -1033,6 +1060,38 @@ fn build(spec: ConfigSpec, abs: PathBuf, base: &Path, r: &mut Report) -> Option<
             Duration::from_secs(10),
         ),
     };
+    if let Some(l) = l {
+        let zero = [
+            (&l.max_body, "limits.max_body", limits.max_body == 0),
+            (
+                &l.max_upstream_body,
+                "limits.max_upstream_body",
+                limits.max_upstream_body == 0,
+            ),
+            (
+                &l.upstream_timeout,
+                "limits.upstream_timeout",
+                limits.upstream_timeout.is_zero(),
+            ),
+            (
+                &l.body_timeout,
+                "limits.body_timeout",
+                limits.body_timeout.is_zero(),
+            ),
+        ];
+        for (span, key, is_zero) in zero {
+            if let Some(s) = span.as_ref().filter(|_| is_zero) {
+                r.at(s, key, "must be more than 0: every request would fail");
+            }
+        }
+        if let Some(m) = l.max_sessions.as_ref().filter(|m| m.value == 0) {
+            r.at(
+                m,
+                "limits.max_sessions",
+                "must be at least 1: no session could open",
+            );
+        }
+    }
 
     let alerts = {
         let a = spec.alerts.as_ref();
@@ -1608,6 +1667,41 @@ mod tests {
             "{all}"
         );
         assert_eq!(e.0.len(), 4, "{all}");
+    }
+
+    #[test]
+    fn limits_that_would_refuse_everything_are_refused() {
+        let e = load(&format!("{MIN}holds:\n  wait: 2h\n  ttl: 1h\n  max_pending_per_agent: 0\nlimits:\n  max_body: 0B\n  upstream_timeout: 0s\n  body_timeout: 0s\n  max_sessions: 0\n")).unwrap_err();
+        let all = e.to_string();
+        assert!(
+            all.contains(":8:9: holds.wait: is longer than holds.ttl (1h)"),
+            "{all}"
+        );
+        assert!(
+            all.contains("holds.max_pending_per_agent: must be at least 1"),
+            "{all}"
+        );
+        assert!(
+            all.contains("limits.max_body: \"0B\" is out of range"),
+            "{all}"
+        );
+        for key in ["limits.upstream_timeout", "limits.body_timeout"] {
+            assert!(
+                all.contains(&format!("{key}: must be more than 0")),
+                "{key}: {all}"
+            );
+        }
+        assert!(
+            all.contains("limits.max_sessions: must be at least 1"),
+            "{all}"
+        );
+        assert_eq!(e.0.len(), 6, "{all}");
+        let e = load(&format!("{MIN}holds:\n  wait: 0s\n  ttl: 0s\n")).unwrap_err();
+        assert!(
+            e.to_string().contains("holds.ttl: must be longer than 0s"),
+            "{e}"
+        );
+        assert!(load(&format!("{MIN}holds:\n  wait: 1h\n  ttl: 1h\n")).is_ok());
     }
 
     #[test]
