@@ -78,15 +78,22 @@ impl<C: Clock + Clone> Limiters<C> {
     }
 
     /// Counts one call against the agent's and the tool rule's limits.
+    ///
+    /// The agent's limit is taken first: a call it refuses spends nothing of
+    /// the tool's. Governor cannot give a cell back, so one of the two
+    /// orders must charge the first limit for a call the second refuses;
+    /// this one charges the agent's own, usually wider and faster-refilling
+    /// budget, never a tool's slow one (`2/hour` drained by calls that an
+    /// exhausted agent budget refused would lock the tool for half an hour).
     pub fn check(&self, m: &Manifest, tool_rule: Option<usize>) -> Result<(), Limited> {
+        if let Some(rate) = m.rate {
+            self.check_one(rate, &(m.agent.clone(), None), Scope::Agent)?;
+        }
         if let Some(rule) = tool_rule.and_then(|i| m.tools.get(i)) {
             if let Some(rate) = rule.rate {
                 let key = (m.agent.clone(), Some(rule.pattern.clone()));
                 self.check_one(rate, &key, Scope::Tool)?;
             }
-        }
-        if let Some(rate) = m.rate {
-            self.check_one(rate, &(m.agent.clone(), None), Scope::Agent)?;
         }
         Ok(())
     }
@@ -117,6 +124,26 @@ mod tests {
             vec![],
         )
         .unwrap()
+    }
+
+    #[test]
+    fn calls_the_agent_limit_refuses_spend_nothing_of_the_tools() {
+        let p = policy("agent: a\nrate_limit: 2/min\ntools:\n  - name: other\n  - name: slow\n    rate_limit: { rate: 2/hour, burst: 2 }\n");
+        let clock = FakeRelativeClock::default();
+        let l = Limiters::build(&p, None, clock.clone());
+        let m = p.get("a").unwrap();
+        assert_eq!(l.check(m, Some(0)), Ok(()));
+        assert_eq!(l.check(m, Some(0)), Ok(()));
+        for _ in 0..5 {
+            assert_eq!(l.check(m, Some(1)).unwrap_err().scope, Scope::Agent);
+        }
+        // Once the agent's budget refills, the tool's is still whole.
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(l.check(m, Some(1)), Ok(()));
+        assert_eq!(l.check(m, Some(1)), Ok(()));
+        // Now the tool's own budget (2 an hour) is what refuses.
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(l.check(m, Some(1)).unwrap_err().scope, Scope::Tool);
     }
 
     #[test]
