@@ -308,6 +308,58 @@ async fn sdk_1x_session_client_bridged_to_a_2026_server() {
     pair(1, None, 2).await;
 }
 
+/// Each SDK line's server behind HTTPS (uvicorn's TLS, certificate from a
+/// CA only toolgate's `tls.ca_file` trusts), called by the same line's SDK
+/// client through toolgate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_clients_reach_sdk_servers_over_https() {
+    let dir = support::temp_dir("interop-tls");
+    let ca = crate::tls::Ca::new("interop CA");
+    let ca_file = ca.write_pem(&dir, "ca.pem");
+    let (_, _, cert, key) = ca.issue();
+    std::fs::write(dir.join("server.pem"), cert).unwrap();
+    std::fs::write(dir.join("server.key"), key).unwrap();
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    for line in [1u8, 2] {
+        let (_server, url) = upstream_with(
+            line,
+            &[
+                ("UPSTREAM_TLS_CERT", cert.to_str().unwrap()),
+                ("UPSTREAM_TLS_KEY", key.to_str().unwrap()),
+            ],
+        );
+        let url = url.replace("http://127.0.0.1", "https://localhost");
+        let h = Harness::with(Opts {
+            upstreams: Some(format!(
+                "upstreams:\n  - name: billing\n    url: {url}\n    tls: {{ ca_file: \"{}\" }}",
+                ca_file.display()
+            )),
+            ..Opts::default()
+        })
+        .await;
+        let token = h.token("billing-bot");
+        let out = client(
+            line,
+            None,
+            &h.url,
+            &token,
+            vec![
+                s("call"),
+                s("billing__get_invoice"),
+                s(r#"{"invoice_id":"INV-000001"}"#),
+            ],
+        )
+        .await;
+        assert_eq!(out[0]["ok"], true, "{line}.x: {out:?}");
+        let call = &out[1];
+        assert_eq!(call["ok"], true, "{line}.x over https: {call}");
+        assert_eq!(
+            call["result"]["invoice_id"], "INV-000001",
+            "{line}.x: {call}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_clients_without_a_valid_token_cannot_connect() {
     let (_server, url) = upstream(2);

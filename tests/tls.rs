@@ -17,12 +17,12 @@ use toolgate::demo::ToolServer;
 use crate::support::{temp_dir, Harness, Opts};
 
 /// A certificate authority that issues certificates for loopback.
-struct Ca {
+pub(crate) struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params
@@ -33,7 +33,7 @@ impl Ca {
     }
 
     /// A leaf certificate for `localhost` and 127.0.0.1, and its key.
-    fn issue(
+    pub(crate) fn issue(
         &self,
     ) -> (
         CertificateDer<'static>,
@@ -49,7 +49,7 @@ impl Ca {
         (cert.der().clone(), der, cert.pem(), key.serialize_pem())
     }
 
-    fn write_pem(&self, dir: &Path, name: &str) -> PathBuf {
+    pub(crate) fn write_pem(&self, dir: &Path, name: &str) -> PathBuf {
         let p = dir.join(name);
         std::fs::write(&p, self.issuer.pem()).unwrap();
         p

@@ -19,6 +19,8 @@ Environment knobs (all optional):
     UPSTREAM_RESUMABLE=1   (1.x only) keep events in an in-memory EventStore, with a 100 ms `retry`: the SDK
                            then sends priming events, and a tool may close its stream for the client to resume
                            with a GET that sends Last-Event-ID (2025-11-25 SSE polling)
+    UPSTREAM_TLS_CERT, UPSTREAM_TLS_KEY
+                           serve HTTPS (uvicorn's TLS) with this PEM certificate chain and key
     UPSTREAM_DNS_PROTECT=1 keep the SDK's DNS-rebinding protection (Host must be 127.0.0.1:*/localhost:*/[::1]:*,
                            else HTTP 421). Default here: OFF, so a proxy may forward any Host header.
 
@@ -216,7 +218,13 @@ async def _main() -> None:
     import uvicorn
 
     app = _build_app()
-    config = uvicorn.Config(app, host=HOST, port=PORT, log_level="warning", lifespan="on")
+    tls = {}
+    if os.environ.get("UPSTREAM_TLS_CERT"):
+        tls = {
+            "ssl_certfile": os.environ["UPSTREAM_TLS_CERT"],
+            "ssl_keyfile": os.environ["UPSTREAM_TLS_KEY"],
+        }
+    config = uvicorn.Config(app, host=HOST, port=PORT, log_level="warning", lifespan="on", **tls)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
