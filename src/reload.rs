@@ -133,7 +133,8 @@ impl Gate {
     pub async fn reload(&self, by: &str) -> Result<Report, Problems> {
         let _one_at_a_time = self.0.reload_lock.lock().await;
         let started = std::time::Instant::now();
-        let dir = self.0.config.manifests.clone();
+        // As written, so a repointed symlink is followed.
+        let dir = self.0.config.manifests_as_written.clone();
         let previous = self.0.snapshot.load_full();
         let loaded = tokio::task::spawn_blocking(move || {
             let set = PolicySet::load_dir_reusing(&dir, Some(&previous.policy));
@@ -145,7 +146,7 @@ impl Gate {
             Ok(x) => x,
             Err(e) => {
                 return Err(Problems(vec![crate::config::Problem {
-                    file: self.0.config.manifests.clone(),
+                    file: self.0.config.manifests_as_written.clone(),
                     line: 0,
                     column: 0,
                     path: String::new(),
@@ -239,37 +240,341 @@ impl Gate {
 
     /// Watches the manifests directory and reloads on change (debounced)
     /// until `stop` fires.
+    ///
+    /// The directory's parent is watched too, so a directory that is
+    /// removed, replaced, renamed into place or reached through a repointed
+    /// symlink is watched again and reloaded: the watch on a directory
+    /// follows its inode, not its name. While it is missing the last good
+    /// set stays (the reload is rejected and audited). A rescan every
+    /// [`RESCAN`] catches what lost events would miss.
     pub async fn watch_manifests(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        use notify::{RecursiveMode, Watcher};
+        let dir = absolute(&self.0.config.manifests_as_written);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let wake = tx.clone();
+        let scope = dir.clone();
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev {
-                if !matches!(ev.kind, notify::EventKind::Access(_)) {
-                    let _ = tx.try_send(());
+            if let Ok(ev) = &ev {
+                if matches!(ev.kind, notify::EventKind::Access(_))
+                    || (!ev.need_rescan()
+                        && !ev.paths.is_empty()
+                        && !ev.paths.iter().any(|p| p.starts_with(&scope)))
+                {
+                    // Reads, and the parent's other entries (the audit
+                    // log may live beside the manifests).
+                    return;
                 }
             }
+            // A change, or an error that may hide one.
+            let _ = wake.try_send(());
         });
-        let mut watcher = match watcher {
-            Ok(w) => w,
+        let watcher = match watcher {
+            Ok(w) => Some(w),
             Err(e) => {
-                tracing::error!(error = %e, "cannot watch the manifests directory; reload with POST /v1/reload");
-                return;
+                tracing::error!(error = %e, rescan_s = RESCAN.as_secs(), "cannot watch the manifests directory; rescanning periodically (or reload with POST /v1/reload)");
+                None
             }
         };
-        if let Err(e) = watcher.watch(&self.0.config.manifests, RecursiveMode::NonRecursive) {
-            tracing::error!(error = %e, "cannot watch the manifests directory; reload with POST /v1/reload");
-            return;
-        }
+        // In place before the first await, as the caller expects: what
+        // changes after start-up is seen.
+        let mut first = Watch::new(watcher, dir);
+        let (_, mut last) = first.survey(true);
+        let watch = Arc::new(std::sync::Mutex::new(first));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + RESCAN, RESCAN);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 got = rx.recv() => {
                     if got.is_none() { break }
                     // Let a burst of writes (an editor's save, a git checkout) settle.
                     while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+                    // Watch again first: what changes after this is seen,
+                    // what changed before it is in the reload.
+                    let Some((_, seen)) = survey(&watch, true).await else { break };
+                    last = seen;
                     let _ = self.reload("watcher").await;
+                }
+                _ = tick.tick() => {
+                    let Some((moved, seen)) = survey(&watch, false).await else { break };
+                    if moved || seen != last {
+                        last = seen;
+                        let _ = self.reload("watcher").await;
+                    }
                 }
                 _ = stop.changed() => break,
             }
         }
+        drop(tx);
+    }
+}
+
+/// How often the watcher looks at the manifests directory itself, in case
+/// a file event was lost (an overflowed queue, a parent replaced too).
+pub const RESCAN: Duration = Duration::from_secs(5);
+
+/// At most this many directory entries are looked at by one rescan.
+const RESCAN_ENTRIES: usize = 2 * crate::manifest::MAX_MANIFESTS;
+
+/// Which directory a path reaches now, after symlinks: a replaced or
+/// repointed directory has another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    real: std::path::PathBuf,
+    #[cfg(unix)]
+    inode: (u64, u64),
+}
+
+fn identity(path: &Path) -> Option<Identity> {
+    let meta = std::fs::metadata(path).ok().filter(|m| m.is_dir())?;
+    #[cfg(not(unix))]
+    let _ = meta;
+    Some(Identity {
+        real: path.canonicalize().ok()?,
+        #[cfg(unix)]
+        inode: {
+            use std::os::unix::fs::MetadataExt as _;
+            (meta.dev(), meta.ino())
+        },
+    })
+}
+
+/// A digest of the manifest files' names, sizes, times and inodes (after
+/// symlinks): a change the events missed changes it. `None` when the
+/// directory cannot be read.
+fn fingerprint(dir: &Path) -> Option<u64> {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).ok()?.take(RESCAN_ENTRIES) {
+        let Ok(entry) = entry else { continue };
+        let path = entry.path();
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            continue;
+        }
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        #[cfg(unix)]
+        let inode = {
+            use std::os::unix::fs::MetadataExt as _;
+            (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+        };
+        #[cfg(not(unix))]
+        let inode = ();
+        files.push((entry.file_name(), meta.len(), meta.modified().ok(), inode));
+    }
+    files.sort();
+    let mut h = std::hash::DefaultHasher::new();
+    files.hash(&mut h);
+    Some(h.finish())
+}
+
+/// `path` made absolute and lexically normalised, the way event paths
+/// are built from it.
+fn absolute(path: &Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(path)
+    };
+    let mut out = std::path::PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// One watched directory: what it was when last looked at, and whether
+/// the watch is in place.
+#[derive(Debug, Default)]
+struct Target {
+    seen: Option<Identity>,
+    watched: bool,
+    /// Placing the watch failed last time (logged once, retried).
+    failing: bool,
+}
+
+/// The watcher's hold on the manifests directory and its parent.
+struct Watch {
+    notify: Option<notify::RecommendedWatcher>,
+    dir: std::path::PathBuf,
+    parent: Option<std::path::PathBuf>,
+    on_dir: Target,
+    on_parent: Target,
+}
+
+impl Watch {
+    fn new(notify: Option<notify::RecommendedWatcher>, dir: std::path::PathBuf) -> Watch {
+        let parent = dir
+            .parent()
+            .filter(|p| *p != dir && !p.as_os_str().is_empty())
+            .map(Path::to_path_buf);
+        Watch {
+            notify,
+            dir,
+            parent,
+            on_dir: Target::default(),
+            on_parent: Target::default(),
+        }
+    }
+
+    /// Places again each watch whose directory changed (the manifests
+    /// directory's always when `force`: its name may have come back on
+    /// the same inode). Returns whether the manifests directory changed,
+    /// and its [`fingerprint`].
+    fn survey(&mut self, force: bool) -> (bool, Option<u64>) {
+        if let Some(parent) = &self.parent {
+            let now = identity(parent);
+            if now != self.on_parent.seen || (now.is_some() && !self.on_parent.watched) {
+                place(
+                    self.notify.as_mut(),
+                    parent,
+                    &mut self.on_parent,
+                    now.is_some(),
+                );
+            }
+            self.on_parent.seen = now;
+        }
+        let now = identity(&self.dir);
+        let moved = now != self.on_dir.seen;
+        if force || moved || (now.is_some() && !self.on_dir.watched) {
+            place(
+                self.notify.as_mut(),
+                &self.dir,
+                &mut self.on_dir,
+                now.is_some(),
+            );
+        }
+        if moved && self.on_dir.seen.is_some() {
+            match &now {
+                Some(id) => {
+                    tracing::info!(dir = %self.dir.display(), now = %id.real.display(), "manifests directory replaced; watching the new one")
+                }
+                None => {
+                    tracing::warn!(dir = %self.dir.display(), "manifests directory is gone; the last good set stays in force")
+                }
+            }
+        }
+        self.on_dir.seen = now;
+        (moved, fingerprint(&self.dir))
+    }
+}
+
+/// (Re)places the watch on `path`: the old one follows the inode it was
+/// placed on, which may no longer be what `path` names.
+fn place(
+    notify: Option<&mut notify::RecommendedWatcher>,
+    path: &Path,
+    target: &mut Target,
+    exists: bool,
+) {
+    use notify::Watcher as _;
+    let Some(notify) = notify else { return };
+    // Not found when notify already dropped it (the directory went).
+    let _ = notify.unwatch(path);
+    target.watched = false;
+    if !exists {
+        return;
+    }
+    match notify.watch(path, notify::RecursiveMode::NonRecursive) {
+        Ok(()) => {
+            target.watched = true;
+            target.failing = false;
+        }
+        Err(e) => {
+            if !target.failing {
+                tracing::warn!(error = %e, dir = %path.display(), rescan_s = RESCAN.as_secs(), "cannot watch a directory; retrying at each rescan");
+            }
+            target.failing = true;
+        }
+    }
+}
+
+/// [`Watch::survey`] off the async threads (it reads the directory).
+/// `None` if it panicked, which ends the watcher.
+async fn survey(watch: &Arc<std::sync::Mutex<Watch>>, force: bool) -> Option<(bool, Option<u64>)> {
+    let watch = Arc::clone(watch);
+    let got = tokio::task::spawn_blocking(move || {
+        let mut w = watch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        w.survey(force)
+    })
+    .await;
+    match got {
+        Ok(x) => Some(x),
+        Err(e) => {
+            tracing::error!(error = %e, "the manifests watcher failed; reload with POST /v1/reload");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test helpers may unwrap: a panic there is a failed assertion.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_survey_notices_a_replaced_a_missing_and_a_repointed_directory() {
+        let d = crate::scratch::Scratch::new("survey").unwrap();
+        let live = d.join("m");
+        std::fs::create_dir(d.join("v1")).unwrap();
+        std::fs::write(d.join("v1/a.yaml"), "agent: a\n").unwrap();
+        std::os::unix::fs::symlink("v1", &live).unwrap();
+        let mut w = Watch::new(None, live.clone());
+        let (_, fp) = w.survey(false);
+        assert!(fp.is_some());
+        assert_eq!(w.survey(false), (false, fp), "nothing changed");
+        // Repointed: another directory, same contents by name.
+        std::fs::create_dir(d.join("v2")).unwrap();
+        std::fs::write(d.join("v2/a.yaml"), "agent: a\n").unwrap();
+        std::os::unix::fs::symlink("v2", d.join("m.tmp")).unwrap();
+        std::fs::rename(d.join("m.tmp"), &live).unwrap();
+        assert!(w.survey(false).0, "the link's new target is noticed");
+        // Gone, then back.
+        std::fs::remove_file(&live).unwrap();
+        assert_eq!(w.survey(false), (true, None));
+        assert_eq!(w.survey(false), (false, None), "reported once");
+        std::fs::rename(d.join("v1"), &live).unwrap();
+        assert!(w.survey(false).0);
+    }
+
+    #[test]
+    fn the_fingerprint_follows_manifest_files_only() {
+        let d = crate::scratch::Scratch::new("fingerprint").unwrap();
+        let f0 = fingerprint(&d).unwrap();
+        std::fs::write(d.join("notes.txt"), "x").unwrap();
+        assert_eq!(fingerprint(&d), Some(f0), "not a manifest");
+        std::fs::write(d.join("a.yaml"), "agent: a\n").unwrap();
+        let f1 = fingerprint(&d).unwrap();
+        assert_ne!(f1, f0);
+        std::fs::write(d.join("a.yaml"), "agent: a\ndescription: longer\n").unwrap();
+        assert_ne!(fingerprint(&d), Some(f1), "an edit");
+        assert_eq!(fingerprint(&d.join("absent")), None);
+    }
+
+    #[test]
+    fn watch_paths_are_absolute_and_lexical() {
+        assert_eq!(
+            absolute(Path::new("/a/./b/../m")),
+            std::path::PathBuf::from("/a/m")
+        );
+        assert!(absolute(Path::new("m")).is_absolute());
+        let w = Watch::new(None, std::path::PathBuf::from("/"));
+        assert_eq!(w.parent, None, "the root has no parent to watch");
     }
 }

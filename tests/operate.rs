@@ -186,6 +186,155 @@ async fn racing_edits_end_on_the_last_good_content_and_budgets_survive() {
     );
 }
 
+const NEWBIE: &str = "agent: newbie\ntools: [ { name: billing__echo } ]\n";
+
+/// billing-bot's manifest with billing__echo revoked.
+fn billing_bot_without_echo() -> String {
+    let narrowed = BILLING_BOT.replace(
+        "  - name: billing__echo\n    rate_limit: { rate: 3/min, burst: 3 }\n",
+        "",
+    );
+    assert_ne!(narrowed, BILLING_BOT);
+    narrowed
+}
+
+/// `GET /v1/agents` once it satisfies `ok`; fails after 10 s.
+async fn agents_once(h: &Harness, ok: impl Fn(&Value) -> bool) -> Value {
+    let started = Instant::now();
+    loop {
+        let (_, v) = h
+            .admin(Method::GET, "/v1/agents", Some(&viewer()), None)
+            .await;
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not reloaded: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn lists(v: &Value, agent: &str) -> bool {
+    v["agents"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|m| m["agent"] == agent))
+}
+
+/// Whether billing-bot's listed manifest still grants billing__echo.
+fn grants_echo(v: &Value) -> bool {
+    v["agents"].as_array().is_some_and(|a| {
+        a.iter()
+            .filter(|m| m["agent"] == "billing-bot")
+            .flat_map(|m| m["tools"].as_array().into_iter().flatten())
+            .any(|t| t["name"] == "billing__echo")
+    })
+}
+
+#[tokio::test]
+async fn a_manifests_directory_replaced_by_a_rename_is_still_watched() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let g0 = generation(&h).await;
+    let live = h.dir.join("tool-manifests");
+    let next = h.dir.join("tool-manifests.next");
+    // cp -a r r2 && rm -rf r && mv r2 r: the watched inode is gone.
+    std::fs::create_dir(&next).unwrap();
+    std::fs::copy(live.join("billing-bot.yaml"), next.join("billing-bot.yaml")).unwrap();
+    std::fs::remove_dir_all(&live).unwrap();
+    std::fs::rename(&next, &live).unwrap();
+    agents_once(&h, |v| v["generation"].as_u64() > Some(g0)).await;
+    // The new directory is watched: an added manifest and a revoked tool
+    // take effect without a manual reload.
+    std::fs::write(live.join("newbie.yaml"), NEWBIE).unwrap();
+    agents_once(&h, |v| lists(v, "newbie")).await;
+    std::fs::write(live.join("billing-bot.yaml"), billing_bot_without_echo()).unwrap();
+    agents_once(&h, |v| !grants_echo(v)).await;
+    let v = h
+        .call(&t, "billing__echo", json!({"text": "revoked"}))
+        .await;
+    assert_eq!(code(&v), -32003, "{v}");
+    let v = h.call(&h.token("newbie"), "billing__echo", json!({})).await;
+    assert!(v.get("result").is_some(), "{v}");
+}
+
+#[tokio::test]
+async fn a_repointed_manifests_symlink_is_followed() {
+    // tool-manifests -> v1, then swapped for v2 as `ln -sfn v2 tmp && mv
+    // -T tmp tool-manifests` (or a ConfigMap's `..data`) does, and v1
+    // removed.
+    let base = support::temp_dir("relink");
+    std::fs::remove_dir(base.join("tool-manifests")).unwrap();
+    std::fs::create_dir(base.join("v1")).unwrap();
+    std::os::unix::fs::symlink("v1", base.join("tool-manifests")).unwrap();
+    let h = Harness::with(Opts {
+        dir: Some(base.to_path_buf()),
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("billing-bot");
+    assert!(base.join("v1/billing-bot.yaml").is_file());
+    let v = h.call(&t, "billing__echo", json!({"text": "v1"})).await;
+    assert!(v.get("result").is_some(), "{v}");
+    std::fs::create_dir(base.join("v2")).unwrap();
+    std::fs::write(base.join("v2/billing-bot.yaml"), billing_bot_without_echo()).unwrap();
+    std::fs::write(base.join("v2/newbie.yaml"), NEWBIE).unwrap();
+    std::os::unix::fs::symlink("v2", base.join("tool-manifests.tmp")).unwrap();
+    std::fs::rename(base.join("tool-manifests.tmp"), base.join("tool-manifests")).unwrap();
+    std::fs::remove_dir_all(base.join("v1")).unwrap();
+    agents_once(&h, |v| lists(v, "newbie") && !grants_echo(v)).await;
+    let v = h.call(&t, "billing__echo", json!({"text": "v2"})).await;
+    assert_eq!(code(&v), -32003, "{v}");
+    // The watch moved to v2 with the link.
+    std::fs::write(
+        base.join("v2/later.yaml"),
+        "agent: later\ntools: [ { name: billing__echo } ]\n",
+    )
+    .unwrap();
+    agents_once(&h, |v| lists(v, "later")).await;
+}
+
+#[tokio::test]
+async fn while_the_manifests_directory_is_gone_the_last_good_set_stays() {
+    let h = Harness::start().await;
+    let t = h.token("billing-bot");
+    let g0 = generation(&h).await;
+    let live = h.dir.join("tool-manifests");
+    std::fs::rename(&live, h.dir.join("tool-manifests.old")).unwrap();
+    let started = Instant::now();
+    let rejected = loop {
+        let audit = h.audit().await;
+        if let Some(r) = audit.iter().find(|r| r["event"] == "manifests_rejected") {
+            break r.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "not rejected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(rejected["detail"]["by"], "watcher");
+    assert!(
+        rejected["detail"]["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("cannot read manifests directory"),
+        "{rejected}"
+    );
+    // Not an empty set: billing-bot keeps what it had.
+    let (_, v) = h
+        .admin(Method::GET, "/v1/agents", Some(&viewer()), None)
+        .await;
+    assert_eq!(v["generation"].as_u64(), Some(g0), "{v}");
+    assert!(grants_echo(&v), "{v}");
+    let v = h.call(&t, "billing__echo", json!({"text": "kept"})).await;
+    assert!(v.get("result").is_some(), "{v}");
+    // It comes back, narrowed: watched and reloaded again.
+    std::fs::create_dir(&live).unwrap();
+    std::fs::write(live.join("billing-bot.yaml"), billing_bot_without_echo()).unwrap();
+    agents_once(&h, |v| !grants_echo(v) && lists(v, "billing-bot")).await;
+    let v = h.call(&t, "billing__echo", json!({"text": "back"})).await;
+    assert_eq!(code(&v), -32003, "{v}");
+}
+
 /// `admin.metrics_public: true` serves /metrics without a token (for a
 /// scraper inside the control plane); the rest of the admin API still
 /// needs one.
