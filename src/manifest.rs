@@ -919,7 +919,10 @@ mod tests {
         );
         assert!(all.contains("rate_limit"), "{all}");
         let all = problems("agent: a\nrate_limit: 10\n");
-        assert!(all.contains("bad.yaml:2:1: rate_limit: invalid type"), "{all}");
+        assert!(
+            all.contains("bad.yaml:2:1: rate_limit: invalid type"),
+            "{all}"
+        );
         assert!(all.contains("120/min"), "names the expected forms: {all}");
     }
 

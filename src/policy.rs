@@ -979,36 +979,19 @@ deny:
     fn policy_path_guard_holds_what_it_has_no_budget_to_check() {
         let g = guard();
         let m = manifest(M);
+        let run = |args: Value| decide(&g, Some(&m), "billing-bot", "fs__run", &args);
         // Distinct path-like tokens, none protected: each one would be
         // resolved on the filesystem.
-        let many: String = (0..MAX_PATH_CHECKS + 10)
-            .map(|i| format!("a/b{i} "))
-            .collect();
-        let dec = decide(
-            &g,
-            Some(&m),
-            "billing-bot",
-            "fs__run",
-            &json!({"cmd": many}),
-        );
+        let tokens = |n: usize, stem: &str| -> Vec<String> {
+            (0..n).map(|i| format!("a/{stem}{i}")).collect()
+        };
+        let dec = run(json!({"cmd": tokens(MAX_PATH_CHECKS + 10, "b").join(" ")}));
         assert_eq!(dec.rule, Rule::PolicyPath);
         assert!(dec.reason.contains("more paths than"), "{}", dec.reason);
-        let few: String = (0..MAX_PATH_CHECKS / 4)
-            .map(|i| format!("a/b{i} "))
-            .collect();
-        let dec = decide(&g, Some(&m), "billing-bot", "fs__run", &json!({"cmd": few}));
+        let dec = run(json!({"cmd": tokens(MAX_PATH_CHECKS / 4, "b").join(" ")}));
         assert_eq!(dec.verdict, Verdict::Allow);
         // The budget is per call, across every string argument.
-        let spread: Vec<String> = (0..MAX_PATH_CHECKS + 1)
-            .map(|i| format!("a/c{i}"))
-            .collect();
-        let dec = decide(
-            &g,
-            Some(&m),
-            "billing-bot",
-            "fs__run",
-            &json!({"paths": spread}),
-        );
+        let dec = run(json!({"paths": tokens(MAX_PATH_CHECKS + 1, "c")}));
         assert_eq!(dec.rule, Rule::PolicyPath);
     }
 
