@@ -93,6 +93,10 @@ pub struct Decision {
     pub tool_rule: Option<usize>,
 }
 
+/// Most manifests directories the guard keeps protecting (start-up's and
+/// the newest targets of a repointed symlink).
+const MAX_POLICY_DIRS: usize = 8;
+
 /// Most path-like tokens the policy-path guard resolves for one call; a
 /// call with more is held (see [`Guard::names_policy_path_within`]).
 pub const MAX_PATH_CHECKS: usize = 256;
@@ -103,8 +107,10 @@ pub struct Guard {
     pub escalation_tools: GlobSet,
     /// Toolgate's own policy files (config, state, audit log), canonical.
     pub files: Vec<PathBuf>,
-    /// Directories whose whole content is policy (manifests), canonical.
-    pub dirs: Vec<PathBuf>,
+    /// Directories whose whole content is policy (manifests), canonical:
+    /// the one at start-up and, after a reload through a repointed
+    /// symlink, the one it points at now (see [`Guard::add_dir`]).
+    dirs: arc_swap::ArcSwap<Vec<PathBuf>>,
     /// Base for relative paths in arguments: toolgate's working directory.
     pub cwd: PathBuf,
     /// Resolves `.`/`..` and symlinks (the only IO in `decide`).
@@ -137,11 +143,28 @@ impl Guard {
         Guard {
             escalation_tools,
             files,
-            dirs,
+            dirs: arc_swap::ArcSwap::from_pointee(dirs),
             cwd,
             resolve,
             names,
         }
+    }
+
+    /// Protects `dir` (canonical) as a policy directory too: a reload that
+    /// followed a repointed manifests symlink calls it with the new target.
+    /// The earlier ones stay protected; at most a few are kept.
+    pub fn add_dir(&self, dir: PathBuf) {
+        let now = self.dirs.load();
+        if now.contains(&dir) {
+            return;
+        }
+        let mut next: Vec<PathBuf> = now.iter().cloned().collect();
+        next.push(dir);
+        if next.len() > MAX_POLICY_DIRS {
+            // The start-up directory and the newest ones.
+            next.remove(1);
+        }
+        self.dirs.store(std::sync::Arc::new(next));
     }
 
     /// Whether `p` (resolved) is protected: a policy file or its directory,
@@ -150,6 +173,7 @@ impl Guard {
         self.files.iter().any(|f| f == p || f.parent() == Some(p))
             || self
                 .dirs
+                .load()
                 .iter()
                 .any(|d| p.starts_with(d) || d.parent() == Some(p))
     }
@@ -272,7 +296,8 @@ impl Guard {
         let cut = text[..first].rfind('/').map_or(0, |i| i + 1);
         let dir = (self.resolve)(Path::new(&text[..cut]));
         let literal = (self.resolve)(Path::new(&text[..first]));
-        if self.dirs.iter().any(|d| literal.starts_with(d)) {
+        let dirs = self.dirs.load();
+        if dirs.iter().any(|d| literal.starts_with(d)) {
             return true;
         }
         let full = dir.join(&text[cut..]);
@@ -287,7 +312,7 @@ impl Guard {
         let parents = |p: &PathBuf| [Some(p.clone()), p.parent().map(Path::to_path_buf)];
         self.files
             .iter()
-            .chain(self.dirs.iter())
+            .chain(dirs.iter())
             .flat_map(parents)
             .flatten()
             .any(|p| m.is_match(&p))

@@ -193,6 +193,11 @@ impl Gate {
         );
         let generation = current.generation + 1;
         let agents = policy.len();
+        // The directory the set came from is policy: after a repointed
+        // symlink that is a new one, which the guard must protect too.
+        self.0.guard.add_dir(crate::config::normalize_path(
+            &self.0.config.manifests_as_written,
+        ));
         self.0.snapshot.store(Arc::new(Snapshot {
             policy,
             limiters,

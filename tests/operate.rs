@@ -293,6 +293,17 @@ async fn a_repointed_manifests_symlink_is_followed() {
     )
     .unwrap();
     agents_once(&h, |v| lists(v, "later")).await;
+    // And the guard protects the directory the policy now comes from.
+    let later = h.token("later");
+    let v2 = base.join("v2").canonicalize().unwrap();
+    let v = h
+        .call(
+            &later,
+            "billing__echo",
+            json!({"text": format!("rm {}/later.yaml", v2.display())}),
+        )
+        .await;
+    assert_eq!(v["error"]["data"]["rule"], "guard.policy_path", "{v}");
 }
 
 #[tokio::test]
