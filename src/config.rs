@@ -780,8 +780,13 @@ impl Config {
                 .map(|d| d.join(path))
                 .unwrap_or_else(|_| path.to_path_buf())
         };
+        // Paths in the config are relative to the directory the config was
+        // named in, not to where a symlinked config file resolves: with a
+        // Kubernetes ConfigMap mount, `toolgate.yaml` -> `..data/...` ->
+        // `..2026_12_01_.../toolgate.yaml`, and a directory relative to the
+        // time-stamped target would vanish at the next update.
+        let base = abs.parent().map(normalize_path).unwrap_or_default();
         let abs = normalize_path(&abs);
-        let base = abs.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut problems = Vec::new();
         let cfg = {
             let mut r = Report {
@@ -1667,6 +1672,27 @@ mod tests {
             "{all}"
         );
         assert_eq!(e.0.len(), 4, "{all}");
+    }
+
+    #[test]
+    fn paths_are_relative_to_where_a_symlinked_config_is_named() {
+        // A ConfigMap volume: the file is a link into a time-stamped dir.
+        let d = crate::scratch::Scratch::new("config-link").unwrap();
+        std::fs::create_dir_all(d.join("..2026_12_01/tool-manifests")).unwrap();
+        std::os::unix::fs::symlink("..2026_12_01", d.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/tool-manifests", d.join("tool-manifests")).unwrap();
+        std::fs::write(d.join("..data/toolgate.yaml"), MIN).unwrap();
+        std::os::unix::fs::symlink("..data/toolgate.yaml", d.join("toolgate.yaml")).unwrap();
+        std::env::set_var("TG_TEST_SECRET", "0123456789abcdef0123456789abcdef");
+        let c = Config::load(&d.join("toolgate.yaml")).unwrap();
+        let root = d.canonicalize().unwrap();
+        assert_eq!(c.manifests_as_written, root.join("tool-manifests"));
+        assert_eq!(c.state, root.join(".toolgate/state.db"));
+        assert_eq!(
+            c.path,
+            root.join("..2026_12_01/toolgate.yaml"),
+            "the file itself, resolved"
+        );
     }
 
     #[test]
