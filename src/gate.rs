@@ -98,6 +98,9 @@ pub struct Shared {
     pub alert_sink: Option<Notifier>,
     refresh: tokio::sync::Mutex<()>,
     pub(crate) reload_lock: tokio::sync::Mutex<()>,
+    /// Set once the manifests watcher is in place and has caught up with
+    /// what changed since the set in force was read.
+    pub(crate) watching: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -428,6 +431,7 @@ impl Gate {
             config,
             refresh: tokio::sync::Mutex::new(()),
             reload_lock: tokio::sync::Mutex::new(()),
+            watching: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 

@@ -196,9 +196,28 @@ pub struct Condition {
 
 #[derive(Debug, Clone)]
 pub enum Test {
-    Equals(Value),
-    In(Vec<Value>),
+    Equals(Expected),
+    In(Vec<Expected>),
     Prefix(String),
+}
+
+/// A value of `equals` or `in`, with its folded form (see
+/// [`crate::policy::fold_loose`]) when it is a string without `${agent}`:
+/// folded once here, not on every call.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub value: Value,
+    pub folded: Option<String>,
+}
+
+impl Expected {
+    fn new(value: Value) -> Expected {
+        let folded = match &value {
+            Value::String(s) if !s.contains("${agent}") => Some(crate::policy::fold_loose(s)),
+            _ => None,
+        };
+        Expected { value, folded }
+    }
 }
 
 /// One `tools` entry, compiled.
@@ -480,8 +499,10 @@ fn compile_hashed(
                 continue;
             }
             let tests = [
-                spec.equals.clone().map(Test::Equals),
-                spec.in_.clone().map(Test::In),
+                spec.equals.clone().map(|v| Test::Equals(Expected::new(v))),
+                spec.in_
+                    .clone()
+                    .map(|vs| Test::In(vs.into_iter().map(Expected::new).collect())),
                 spec.prefix.clone().map(Test::Prefix),
             ];
             let mut set = tests.into_iter().flatten();

@@ -16,7 +16,7 @@ use globset::GlobSet;
 use serde_json::Value;
 use unicode_normalization::UnicodeNormalization;
 
-use crate::manifest::{Manifest, Test, Unlisted};
+use crate::manifest::{Expected, Manifest, Test, Unlisted};
 
 /// The outcome of the decision proper (before rate limits).
 #[derive(Debug, Clone, PartialEq)]
@@ -105,30 +105,31 @@ pub const MAX_PATH_CHECKS: usize = 256;
 pub struct Guard {
     /// `escalation.tools`: tools where naming oneself is an escalation.
     pub escalation_tools: GlobSet,
-    /// Toolgate's own policy files (config, state, audit log), canonical.
+    /// Toolgate's own policy files (config, state, audit log, key files),
+    /// canonical.
     pub files: Vec<PathBuf>,
-    /// Directories whose whole content is policy (manifests), canonical:
-    /// the one at start-up and, after a reload through a repointed
-    /// symlink, the one it points at now (see [`Guard::add_dir`]).
-    dirs: arc_swap::ArcSwap<Vec<PathBuf>>,
+    /// Directories whose whole content is policy (manifests), canonical,
+    /// with the pre-filter built over every protected name: the one at
+    /// start-up and, once a repointed manifests symlink was seen, the one it
+    /// reaches (see [`Guard::add_dir`]). Swapped whole, never locked.
+    dirs: arc_swap::ArcSwap<Dirs>,
     /// Base for relative paths in arguments: toolgate's working directory.
     pub cwd: PathBuf,
     /// Resolves `.`/`..` and symlinks (the only IO in `decide`).
     pub resolve: fn(&Path) -> PathBuf,
-    /// Basenames of the protected paths and their parents, as one automaton:
-    /// the cheap pre-filter (`None` only if it could not be built: then
-    /// every token is resolved).
+}
+
+/// The policy directories and the names pre-filter that goes with them.
+struct Dirs {
+    dirs: Vec<PathBuf>,
+    /// Basenames of the protected paths and their parents, as one
+    /// automaton: the cheap pre-filter (`None` only if it could not be
+    /// built: then every token is resolved).
     names: Option<aho_corasick::AhoCorasick>,
 }
 
-impl Guard {
-    pub fn new(
-        escalation_tools: GlobSet,
-        files: Vec<PathBuf>,
-        dirs: Vec<PathBuf>,
-        cwd: PathBuf,
-        resolve: fn(&Path) -> PathBuf,
-    ) -> Guard {
+impl Dirs {
+    fn new(files: &[PathBuf], dirs: Vec<PathBuf>) -> Dirs {
         let mut names: Vec<String> = Vec::new();
         for p in files.iter().chain(dirs.iter()) {
             for q in [Some(p.as_path()), p.parent()].into_iter().flatten() {
@@ -140,31 +141,70 @@ impl Guard {
         names.sort();
         names.dedup();
         let names = aho_corasick::AhoCorasick::new(&names).ok();
+        Dirs { dirs, names }
+    }
+}
+
+/// What one call's guard check has spent: resolutions left, and the tokens
+/// of its arguments already checked (each distinct token is resolved once,
+/// whichever split found it).
+pub struct Scan<'a> {
+    budget: usize,
+    seen: Vec<&'a str>,
+}
+
+impl Default for Scan<'_> {
+    fn default() -> Self {
+        Scan {
+            budget: MAX_PATH_CHECKS,
+            seen: Vec::new(),
+        }
+    }
+}
+
+impl Scan<'_> {
+    /// Whether the budget ran out (the call was held for that).
+    pub fn exhausted(&self) -> bool {
+        self.budget == 0
+    }
+}
+
+impl Guard {
+    pub fn new(
+        escalation_tools: GlobSet,
+        files: Vec<PathBuf>,
+        dirs: Vec<PathBuf>,
+        cwd: PathBuf,
+        resolve: fn(&Path) -> PathBuf,
+    ) -> Guard {
+        let dirs = arc_swap::ArcSwap::from_pointee(Dirs::new(&files, dirs));
         Guard {
             escalation_tools,
             files,
-            dirs: arc_swap::ArcSwap::from_pointee(dirs),
+            dirs,
             cwd,
             resolve,
-            names,
         }
     }
 
-    /// Protects `dir` (canonical) as a policy directory too: a reload that
-    /// followed a repointed manifests symlink calls it with the new target.
-    /// The earlier ones stay protected; at most a few are kept.
+    /// Protects `dir` (canonical) as a policy directory too: the watcher
+    /// calls it with what the manifests path reaches as soon as it sees the
+    /// directory change, before anything is parsed (a repointed symlink,
+    /// even to a broken set), and each reload does. Earlier ones stay
+    /// protected; at most [`MAX_POLICY_DIRS`] are kept.
     pub fn add_dir(&self, dir: PathBuf) {
         let now = self.dirs.load();
-        if now.contains(&dir) {
+        if now.dirs.contains(&dir) {
             return;
         }
-        let mut next: Vec<PathBuf> = now.iter().cloned().collect();
+        let mut next: Vec<PathBuf> = now.dirs.clone();
         next.push(dir);
         if next.len() > MAX_POLICY_DIRS {
             // The start-up directory and the newest ones.
             next.remove(1);
         }
-        self.dirs.store(std::sync::Arc::new(next));
+        self.dirs
+            .store(std::sync::Arc::new(Dirs::new(&self.files, next)));
     }
 
     /// Whether `p` (resolved) is protected: a policy file or its directory,
@@ -174,6 +214,7 @@ impl Guard {
             || self
                 .dirs
                 .load()
+                .dirs
                 .iter()
                 .any(|d| p.starts_with(d) || d.parent() == Some(p))
     }
@@ -188,7 +229,11 @@ impl Guard {
 
     /// Whether `s` contains the basename of a protected path.
     fn names_any(&self, s: &str) -> bool {
-        self.names.as_ref().is_none_or(|ac| ac.is_match(s))
+        self.dirs
+            .load()
+            .names
+            .as_ref()
+            .is_none_or(|ac| ac.is_match(s))
     }
 
     /// Whether a string argument names a protected path, whole or as a token
@@ -197,23 +242,24 @@ impl Guard {
     /// until nothing changes, so `%252F` counts too): a tool may well
     /// decode what it is given, and when in doubt, hold.
     pub fn names_policy_path(&self, s: &str) -> bool {
-        self.names_policy_path_within(s, &mut MAX_PATH_CHECKS.clone())
+        self.names_policy_path_within(s, &mut Scan::default())
     }
 
-    /// [`Self::names_policy_path`], resolving at most `budget` tokens (it
-    /// is spent across a call's arguments). Resolving is filesystem IO on
-    /// the calling thread, so an argument made of a million path-like
-    /// tokens would stall it: once the budget is spent the answer is yes
-    /// (hold), since what was not checked may name a policy path.
-    pub fn names_policy_path_within(&self, s: &str, budget: &mut usize) -> bool {
-        if self.names_plain_policy_path(s, budget) {
+    /// [`Self::names_policy_path`], within one call's [`Scan`]: at most
+    /// [`MAX_PATH_CHECKS`] distinct tokens are resolved across a call's
+    /// arguments. Resolving is filesystem IO on the calling thread, so an
+    /// argument made of a million path-like tokens would stall it: once the
+    /// budget is spent the answer is yes (hold), since what was not checked
+    /// may name a policy path.
+    pub fn names_policy_path_within<'a>(&self, s: &'a str, scan: &mut Scan<'a>) -> bool {
+        if self.names_plain_policy_path(s, scan) {
             return true;
         }
         let mut text = Cow::Borrowed(s);
         for _ in 0..4 {
             match percent_decode(&text) {
                 Some(d) => {
-                    if self.names_plain_policy_path(&d, budget) {
+                    if self.names_derived_policy_path(&d, scan) {
                         return true;
                     }
                     text = Cow::Owned(d);
@@ -224,8 +270,21 @@ impl Guard {
         false
     }
 
-    fn names_plain_policy_path(&self, s: &str, budget: &mut usize) -> bool {
-        if self.names_unquoted_policy_path(s, budget) {
+    /// The check of a string made from an argument (decoded, unquoted):
+    /// its tokens do not outlive this call, so they are not remembered,
+    /// but they spend the same budget.
+    fn names_derived_policy_path(&self, s: &str, scan: &mut Scan<'_>) -> bool {
+        let mut inner = Scan {
+            budget: scan.budget,
+            seen: Vec::new(),
+        };
+        let hit = self.names_plain_policy_path(s, &mut inner);
+        scan.budget = inner.budget;
+        hit
+    }
+
+    fn names_plain_policy_path<'a>(&self, s: &'a str, scan: &mut Scan<'a>) -> bool {
+        if self.names_unquoted_policy_path(s, scan) {
             return true;
         }
         // A shell removes quotes and backslashes: `tg."yaml"` is `tg.yaml`.
@@ -234,33 +293,40 @@ impl Guard {
                 .chars()
                 .filter(|c| !matches!(c, '"' | '\'' | '\\'))
                 .collect();
-            return self.names_unquoted_policy_path(&bare, budget);
+            return self.names_derived_policy_path(&bare, scan);
         }
         false
     }
 
-    fn names_unquoted_policy_path(&self, s: &str, budget: &mut usize) -> bool {
+    fn names_unquoted_policy_path<'a>(&self, s: &'a str, scan: &mut Scan<'a>) -> bool {
         // Every token checked below is a substring of `s` (a `file:` URI's
         // path too), so a string without '/', '.', '~', a glob character or
         // a protected basename has none that could name a path: the usual
         // argument.
         if !s
             .bytes()
-            .any(|b| matches!(b, b'/' | b'.' | b'~' | b'*' | b'?'))
+            .any(|b| matches!(b, b'/' | b'.' | b'~' | b'*' | b'?' | b'['))
             && !self.names_any(s)
         {
             return false;
         }
-        let mut check = |tok: &str| {
+        let mut check = |tok: &'a str| {
             let tok = strip_file_uri(tok);
-            let glob = tok.contains(['*', '?', '[']);
+            // A bare `*` or `?` is arithmetic or a bullet more often than a
+            // path: `5 * 3`, `* buy milk`.
+            let bare_wildcard = tok.bytes().all(|b| matches!(b, b'*' | b'?'));
+            let glob = !bare_wildcard && tok.contains(['*', '?', '[']);
             if tok.is_empty() || !(glob || self.looks_like_path(tok)) {
                 return false;
             }
-            if *budget == 0 {
+            if scan.seen.contains(&tok) {
+                return false;
+            }
+            if scan.budget == 0 {
                 return true;
             }
-            *budget -= 1;
+            scan.budget -= 1;
+            scan.seen.push(tok);
             let p = Path::new(tok);
             let abs = if p.is_absolute() {
                 p.to_path_buf()
@@ -286,36 +352,75 @@ impl Guard {
     }
 
     /// Whether the glob `pattern` (absolute) could expand to a protected
-    /// path: it matches a policy file, a policy directory or one of their
-    /// parents, or its literal part lies inside a policy directory.
+    /// path: a policy file, a policy directory, one of their parents, or
+    /// anything inside a policy directory. Matched component by component,
+    /// so a glob in a directory part counts (`tool-manifest*/bot.yaml`,
+    /// `/srv/*/bot.yaml`), and `**` matches any rest.
     fn glob_names_protected(&self, pattern: &Path) -> bool {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        use std::path::Component;
         let text = pattern.to_string_lossy();
         // The directory before the first glob character is resolved like
         // any path, so a symlinked prefix cannot hide a policy file.
         let first = text.find(['*', '?', '[']).unwrap_or(text.len());
         let cut = text[..first].rfind('/').map_or(0, |i| i + 1);
-        let dir = (self.resolve)(Path::new(&text[..cut]));
-        let literal = (self.resolve)(Path::new(&text[..first]));
-        let dirs = self.dirs.load();
-        if dirs.iter().any(|d| literal.starts_with(d)) {
-            return true;
+        let full = (self.resolve)(Path::new(&text[..cut])).join(&text[cut..]);
+        // Lexically normalised components (a `..` after a glob pops it).
+        let mut parts: Vec<String> = Vec::new();
+        for c in full.components() {
+            match c {
+                Component::ParentDir => {
+                    parts.pop();
+                }
+                Component::Normal(n) => parts.push(n.to_string_lossy().into_owned()),
+                _ => {}
+            }
         }
-        let full = dir.join(&text[cut..]);
-        let Ok(g) = globset::GlobBuilder::new(&full.to_string_lossy())
-            .literal_separator(true)
-            .build()
-        else {
-            // Not a glob after all (an unclosed `[`): the plain path check.
-            return self.is_protected(&(self.resolve)(pattern));
+        let mut matchers = Vec::with_capacity(parts.len());
+        for part in &parts {
+            if part == "**" {
+                matchers.push(None);
+                continue;
+            }
+            match globset::Glob::new(part) {
+                Ok(g) => matchers.push(Some(g.compile_matcher())),
+                // Not a glob after all (an unclosed `[`): the plain check.
+                Err(_) => return self.is_protected(&(self.resolve)(pattern)),
+            }
+        }
+        // How the pattern relates to a path: it names the path itself
+        // (Equal), something inside it (Greater), or an ancestor (Less).
+        let relation = |target: &Path| -> Option<std::cmp::Ordering> {
+            let comps: Vec<_> = target
+                .components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n),
+                    _ => None,
+                })
+                .collect();
+            for (i, m) in matchers.iter().enumerate() {
+                let Some(m) = m else {
+                    // `**`: anything below what matched so far.
+                    return Some(Greater);
+                };
+                match comps.get(i) {
+                    Some(c) if m.is_match(Path::new(c)) => {}
+                    Some(_) => return None,
+                    None => return Some(Greater),
+                }
+            }
+            Some(matchers.len().cmp(&comps.len()))
         };
-        let m = g.compile_matcher();
-        let parents = |p: &PathBuf| [Some(p.clone()), p.parent().map(Path::to_path_buf)];
-        self.files
-            .iter()
-            .chain(dirs.iter())
-            .flat_map(parents)
-            .flatten()
-            .any(|p| m.is_match(&p))
+        // A protected path is named by the pattern itself or its parent;
+        // a policy directory also by anything inside it.
+        let named = |target: &Path, inside_counts: bool| match relation(target) {
+            Some(Equal) => true,
+            Some(Greater) => inside_counts,
+            Some(Less) => target.parent().is_some_and(|p| relation(p) == Some(Equal)),
+            None => false,
+        };
+        self.files.iter().any(|f| named(f, false))
+            || self.dirs.load().dirs.iter().any(|d| named(d, true))
     }
 }
 
@@ -421,7 +526,7 @@ fn names_identity(hay: &str, agent_folded: &str) -> bool {
 }
 
 /// Visits every string in `v` (values and object keys); stops at `true`.
-fn any_string(v: &Value, f: &mut dyn FnMut(&str) -> bool) -> bool {
+fn any_string<'v>(v: &'v Value, f: &mut dyn FnMut(&'v str) -> bool) -> bool {
     match v {
         Value::String(s) => f(s),
         Value::Array(a) => a.iter().any(|x| any_string(x, f)),
@@ -430,35 +535,40 @@ fn any_string(v: &Value, f: &mut dyn FnMut(&str) -> bool) -> bool {
     }
 }
 
-fn substitute(v: &Value, agent: &str) -> Option<Value> {
-    match v {
-        Value::String(s) if s.contains("${agent}") => {
-            Some(Value::String(s.replace("${agent}", agent)))
-        }
-        _ => None,
-    }
+/// The folded form `hold_when` strings are compared by: generous, since
+/// a false match only holds (`Admin`, `ADMIN ` and a full-width `ａｄｍｉｎ`
+/// all fold to `admin`: case, compatibility forms, look-alikes, invisible
+/// characters and whitespace).
+pub fn fold_loose(s: &str) -> String {
+    fold_identity(&s.split_whitespace().collect::<String>())
 }
 
-/// Whether argument `actual` equals `expected` for a hold condition. Strings
-/// that came from `${agent}` compare folded (generous: when in doubt, hold).
-/// A `hold_when` string comparison errs towards holding: `Admin`, `ADMIN `
-/// and a full-width `ａｄｍｉｎ` all equal `admin` (case, compatibility
-/// forms, look-alikes, invisible characters and whitespace folded).
-fn cond_str_eq(a: &str, e: &str) -> bool {
-    let loose = |s: &str| fold_identity(&s.split_whitespace().collect::<String>());
-    a == e || loose(a) == loose(e)
-}
-
-fn cond_eq(actual: &Value, expected: &Value, agent: &str) -> bool {
-    match (actual, substitute(expected, agent)) {
-        (Value::String(a), Some(Value::String(e))) => cond_str_eq(a, &e),
-        (_, Some(e)) => *actual == e,
-        (_, None) => match (actual, expected) {
-            (Value::String(a), Value::String(e)) => cond_str_eq(a, e),
+/// Whether argument `actual` equals any of `expected` for a hold condition.
+/// Strings compare folded ([`fold_loose`]; `${agent}` stands for the calling
+/// agent); the argument is folded at most once, the expected values were
+/// folded when the manifest compiled.
+fn cond_matches(actual: &Value, expected: &[Expected], agent: &str) -> bool {
+    let mut folded: Option<String> = None;
+    for e in expected {
+        let hit = match (actual, &e.value) {
+            (Value::String(a), Value::String(s)) if s.contains("${agent}") => {
+                let s = s.replace("${agent}", agent);
+                *a == s || *folded.get_or_insert_with(|| fold_loose(a)) == fold_loose(&s)
+            }
+            (Value::String(a), Value::String(s)) => {
+                a == s
+                    || e.folded
+                        .as_ref()
+                        .is_some_and(|f| folded.get_or_insert_with(|| fold_loose(a)) == f)
+            }
             (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
-            _ => actual == expected,
-        },
+            (a, b) => a == b,
+        };
+        if hit {
+            return true;
+        }
     }
+    false
 }
 
 fn deny(rule: Rule, reason: impl Into<Cow<'static, str>>, tool_rule: Option<usize>) -> Decision {
@@ -646,8 +756,8 @@ pub fn decide(
             continue;
         };
         let hit = match &c.test {
-            Test::Equals(e) => cond_eq(actual, e, agent),
-            Test::In(set) => set.iter().any(|e| cond_eq(actual, e, agent)),
+            Test::Equals(e) => cond_matches(actual, std::slice::from_ref(e), agent),
+            Test::In(set) => cond_matches(actual, set, agent),
             Test::Prefix(p) => actual.as_str().is_some_and(|a| {
                 let p = p.replace("${agent}", agent);
                 fold_identity(a).starts_with(&fold_identity(&p))
@@ -660,11 +770,9 @@ pub fn decide(
             );
         }
     }
-    let mut budget = MAX_PATH_CHECKS;
-    if any_string(args, &mut |s| {
-        guard.names_policy_path_within(s, &mut budget)
-    }) {
-        let reason = if budget == 0 {
+    let mut scan = Scan::default();
+    if any_string(args, &mut |s| guard.names_policy_path_within(s, &mut scan)) {
+        let reason = if scan.exhausted() {
             "arguments hold more paths than the policy-path guard checks"
         } else {
             "arguments name a path of toolgate's own policy"
@@ -984,6 +1092,13 @@ deny:
             format!("X=1:{b}/toolgate.yaml"),
             format!("echo ${{{b}/toolgate.yaml}}"),
             "../toolgate.y*".to_owned(),
+            // Globs in a directory part, and brackets alone.
+            format!("cat {b}/tool-manifest*/bot.yaml"),
+            format!("cp /tmp/evil.yaml {b}/tool-manifest?/bot.yaml"),
+            format!("cat {b}/*/bot.yaml"),
+            format!("rm -rf {b}/tool-manifest[s]"),
+            format!("rm -rf {b}/**"),
+            format!("cat {b}/*/../toolgate.yaml"),
         ];
         for arg in held {
             let dec = decide(&g, Some(&m), "billing-bot", "fs__run", &json!({"cmd": arg}));
@@ -991,9 +1106,14 @@ deny:
         }
         for arg in [
             format!("cat {b}/work/*.txt"),
+            format!("cat {b}/work/*/x.txt"),
+            format!("cat {b}/*.txt"),
             "ls *.txt".to_owned(),
             "what? why?".to_owned(),
             format!("cat {b}/work/[notes].md"),
+            // Bare wildcards are arithmetic or bullets, not paths.
+            "5 * 3".to_owned(),
+            "* buy milk\n* and eggs".to_owned(),
         ] {
             let dec = decide(&g, Some(&m), "billing-bot", "fs__run", &json!({"cmd": arg}));
             assert_eq!(dec.verdict, Verdict::Allow, "{arg}");
@@ -1015,9 +1135,43 @@ deny:
         assert!(dec.reason.contains("more paths than"), "{}", dec.reason);
         let dec = run(json!({"cmd": tokens(MAX_PATH_CHECKS / 4, "b").join(" ")}));
         assert_eq!(dec.verdict, Verdict::Allow);
+        // Each distinct token is resolved once, whichever split finds it:
+        // 200 paths, one per item, fit in the budget.
+        let dec = run(json!({"paths": tokens(200, "d")}));
+        assert_eq!(dec.verdict, Verdict::Allow, "{}", dec.reason);
         // The budget is per call, across every string argument.
         let dec = run(json!({"paths": tokens(MAX_PATH_CHECKS + 1, "c")}));
         assert_eq!(dec.rule, Rule::PolicyPath);
+    }
+
+    #[test]
+    fn a_directory_added_to_the_guard_is_protected_by_name_too() {
+        let base = crate::scratch::Scratch::new("guard-add").unwrap();
+        std::fs::create_dir_all(base.join("m1")).unwrap();
+        std::fs::create_dir_all(base.join("m3")).unwrap();
+        let b = base.canonicalize().unwrap();
+        let g = Guard::new(
+            GlobSet::empty(),
+            vec![b.join("toolgate.yaml")],
+            vec![b.join("m1")],
+            b.clone(),
+            normalize_path,
+        );
+        assert!(!g.names_policy_path("rm -rf m3"));
+        g.add_dir(b.join("m3"));
+        assert!(
+            g.names_policy_path("rm -rf m3"),
+            "the pre-filter knows its name"
+        );
+        assert!(g.names_policy_path(&format!("cat {}/m3/x.yaml", b.display())));
+        assert!(g.names_policy_path("rm -rf m1"), "the earlier one stays");
+        for i in 0..2 * MAX_POLICY_DIRS {
+            g.add_dir(b.join(format!("n{i}")));
+        }
+        assert!(
+            g.names_policy_path("rm -rf m1"),
+            "start-up's is never dropped"
+        );
     }
 
     #[test]

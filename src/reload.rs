@@ -26,7 +26,7 @@ use crate::ratelimit::Limiters;
 pub const DEBOUNCE: Duration = Duration::from_millis(250);
 
 /// What an accepted reload changed.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     pub generation: u64,
     pub agents: usize,
@@ -131,8 +131,22 @@ impl Gate {
     /// Reloads the manifests; `by` names the cause (`api:<subject>`,
     /// `watcher`). All or nothing.
     pub async fn reload(&self, by: &str) -> Result<Report, Problems> {
+        self.reload_inner(by, false)
+            .await
+            .map(|r| r.unwrap_or_default())
+    }
+
+    /// [`Self::reload`]; with `quiet_if_same`, a set whose files are those
+    /// in force (same names, same contents) is left alone, unaudited, and
+    /// `None` is returned (the watcher's check at start-up).
+    async fn reload_inner(
+        &self,
+        by: &str,
+        quiet_if_same: bool,
+    ) -> Result<Option<Report>, Problems> {
         let _one_at_a_time = self.0.reload_lock.lock().await;
         let started = std::time::Instant::now();
+        self.protect_manifests_target();
         // As written, so a repointed symlink is followed.
         let dir = self.0.config.manifests_as_written.clone();
         let previous = self.0.snapshot.load_full();
@@ -178,6 +192,19 @@ impl Gate {
             }
         };
         let current = self.0.snapshot.load_full();
+        if quiet_if_same {
+            let names = |files: &[(std::path::PathBuf, String)]| {
+                let mut v: Vec<_> = files
+                    .iter()
+                    .map(|(p, sha)| (p.file_name().map(|n| n.to_os_string()), sha.clone()))
+                    .collect();
+                v.sort();
+                v
+            };
+            if names(&current.policy.files) == names(&policy.files) {
+                return Ok(None);
+            }
+        }
         let (added, removed, changed) = diff(&current.policy, &policy);
         let old_files: BTreeMap<_, _> = current.policy.files.iter().cloned().collect();
         let files: Vec<Value> = policy
@@ -193,11 +220,6 @@ impl Gate {
         );
         let generation = current.generation + 1;
         let agents = policy.len();
-        // The directory the set came from is policy: after a repointed
-        // symlink that is a new one, which the guard must protect too.
-        self.0.guard.add_dir(crate::config::normalize_path(
-            &self.0.config.manifests_as_written,
-        ));
         self.0.snapshot.store(Arc::new(Snapshot {
             policy,
             limiters,
@@ -240,7 +262,24 @@ impl Gate {
             })),
             ..Record::default()
         });
-        Ok(report)
+        Ok(Some(report))
+    }
+
+    /// Whether the manifests watcher is in place (and caught up with what
+    /// changed since start-up): a change made after this is reloaded.
+    pub fn watching(&self) -> bool {
+        self.0.watching.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Has the guard protect what the manifests path reaches now: after a
+    /// repointed symlink, a new directory. Called when a change is first
+    /// seen and at every reload, before anything is parsed, so the window
+    /// in which an agent could write to the new target is the time the
+    /// change takes to be noticed (an inotify event), not a reload.
+    fn protect_manifests_target(&self) {
+        self.0.guard.add_dir(crate::config::normalize_path(
+            &self.0.config.manifests_as_written,
+        ));
     }
 
     /// Watches the manifests directory and reloads on change (debounced)
@@ -283,6 +322,13 @@ impl Gate {
         // changes after start-up is seen.
         let mut first = Watch::new(watcher, dir);
         let (_, mut last) = first.survey(true);
+        // The set in force was read before this watch existed: whatever
+        // changed in between (a swap right after start) is caught here.
+        self.protect_manifests_target();
+        let _ = self.reload_inner("watcher", true).await;
+        self.0
+            .watching
+            .store(true, std::sync::atomic::Ordering::Release);
         let watch = Arc::new(std::sync::Mutex::new(first));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + RESCAN, RESCAN);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -290,6 +336,10 @@ impl Gate {
             tokio::select! {
                 got = rx.recv() => {
                     if got.is_none() { break }
+                    // Before anything settles or is parsed: what the path
+                    // reaches now is policy (a repointed symlink's target,
+                    // even one holding a broken set an agent could fix up).
+                    self.protect_manifests_target();
                     // Let a burst of writes (an editor's save, a git checkout) settle.
                     while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
                     // Watch again first: what changes after this is seen,
@@ -301,6 +351,7 @@ impl Gate {
                 _ = tick.tick() => {
                     let Some((moved, seen)) = survey(&watch, false).await else { break };
                     if moved || seen != last {
+                        self.protect_manifests_target();
                         last = seen;
                         let _ = self.reload("watcher").await;
                     }

@@ -306,6 +306,54 @@ async fn a_repointed_manifests_symlink_is_followed() {
     assert_eq!(v["error"]["data"]["rule"], "guard.policy_path", "{v}");
 }
 
+/// The directory a repointed symlink reaches is protected as soon as the
+/// change is seen, before anything is parsed: even when the new set is
+/// broken and rejected, an agent must not be able to write there (fixing
+/// the broken file up into a manifest that widens its own permissions).
+#[tokio::test]
+async fn a_repointed_symlink_to_a_broken_set_is_protected_though_rejected() {
+    let base = support::temp_dir("relink-broken");
+    std::fs::remove_dir(base.join("tool-manifests")).unwrap();
+    std::fs::create_dir(base.join("v1")).unwrap();
+    std::os::unix::fs::symlink("v1", base.join("tool-manifests")).unwrap();
+    let h = Harness::with(Opts {
+        dir: Some(base.to_path_buf()),
+        ..Opts::default()
+    })
+    .await;
+    let t = h.token("billing-bot");
+    std::fs::create_dir(base.join("v2")).unwrap();
+    std::fs::write(base.join("v2/billing-bot.yaml"), "agent: [\n").unwrap();
+    std::os::unix::fs::symlink("v2", base.join("tool-manifests.tmp")).unwrap();
+    std::fs::rename(base.join("tool-manifests.tmp"), base.join("tool-manifests")).unwrap();
+    let started = Instant::now();
+    while !h
+        .audit()
+        .await
+        .iter()
+        .any(|r| r["event"] == "manifests_rejected")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not rejected: {:?}",
+            support::events(&h.audit().await)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The old set is in force (echo allowed) and the new target is guarded.
+    let v2 = base.join("v2").canonicalize().unwrap();
+    let v = h
+        .call(
+            &t,
+            "billing__echo",
+            json!({"text": format!("echo 'agent: billing-bot' > {}/billing-bot.yaml", v2.display())}),
+        )
+        .await;
+    assert_eq!(v["error"]["data"]["rule"], "guard.policy_path", "{v}");
+    let v = h.call(&t, "billing__echo", json!({"text": "plain"})).await;
+    assert!(v.get("result").is_some(), "the last good set stays: {v}");
+}
+
 #[tokio::test]
 async fn while_the_manifests_directory_is_gone_the_last_good_set_stays() {
     let h = Harness::start().await;

@@ -175,6 +175,11 @@ limits:
         let policy =
             PolicySet::load_dir(&config.manifests).unwrap_or_else(|p| panic!("manifests: {p}"));
         let server = Server::start(config, policy).await.expect("server starts");
+        // Tests change manifests right away: let the watcher be in place.
+        let started = std::time::Instant::now();
+        while !server.gate.watching() && started.elapsed() < std::time::Duration::from_secs(5) {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
         let url = format!("http://{}/mcp", server.addr);
         Harness {
             server,
