@@ -712,3 +712,219 @@ async fn a_2026_agent_gets_a_session_era_servers_ask_as_an_input_required_round(
         .count();
     assert_eq!(calls, 5, "{audit:#?}");
 }
+
+/// A stdio upstream running the Python script `script` (with the path of a
+/// file it writes its process ids to), its harness, and the ids written.
+struct Scripted {
+    h: Harness,
+    pids: Pids,
+}
+
+/// The file of process ids; dropped, it kills whatever a failed test left
+/// running.
+struct Pids {
+    path: std::path::PathBuf,
+    _dir: support::Scratch,
+}
+
+impl Pids {
+    /// Every process id written (each line: a server's own, then any it
+    /// forked).
+    fn all(&self) -> Vec<u32> {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Pids {
+    fn drop(&mut self) {
+        for p in self.all().into_iter().filter(|p| running(*p)) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &p.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Scripted {
+    async fn start(tag: &str, script: &str) -> Scripted {
+        let dir = support::temp_dir(tag);
+        let (path, pids) = (dir.join("server.py"), dir.join("pids"));
+        std::fs::write(&path, script).expect("write the server");
+        let h = Harness::with(Opts {
+            manifests: &[("bot.yaml", MANIFEST)],
+            upstreams: Some(format!(
+                "upstreams:\n  - name: local\n    command: [python3, \"{}\", \"{}\"]",
+                path.display(),
+                pids.display()
+            )),
+            ..Opts::default()
+        })
+        .await;
+        let pids = Pids {
+            path: pids,
+            _dir: dir,
+        };
+        Scripted { h, pids }
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.pids.all()
+    }
+
+    /// The process ids written by the server `leader`, itself first.
+    fn group(&self, leader: u32) -> Vec<u32> {
+        std::fs::read_to_string(&self.pids.path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .find(|g: &Vec<u32>| g.first() == Some(&leader))
+            .unwrap_or_else(|| panic!("{leader} wrote no pids"))
+    }
+}
+
+/// Writes its pid, reads stdin, never answers, and outlives its stdin.
+const MUTE: &str = r#"
+import os, sys, time
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.getpid()}\n")
+for _ in sys.stdin:
+    pass
+while True:
+    time.sleep(1)
+"#;
+
+#[tokio::test]
+async fn a_server_that_never_answers_initialize_is_killed_and_its_restarts_back_off() {
+    let s = Scripted::start("stdio-mute", MUTE).await;
+    let t = s.h.token("bot");
+    let timeout = s.h.server.gate.0.upstreams[0].timeout();
+    let call = || async {
+        let started = Instant::now();
+        let v = s.h.call(&t, "local__echo", json!({"text": "x"})).await;
+        assert_eq!(v["error"]["code"], -32004, "{v}");
+        started.elapsed()
+    };
+    let all_gone = |s: &Scripted| {
+        let pids = s.pids();
+        !pids.is_empty() && pids.iter().all(|p| !running(*p))
+    };
+    // The first call spends one timeout on the start (for the catalog);
+    // the call itself is then refused at once, not given a start of its
+    // own, and the server that timed out is killed.
+    let took = call().await;
+    assert!(took < timeout + Duration::from_secs(1), "took {took:?}");
+    assert!(eventually(|| all_gone(&s)).await, "alive: {:?}", s.pids());
+    // Within the backoff, no start is tried.
+    let took = call().await;
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+    assert_eq!(s.pids().len(), 1, "{:?}", s.pids());
+    // Past it, one more start, killed in turn.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let took = call().await;
+    assert!(took < timeout + Duration::from_secs(1), "took {took:?}");
+    assert!(eventually(|| all_gone(&s)).await, "alive: {:?}", s.pids());
+    assert_eq!(s.pids().len(), 2, "{:?}", s.pids());
+    assert!(s.h.server.gate.0.upstreams[0].stdio_pids().is_empty());
+}
+
+/// An MCP server (tools `pid` and `sleep`) that forks a child ignoring
+/// SIGTERM and holding its stdout; writes "its-pid child-pid".
+const FORKER: &str = r#"
+import json, os, signal, sys, time
+child = os.fork()
+if child == 0:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+    os._exit(0)
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.getpid()} {child}\n")
+def send(m):
+    sys.stdout.write(json.dumps(m) + "\n")
+    sys.stdout.flush()
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m:
+        continue
+    method, id = m.get("method"), m["id"]
+    if method == "initialize":
+        send({"jsonrpc": "2.0", "id": id, "result": {"protocolVersion": "2025-11-25",
+              "capabilities": {"tools": {}}, "serverInfo": {"name": "forker", "version": "1"}}})
+    elif method == "tools/list":
+        tools = [{"name": n, "inputSchema": {"type": "object"}} for n in ("pid", "sleep")]
+        send({"jsonrpc": "2.0", "id": id, "result": {"tools": tools}})
+    elif method == "tools/call":
+        if m["params"]["name"] == "sleep":
+            time.sleep(30)
+        send({"jsonrpc": "2.0", "id": id, "result": {"structuredContent": {"pid": os.getpid()},
+              "content": [{"type": "text", "text": str(os.getpid())}]}})
+    else:
+        send({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": method}})
+"#;
+
+#[tokio::test]
+async fn stopping_a_stdio_server_stops_what_it_forked() {
+    let s = Scripted::start("stdio-forker-stop", FORKER).await;
+    let t = s.h.token("bot");
+    let sid = s.h.initialize(&t).await;
+    let session = s.group(session_pid(&s.h, &t, &sid).await);
+    let stateless = s.group(pid(&s.h, &t).await);
+    assert_eq!((session.len(), stateless.len()), (2, 2));
+    assert!(session.iter().chain(&stateless).all(|p| running(*p)));
+    // Ending the session stops its server and the child that ignores
+    // SIGTERM, and nothing else.
+    let status = s.h.delete_session(&t, &sid).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(
+        eventually(|| session.iter().all(|p| !running(*p))).await,
+        "{session:?} outlived its session"
+    );
+    assert!(stateless.iter().all(|p| running(*p)));
+    // Shutdown stops every group before it returns.
+    let Scripted { h, pids } = s;
+    let Harness { server, .. } = h;
+    server.shutdown(Duration::from_secs(5)).await;
+    let left: Vec<u32> = pids.all().into_iter().filter(|p| running(*p)).collect();
+    assert!(left.is_empty(), "{left:?} outlived toolgate");
+}
+
+#[tokio::test]
+async fn a_server_that_crashes_while_its_child_holds_stdout_fails_its_calls_at_once() {
+    let s = Scripted::start("stdio-forker-crash", FORKER).await;
+    let t = s.h.token("bot");
+    let first = s.group(pid(&s.h, &t).await);
+    let call = async {
+        let started = Instant::now();
+        let v = s.h.call(&t, "local__sleep", json!({})).await;
+        (v, started.elapsed())
+    };
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        kill9(first[0]);
+    };
+    let ((v, took), ()) = tokio::join!(call, killer);
+    assert_eq!(v["error"]["code"], -32004, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exited")),
+        "the call fails because the server died, not by timing out: {v}"
+    );
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    // What it forked goes with it, and the next call restarts the server.
+    assert!(
+        eventually(|| !running(first[1])).await,
+        "{} outlived its server",
+        first[1]
+    );
+    let second = pid(&s.h, &t).await;
+    assert_ne!(first[0], second, "a new process");
+}

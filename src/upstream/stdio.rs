@@ -13,6 +13,15 @@
 //! exponential backoff when it keeps dying. Its stderr goes to the operator
 //! log, line by line, bounded.
 //!
+//! Each process leads a process group of its own, and stopping it stops the
+//! group: whatever the server started (a wrapper's real server, a forked
+//! helper) goes with it. The server's own exit is watched apart from its
+//! stdout, so a crash is seen even while a leftover child holds stdout open.
+//! A start that fails or is cancelled (its call timed out) kills what it
+//! spawned, and the upstream's next start waits [`START_BACKOFF`], doubling
+//! while starts keep failing: a server that never answers `initialize` costs
+//! one timeout now and then, not one per call.
+//!
 //! A child gets a clean environment: only [`INHERITED`] variables plus the
 //! upstream's configured `env`. toolgate's own secrets (token keys, upstream
 //! credentials) never reach a tool server by inheritance.
@@ -29,6 +38,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{oneshot, watch, Mutex};
+use tokio::time::timeout;
 
 use super::{asks, Answer, Relay, UpstreamError, Who};
 use crate::mcp;
@@ -44,8 +54,17 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Longest stderr line kept (the rest of the line is dropped).
 const STDERR_LINE: usize = 4096;
-/// How long a stopping process gets after its stdin closes.
+/// How long a stopping process gets after its stdin closes, and its group
+/// after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long the lines a server wrote before exiting are still read (a
+/// process it left behind may hold stdout open).
+const DRAIN: Duration = Duration::from_millis(200);
+/// How often a stopping process group is checked for.
+const POLL: Duration = Duration::from_millis(20);
+/// The wait before the next start after a failed one, doubling up to
+/// [`MAX_BACKOFF`] while starts keep failing.
+pub const START_BACKOFF: Duration = Duration::from_secs(1);
 /// The variables a child inherits from toolgate's environment.
 pub const INHERITED: [&str; 7] = ["PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TZ"];
 
@@ -82,12 +101,22 @@ type Asked = Arc<StdMutex<HashMap<String, (Who, Instant)>>>;
 const MAX_ASKED: usize = 256;
 const ASK_TTL: Duration = Duration::from_secs(600);
 
+/// Failed starts of an upstream's server in a row, whichever session they
+/// were for (every session runs the same command), and when the next start
+/// may be tried.
+#[derive(Default)]
+struct Starts {
+    failures: u32,
+    not_before: Option<Instant>,
+}
+
 /// The processes of one stdio upstream, one per agent session.
 pub struct Pool {
     spec: Arc<Spec>,
     slots: StdMutex<HashMap<Who, Arc<Mutex<Slot>>>>,
     asked: Asked,
     version: ArcSwap<Option<&'static str>>,
+    starts: StdMutex<Starts>,
 }
 
 impl Pool {
@@ -97,6 +126,7 @@ impl Pool {
             slots: StdMutex::default(),
             asked: Asked::default(),
             version: ArcSwap::from_pointee(None),
+            starts: StdMutex::default(),
         }
     }
 
@@ -222,19 +252,28 @@ impl Pool {
                 ),
             ));
         }
-        match Proc::start(&self.spec, who, &self.asked).await {
-            Ok(p) => {
-                self.version.store(Arc::new(Some(p.version())));
-                slot.not_before = None;
-                slot.proc = Some(p.clone());
-                Ok(p)
-            }
-            Err(e) => {
-                slot.failures += 1;
-                slot.not_before = Some(Instant::now() + backoff(slot.failures));
-                Err(e)
-            }
+        let next = lock(&self.starts).not_before.filter(|t| *t > now);
+        if let Some(t) = next {
+            return Err(UpstreamError::Connect(
+                self.spec.name.clone(),
+                format!(
+                    "the stdio server failed to start; next restart in {} ms",
+                    (t - now).as_millis()
+                ),
+            ));
         }
+        // Counted as a failure unless it completes, also when cancelled.
+        let mut attempt = Attempt {
+            slot: &mut slot,
+            starts: &self.starts,
+            ok: false,
+        };
+        let p = Proc::start(&self.spec, who, &self.asked).await?;
+        attempt.ok = true;
+        attempt.slot.not_before = None;
+        attempt.slot.proc = Some(p.clone());
+        self.version.store(Arc::new(Some(p.version())));
+        Ok(p)
     }
 
     /// Drops slots idle past [`IDLE`] and, at the bound, the least recently
@@ -287,6 +326,34 @@ impl Pool {
     }
 }
 
+/// One start of a slot's process: on drop, unless it completed, a failure
+/// of the slot and of the upstream's starts (a start cancelled by its call's
+/// timeout runs no code of its own).
+struct Attempt<'a> {
+    slot: &'a mut Slot,
+    starts: &'a StdMutex<Starts>,
+    ok: bool,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        let mut starts = lock(self.starts);
+        if self.ok {
+            *starts = Starts::default();
+            return;
+        }
+        let now = Instant::now();
+        self.slot.failures += 1;
+        self.slot.not_before = Some(now + backoff(self.slot.failures));
+        starts.failures += 1;
+        starts.not_before = Some(now + start_backoff(starts.failures));
+    }
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Restart delay after `failures` consecutive failures: the first restart is
 /// immediate, then 100 ms doubling up to [`MAX_BACKOFF`].
 fn backoff(failures: u32) -> Duration {
@@ -295,6 +362,24 @@ fn backoff(failures: u32) -> Duration {
     }
     let ms = 100u64.saturating_mul(1 << (failures - 2).min(16));
     Duration::from_millis(ms).min(MAX_BACKOFF)
+}
+
+/// Delay before the next start after `failures` failed starts in a row:
+/// [`START_BACKOFF`] doubling up to [`MAX_BACKOFF`].
+fn start_backoff(failures: u32) -> Duration {
+    START_BACKOFF
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
+}
+
+/// How a process is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Run,
+    /// Stdin closed, then SIGTERM to its group, then SIGKILL.
+    Graceful,
+    /// SIGKILL to its group now.
+    Kill,
 }
 
 /// One running server process.
@@ -310,7 +395,7 @@ pub struct Proc {
     started: Instant,
     died: OnceLock<Instant>,
     version: OnceLock<&'static str>,
-    kill: StdMutex<Option<oneshot::Sender<()>>>,
+    stop: watch::Sender<Stop>,
     exited: watch::Receiver<bool>,
     tools_changed: Arc<std::sync::atomic::AtomicBool>,
     /// The agent session this process serves, the upstream's asks, and
@@ -341,6 +426,9 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // Its own group, so that stopping it reaches what it starts.
+        #[cfg(unix)]
+        cmd.process_group(0);
         let mut child = cmd.spawn().map_err(|e| {
             UpstreamError::Connect(
                 name.clone(),
@@ -353,7 +441,7 @@ impl Proc {
             return Err(UpstreamError::Connect(name, "no stdio pipes".into()));
         };
         let pid = child.id();
-        let (kill_tx, kill_rx) = oneshot::channel();
+        let (stop, stop_rx) = watch::channel(Stop::Run);
         let (exited_tx, exited) = watch::channel(false);
         let proc = Arc::new(Proc {
             name: name.clone(),
@@ -365,7 +453,7 @@ impl Proc {
             started: Instant::now(),
             died: OnceLock::new(),
             version: OnceLock::new(),
-            kill: StdMutex::new(Some(kill_tx)),
+            stop,
             exited,
             tools_changed: spec.tools_changed.clone(),
             who: who.clone(),
@@ -373,14 +461,17 @@ impl Proc {
             asked: asked.clone(),
         });
         tokio::spawn(log_stderr(name.clone(), pid, stderr));
-        tokio::spawn(read_loop(
+        tokio::spawn(supervise(
             proc.clone(),
             child,
             stdout,
-            kill_rx,
+            stop_rx,
             exited_tx,
             spec.max_line,
         ));
+        // From here the supervisor owns the child: unless the start
+        // completes, this kills it, also when the caller gives up on it.
+        let mut starting = Starting(Some(proc.clone()));
         tracing::info!(upstream.name = %name, pid, agent.id = %who.agent, command = ?spec.command, "stdio upstream started");
         let params = json!({
             "protocolVersion": mcp::V2025_11_25,
@@ -388,20 +479,12 @@ impl Proc {
             "clientInfo": mcp::toolgate_info(),
         });
         let fail = |why: String| UpstreamError::Protocol(name.clone(), why);
-        let result = match proc.request("initialize", Some(params), None).await {
-            Ok(Answer::Result(r)) => r.value(),
-            Ok(Answer::Error(e)) => {
-                proc.stop().await;
-                return Err(fail(format!("initialize failed: {e}")));
-            }
-            Err(e) => {
-                proc.stop().await;
-                return Err(e);
-            }
+        let result = match proc.request("initialize", Some(params), None).await? {
+            Answer::Result(r) => r.value(),
+            Answer::Error(e) => return Err(fail(format!("initialize failed: {e}"))),
         };
         let asked = result.get("protocolVersion").and_then(Value::as_str);
         let Some(version) = asked.and_then(super::upstream_session_version) else {
-            proc.stop().await;
             return Err(fail(format!(
                 "unsupported protocol version {:?}",
                 asked.unwrap_or("(none)")
@@ -411,6 +494,7 @@ impl Proc {
         proc.write(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
             .await?;
         tracing::info!(upstream.name = %name, pid, protocol = version, "upstream connected");
+        starting.0 = None;
         Ok(proc)
     }
 
@@ -628,24 +712,29 @@ impl Proc {
         asked.insert(id.to_owned(), (self.who.clone(), Instant::now()));
     }
 
-    /// Closes stdin (a well-behaved server exits), then kills after a grace
-    /// period; returns once the process is gone.
+    /// Closes stdin (a well-behaved server exits), then signals its group,
+    /// SIGTERM and, after a grace period, SIGKILL; returns once the process
+    /// and its group are gone.
     async fn stop(&self) {
-        drop(self.stdin.lock().await.take());
-        let mut exited = self.exited.clone();
-        let gone = tokio::time::timeout(STOP_GRACE, exited.wait_for(|e| *e))
-            .await
-            .is_ok();
-        if !gone {
-            let kill = self
-                .kill
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            if let Some(k) = kill {
-                let _ = k.send(());
+        self.stop.send_if_modified(|s| {
+            let run = *s == Stop::Run;
+            if run {
+                *s = Stop::Graceful;
             }
-            let _ = tokio::time::timeout(STOP_GRACE, exited.wait_for(|e| *e)).await;
+            run
+        });
+        let mut exited = self.exited.clone();
+        let _ = timeout(3 * STOP_GRACE, exited.wait_for(|e| *e)).await;
+    }
+}
+
+/// Kills the process of a start that did not complete (see [`Proc::start`]).
+struct Starting(Option<Arc<Proc>>);
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.stop.send_replace(Stop::Kill);
         }
     }
 }
@@ -686,21 +775,36 @@ impl Drop for Pending {
     }
 }
 
-async fn read_loop(
+/// Reads the server's stdout and watches its exit until it exits, closes
+/// stdout or is asked to stop; then fails what is pending and ends the
+/// process and its group.
+async fn supervise(
     proc: Arc<Proc>,
     mut child: Child,
     stdout: ChildStdout,
-    mut kill: oneshot::Receiver<()>,
+    mut stop: watch::Receiver<Stop>,
     exited: watch::Sender<bool>,
     max_line: usize,
 ) {
+    // The child leads its group (see `Proc::start`).
+    let group = child.id().filter(|_| cfg!(unix));
     let mut reader = BufReader::new(stdout);
     let mut line = Vec::new();
+    let mut status = None;
     let why = loop {
         tokio::select! {
-            _ = &mut kill => break "stopped by toolgate".to_owned(),
+            _ = async { stop.wait_for(|s| *s != Stop::Run).await.is_ok() } => {
+                break "stopped by toolgate".to_owned();
+            }
+            s = child.wait() => {
+                status = Some(s.map_or_else(|e| e.to_string(), |s| s.to_string()));
+                break "exited".to_owned();
+            }
             r = read_line(&mut reader, &mut line, max_line, false) => match r {
-                Ok(true) => proc.dispatch(&line).await,
+                Ok(true) => {
+                    proc.dispatch(&line).await;
+                    line.clear();
+                }
                 Ok(false) => break "closed its stdout".to_owned(),
                 Err(e) => break e,
             },
@@ -708,21 +812,116 @@ async fn read_loop(
     };
     // Dead first, then fail what is pending (see `Proc::request`).
     let _ = proc.died.set(Instant::now());
-    proc.pending
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clear();
-    drop(proc.stdin.lock().await.take());
-    let status = match tokio::time::timeout(STOP_GRACE, child.wait()).await {
-        Ok(s) => s.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-        Err(_) => {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
-            "killed".to_owned()
-        }
-    };
+    if status.is_some() {
+        // What it wrote before exiting still answers its calls.
+        let drain = async {
+            while let Ok(true) = read_line(&mut reader, &mut line, max_line, false).await {
+                proc.dispatch(&line).await;
+                line.clear();
+            }
+        };
+        let _ = timeout(DRAIN, drain).await;
+    }
+    lock(&proc.pending).clear();
+    // A writer blocked on a full pipe holds stdin: the signals free it.
+    if let Ok(mut stdin) = timeout(POLL, proc.stdin.lock()).await {
+        drop(stdin.take());
+    }
+    end(&mut child, group, &stop, &mut status).await;
+    let status = status.unwrap_or_default();
     tracing::warn!(upstream.name = %proc.name, pid = proc.pid, reason = %why, %status, "stdio upstream exited");
     let _ = exited.send(true);
+}
+
+/// Ends the process (its stdin closed) and what is left of its `group`:
+/// unless a kill is asked for, it gets [`STOP_GRACE`] to exit, then its
+/// group gets SIGTERM and [`STOP_GRACE`] more; then SIGKILL. Sets `status`.
+async fn end(
+    child: &mut Child,
+    group: Option<u32>,
+    stop: &watch::Receiver<Stop>,
+    status: &mut Option<String>,
+) {
+    let mut gone = false;
+    if *stop.borrow() != Stop::Kill {
+        gone_within(child, None, STOP_GRACE, stop, status).await;
+        gone = gone_within(child, group, Duration::ZERO, stop, status).await;
+        if !gone {
+            if let Some(g) = group {
+                signal_group(g, Sig::Term);
+                gone = gone_within(child, group, STOP_GRACE, stop, status).await;
+            }
+        }
+    }
+    if !gone {
+        match group {
+            Some(g) => {
+                signal_group(g, Sig::Kill);
+            }
+            None => {
+                let _ = child.start_kill();
+            }
+        }
+        let s = child.wait().await;
+        status.get_or_insert_with(|| s.map_or_else(|e| e.to_string(), |s| s.to_string()));
+    }
+}
+
+/// Waits up to `grace` (less when a kill is asked for) until the process has
+/// exited (setting `status`) and nothing of `group` is left; true if so.
+async fn gone_within(
+    child: &mut Child,
+    group: Option<u32>,
+    grace: Duration,
+    stop: &watch::Receiver<Stop>,
+    status: &mut Option<String>,
+) -> bool {
+    let deadline = Instant::now() + grace;
+    loop {
+        if status.is_none() {
+            match child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(s)) => *status = Some(s.to_string()),
+                Err(e) => *status = Some(e.to_string()),
+            }
+        }
+        if status.is_some() && group.is_none_or(|g| !signal_group(g, Sig::Probe)) {
+            return true;
+        }
+        if Instant::now() >= deadline || *stop.borrow() == Stop::Kill {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Sig {
+    /// Only whether the group still has a process.
+    Probe,
+    Term,
+    Kill,
+}
+
+/// Sends `sig` to the process group `pgid`; false when it has no process
+/// left (or none toolgate may signal).
+#[cfg(unix)]
+fn signal_group(pgid: u32, sig: Sig) -> bool {
+    use rustix::process::{kill_process_group, test_kill_process_group, Pid, Signal};
+    let Some(pid) = i32::try_from(pgid).ok().and_then(Pid::from_raw) else {
+        return false;
+    };
+    match sig {
+        Sig::Probe => test_kill_process_group(pid),
+        Sig::Term => kill_process_group(pid, Signal::TERM),
+        Sig::Kill => kill_process_group(pid, Signal::KILL),
+    }
+    .is_ok()
+}
+
+#[cfg(not(unix))]
+fn signal_group(_: u32, _: Sig) -> bool {
+    false
 }
 
 async fn log_stderr(name: String, pid: Option<u32>, stderr: tokio::process::ChildStderr) {
@@ -731,19 +930,21 @@ async fn log_stderr(name: String, pid: Option<u32>, stderr: tokio::process::Chil
     while let Ok(true) = read_line(&mut reader, &mut line, STDERR_LINE, true).await {
         let text = String::from_utf8_lossy(&line);
         tracing::info!(upstream.name = %name, pid, stderr = %text.trim_end(), "stdio server stderr");
+        line.clear();
     }
 }
 
-/// Reads one `\n`-terminated line into `out` (without the newline). Returns
-/// false at end of input. A line over `max` bytes is an error, or with
-/// `truncate`, cut to `max` (the rest dropped).
+/// Reads one `\n`-terminated line into `out` (without the newline), which
+/// the caller clears once it handled the line: cancelled mid-line (cancel
+/// safe), the part read stays in `out` and the next call goes on with it.
+/// Returns false at end of input. A line over `max` bytes is an error, or
+/// with `truncate`, cut to `max` (the rest dropped).
 async fn read_line<R: AsyncBufRead + Unpin>(
     r: &mut R,
     out: &mut Vec<u8>,
     max: usize,
     truncate: bool,
 ) -> Result<bool, String> {
-    out.clear();
     let mut over = false;
     loop {
         let buf = r.fill_buf().await.map_err(|e| e.to_string())?;
@@ -790,12 +991,16 @@ mod tests {
         let mut r = BufReader::new(&b"short\r\ntoo long a line\nend"[..]);
         assert_eq!(read_line(&mut r, &mut out, 8, false).await, Ok(true));
         assert_eq!(out, b"short");
+        out.clear();
         assert!(read_line(&mut r, &mut out, 8, false).await.is_err());
+        out.clear();
         let mut r = BufReader::new(&b"too long a line\nnext\n"[..]);
         assert_eq!(read_line(&mut r, &mut out, 8, true).await, Ok(true));
         assert_eq!(out, b"too long");
+        out.clear();
         assert_eq!(read_line(&mut r, &mut out, 8, true).await, Ok(true));
         assert_eq!(out, b"next");
+        out.clear();
         assert_eq!(read_line(&mut r, &mut out, 8, true).await, Ok(false));
     }
 }
