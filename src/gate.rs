@@ -1690,6 +1690,8 @@ impl Gate {
             grant,
         } = s;
         let id = &id;
+        // What toolgate does not understand is refused, from every transport.
+        let answer = answer.and_then(|a| a.checked(&upstream.name));
         let (seconds, errors) = upstream.meters.get_or_init(|| {
             let labels = UpstreamLabels {
                 upstream: upstream.name.clone(),

@@ -348,6 +348,171 @@ impl<'de> Visitor<'de> for StrictSeed<'_> {
     }
 }
 
+/// Checks JSON text found `depth` levels deep in a message as
+/// [`parse_strict`] checks a message (duplicate keys at any depth, nesting
+/// deeper than [`MAX_DEPTH`] in all), building nothing: for what toolgate
+/// relays as text (an upstream's result). A duplicate key's pointer is
+/// relative to `text`.
+pub fn check_strict(text: &str, depth: usize) -> Result<(), ParseError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let mut failure = None;
+    let checked = StrictCheck {
+        depth,
+        failure: &mut failure,
+        keys: &mut Vec::new(),
+    }
+    .deserialize(&mut de)
+    .and_then(|()| de.end());
+    match (checked, failure) {
+        (_, Some(f)) => Err(f),
+        (Ok(()), None) => Ok(()),
+        (Err(e), None) => Err(ParseError::Json(e.to_string())),
+    }
+}
+
+/// [`StrictSeed`]'s checks without its tree.
+struct StrictCheck<'a, 'de> {
+    depth: usize,
+    failure: &'a mut Option<ParseError>,
+    /// The keys of the objects being read, outermost first (one list for
+    /// all, so an object costs no allocation of its own).
+    keys: &'a mut Vec<std::borrow::Cow<'de, str>>,
+}
+
+impl<'de> StrictCheck<'_, 'de> {
+    fn child(&mut self) -> StrictCheck<'_, 'de> {
+        StrictCheck {
+            depth: self.depth + 1,
+            failure: self.failure,
+            keys: self.keys,
+        }
+    }
+
+    /// Puts `segment` in front of a duplicate key's pointer (built on the
+    /// way out, so the way in keeps no path).
+    fn under(&mut self, segment: &str) {
+        if let Some(ParseError::DuplicateKey { pointer, .. }) = self.failure {
+            let seg = segment.replace('~', "~0").replace('/', "~1");
+            *pointer = match pointer.as_str() {
+                "/" => format!("/{seg}"),
+                p => format!("/{seg}{p}"),
+            };
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for StrictCheck<'_, 'de> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// An object key, borrowed from the text when it has no escapes.
+struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = std::borrow::Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(std::borrow::Cow::Owned(v.to_owned()))
+    }
+}
+
+impl<'de> Visitor<'de> for StrictCheck<'_, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_DEPTH {
+            *self.failure = Some(ParseError::TooDeep);
+            return Err(de::Error::custom("too deep"));
+        }
+        let mut i = 0usize;
+        loop {
+            match seq.next_element_seed(self.child()) {
+                Ok(Some(())) => i += 1,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    self.under(&i.to_string());
+                    return Err(e);
+                }
+            }
+        }
+    }
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_DEPTH {
+            *self.failure = Some(ParseError::TooDeep);
+            return Err(de::Error::custom("too deep"));
+        }
+        // Most objects are small: their keys are compared in a list, and
+        // only a large one's go in a set.
+        const LIST: usize = 16;
+        let base = self.keys.len();
+        let mut set = std::collections::HashSet::new();
+        while let Some(key) = map.next_key_seed(Key)? {
+            let list = &self.keys[base..];
+            let dup = if list.len() < LIST {
+                list.contains(&key)
+            } else {
+                if set.is_empty() {
+                    set.extend(list.iter().cloned());
+                }
+                set.contains(&key)
+            };
+            if dup {
+                *self.failure = Some(ParseError::DuplicateKey {
+                    pointer: "/".into(),
+                    key: key.into_owned(),
+                });
+                return Err(de::Error::custom("duplicate key"));
+            }
+            if let Err(e) = map.next_value_seed(self.child()) {
+                self.under(&key);
+                return Err(e);
+            }
+            if self.keys.len() - base < LIST {
+                self.keys.push(key);
+            } else {
+                set.insert(key);
+            }
+        }
+        self.keys.truncate(base);
+        Ok(())
+    }
+}
+
 /// A JSON-RPC id: a string or an integer (null ids are refused).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Id {

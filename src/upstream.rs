@@ -37,6 +37,7 @@ pub mod raw;
 pub mod stdio;
 pub mod tls;
 
+use raw::Checked;
 pub use raw::RawResult;
 
 /// The session-based revisions toolgate accepts from a tool server: those
@@ -69,6 +70,28 @@ pub enum Answer {
     /// Kept as text: relayed, not rebuilt (see [`RawResult`]).
     Result(RawResult),
     Error(Value),
+}
+
+impl Answer {
+    /// The answer if toolgate understands it: an error must be a JSON-RPC
+    /// error object (an integer `code`, a string `message`); anything else
+    /// from `upstream` is refused, never relayed.
+    pub fn checked(self, upstream: &str) -> Result<Answer, UpstreamError> {
+        match &self {
+            Answer::Error(e) if !is_rpc_error(e) => Err(UpstreamError::Protocol(
+                upstream.to_owned(),
+                "its error is not a JSON-RPC error object".into(),
+            )),
+            _ => Ok(self),
+        }
+    }
+}
+
+/// Whether `e` is a JSON-RPC 2.0 error object.
+fn is_rpc_error(e: &Value) -> bool {
+    e.as_object().is_some_and(|o| {
+        o.get("code").is_some_and(Value::is_i64) && o.get("message").is_some_and(Value::is_string)
+    })
 }
 
 /// The pooled client every HTTP upstream, webhook and CLI request uses.
@@ -689,15 +712,23 @@ impl Upstream {
                 .await
                 .map_err(|_| UpstreamError::TooLarge(self.name.clone()))?
                 .to_bytes();
-            answer_for(&bytes, &want)
-                .map(|a| (Some(a), sid))
-                .ok_or_else(|| {
-                    UpstreamError::Protocol(
-                        self.name.clone(),
-                        "not a JSON-RPC response to our request".into(),
-                    )
-                })
+            match answer_for(&bytes, &want) {
+                // A failure's status with a result is no success.
+                Some(Ok(Answer::Result(_))) if !status.is_success() => {
+                    Err(UpstreamError::Status(self.name.clone(), status.as_u16()))
+                }
+                Some(a) => a.map(|a| (Some(a), sid)).map_err(|e| self.refused(&e)),
+                None => Err(UpstreamError::Protocol(
+                    self.name.clone(),
+                    "not a JSON-RPC response to our request".into(),
+                )),
+            }
         }
+    }
+
+    /// A response to our request that toolgate refuses (see [`Checked`]).
+    fn refused(&self, why: &mcp::ParseError) -> UpstreamError {
+        UpstreamError::Protocol(self.name.clone(), format!("its result is refused: {why}"))
     }
 
     /// Reads one event stream of a call until its answer (`Ok(Ok)`) or
@@ -726,7 +757,7 @@ impl Upstream {
             }
             for event in sse.push(&data) {
                 if let Some(a) = answer_for(&event, want) {
-                    return Ok(Ok(a));
+                    return a.map(Ok).map_err(|e| self.refused(&e));
                 }
                 if event.windows(LIST_CHANGED.len()).any(|w| w == LIST_CHANGED) {
                     self.tools_changed.store(true, Ordering::Relaxed);
@@ -841,8 +872,9 @@ pub type Relay = tokio::sync::mpsc::Sender<Value>;
 /// The notifications relayed to the agent while its call runs.
 pub const RELAYED: [&str; 2] = ["notifications/progress", "notifications/message"];
 
-/// Reads a JSON-RPC response with id `want` from `bytes`.
-fn answer_for(bytes: &[u8], want: &Value) -> Option<Answer> {
+/// Reads a JSON-RPC response with id `want` from `bytes`: `None` if it is
+/// none, an error if it is one whose result is refused (see [`Checked`]).
+fn answer_for(bytes: &[u8], want: &Value) -> Option<Result<Answer, mcp::ParseError>> {
     /// The members an answer is read by, parsed straight into place (no
     /// tree of the whole message to take them out of); a member present
     /// as `null` is `Some(Null)`.
@@ -850,9 +882,9 @@ fn answer_for(bytes: &[u8], want: &Value) -> Option<Answer> {
     struct Envelope {
         #[serde(default, deserialize_with = "present")]
         id: Option<Value>,
-        /// Kept as text (see [`RawResult`]).
+        /// Kept as text (see [`RawResult`]), checked.
         #[serde(default, deserialize_with = "present")]
-        result: Option<RawResult>,
+        result: Option<Checked>,
         #[serde(default, deserialize_with = "present")]
         error: Option<Value>,
     }
@@ -870,8 +902,8 @@ fn answer_for(bytes: &[u8], want: &Value) -> Option<Answer> {
         return None;
     }
     match (e.result, e.error) {
-        (Some(r), _) => Some(Answer::Result(r)),
-        (None, e) => e.map(Answer::Error),
+        (Some(Checked(r)), _) => Some(r.map(Answer::Result)),
+        (None, e) => e.map(|e| Ok(Answer::Error(e))),
     }
 }
 
@@ -997,6 +1029,13 @@ pub struct SseReader {
     retry: Option<Duration>,
     /// Complete events seen, with data or not.
     events: u64,
+    /// How much of `buf` has been searched for an event's end without
+    /// finding one: the next search resumes there, so an event that comes
+    /// in many small chunks is searched once, not once per chunk.
+    scanned: usize,
+    /// Bytes examined by the search for events' ends, in all (tests).
+    #[cfg(test)]
+    examined: usize,
 }
 
 /// The longest reconnection delay a server's `retry` field can ask for.
@@ -1021,6 +1060,7 @@ impl SseReader {
     /// does, it is never dispatched, and a reconnected stream starts clean.
     pub fn discard_partial(&mut self) {
         self.buf.clear();
+        self.scanned = 0;
     }
 
     /// The reconnection delay the server asked for (between
@@ -1039,10 +1079,20 @@ impl SseReader {
         self.buf.extend_from_slice(chunk);
         let mut out = Vec::new();
         loop {
-            let text = &self.buf[..];
-            let end = find_event_end(text);
-            let Some((end, sep)) = end else { break };
+            let from = self.scanned;
+            let found = find_event_end(&self.buf, from);
+            #[cfg(test)]
+            {
+                self.examined += found.map_or(self.buf.len(), |(end, sep)| end + sep) - from;
+            }
+            let Some((end, sep)) = found else {
+                // A separator may begin in the last bytes: they are
+                // searched again with the next chunk.
+                self.scanned = self.buf.len().saturating_sub(3);
+                break;
+            };
             let event = self.buf.split_to(end + sep);
+            self.scanned = 0;
             self.events += 1;
             let mut data: Option<Vec<u8>> = None;
             for line in event[..end].split(|b| *b == b'\n') {
@@ -1086,13 +1136,19 @@ impl SseReader {
     }
 }
 
-fn find_event_end(b: &[u8]) -> Option<(usize, usize)> {
-    let lf = b.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2));
-    let crlf = b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4));
-    match (lf, crlf) {
-        (Some(a), Some(c)) => Some(if a.0 < c.0 { a } else { c }),
-        (a, c) => a.or(c),
+/// Where the first event of `b` ends, searching from `from` (no separator
+/// starts before it): the blank line's start and length, `\n\n` or
+/// `\r\n\r\n`, whichever comes first. One pass over `b[from..]`.
+fn find_event_end(b: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
+    while i + 1 < b.len() {
+        match (b[i], b[i + 1]) {
+            (b'\n', b'\n') => return Some((i, 2)),
+            (b'\r', b'\n') if b.get(i + 2..i + 4) == Some(&b"\r\n"[..]) => return Some((i, 4)),
+            _ => i += 1,
+        }
     }
+    None
 }
 
 /// Where an exposed tool name leads.
@@ -1262,6 +1318,38 @@ mod tests {
         assert_eq!(ev, vec![b"{\"a\":1}".to_vec(), b"x\ny".to_vec()]);
     }
 
+    /// The search for events' ends examines each byte a bounded number
+    /// of times, however the stream is chunked: an event trickled a byte
+    /// at a time, and many events in one chunk, cost linear work.
+    #[test]
+    fn sse_reader_work_is_linear_in_the_bytes_received() {
+        const N: usize = 50_000;
+        let mut r = SseReader::default();
+        assert!(r.push(b"data: {\"a\":\"").is_empty());
+        for _ in 0..N {
+            assert!(r.push(b"x").is_empty());
+        }
+        // The separator itself split across chunks, CRLF and LF.
+        assert!(r.push(b"\"}\r\n\r").is_empty());
+        let ev = r.push(b"\n");
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].len(), N + 8);
+        assert_eq!(r.pending(), 0);
+        assert!(r.examined <= 4 * (N + 20), "{} bytes examined", r.examined);
+
+        let mut r = SseReader::default();
+        let many = b"data: x\n\n".repeat(N);
+        assert_eq!(r.push(&many).len(), N);
+        assert!(r.examined <= many.len(), "{} bytes examined", r.examined);
+        // A CRLF separator split at each point still ends its event.
+        for cut in 1..4 {
+            let mut r = SseReader::default();
+            let (a, b) = b"data: y\r\n\r\n".split_at(7 + cut);
+            assert!(r.push(a).is_empty());
+            assert_eq!(r.push(b), vec![b"y".to_vec()]);
+        }
+    }
+
     #[test]
     fn sse_reader_keeps_the_last_event_id_and_the_retry_delay() {
         let id = |r: &SseReader| r.last_id().map(|v| v.to_str().unwrap().to_owned());
@@ -1314,11 +1402,35 @@ mod tests {
     }
 
     #[test]
+    fn only_a_json_rpc_error_object_is_an_error_relayed() {
+        let ok = |e: Value| Answer::Error(e).checked("u").is_ok();
+        assert!(ok(json!({"code": -32000, "message": "m"})));
+        assert!(ok(json!({"code": 1, "message": "", "data": null})));
+        for bad in [
+            Value::Null,
+            json!("boom"),
+            json!([]),
+            json!({}),
+            json!({"code": "1", "message": "m"}),
+            json!({"code": 1.5, "message": "m"}),
+            json!({"code": 1}),
+            json!({"code": 1, "message": null}),
+        ] {
+            assert!(!ok(bad.clone()), "{bad}");
+        }
+        assert!(Answer::Result(RawResult::from_value(Value::Null))
+            .checked("u")
+            .is_ok());
+    }
+
+    #[test]
     fn answers_only_match_our_id() {
         let want = Value::from(7);
         assert_eq!(
             answer_for(br#"{"jsonrpc":"2.0","id":7,"result":{"ok":true}}"#, &want),
-            Some(Answer::Result(RawResult::from_value(json!({"ok":true}))))
+            Some(Ok(Answer::Result(RawResult::from_value(
+                json!({"ok":true})
+            ))))
         );
         assert_eq!(
             answer_for(br#"{"jsonrpc":"2.0","id":8,"result":{}}"#, &want),
@@ -1329,7 +1441,7 @@ mod tests {
                 br#"{"jsonrpc":"2.0","id":7,"error":{"code":-1,"message":"m"}}"#,
                 &want
             ),
-            Some(Answer::Error(json!({"code":-1,"message":"m"})))
+            Some(Ok(Answer::Error(json!({"code":-1,"message":"m"}))))
         );
         assert_eq!(
             answer_for(
@@ -1342,8 +1454,13 @@ mod tests {
         // null id, or a message that is no object is not.
         assert_eq!(
             answer_for(br#"{"jsonrpc":"2.0","id":7,"result":null}"#, &want),
-            Some(Answer::Result(RawResult::from_value(Value::Null)))
+            Some(Ok(Answer::Result(RawResult::from_value(Value::Null))))
         );
+        // Our answer, with a result refused: known as ours, and refused.
+        assert!(matches!(
+            answer_for(br#"{"jsonrpc":"2.0","id":7,"result":{"a":1,"a":2}}"#, &want),
+            Some(Err(mcp::ParseError::DuplicateKey { .. }))
+        ));
         for other in [
             &br#"{"jsonrpc":"2.0","id":7,"method":"sampling/createMessage","params":{}}"#[..],
             br#"{"jsonrpc":"2.0","id":null,"result":{}}"#,

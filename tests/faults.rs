@@ -26,7 +26,7 @@ use support::{approver_token, Harness, Opts};
 // ---- an upstream that misbehaves on purpose --------------------------------
 
 /// Tools, by what they do when called.
-const TOOLS: [&str; 14] = [
+const TOOLS: [&str; 21] = [
     "ok",          // answers at once
     "slow",        // answers after 5 s (beyond the harness's 2 s timeout)
     "slow_ok",     // answers after 1.5 s (within it)
@@ -44,6 +44,13 @@ const TOOLS: [&str; 14] = [
     "sse_polled",
     "sse_polled_gone", // the same, but the resuming GET gets 404
     "sse_polled_idle", // the same, but every resuming GET ends with no event
+    "sse_trickle",     // an event stream of one event in 1-byte chunks, cut off
+    "error_null",      // a response whose error is null
+    "error_string",    // a response whose error is a string, not an object
+    "result_500",      // HTTP 500 with a JSON-RPC result
+    "result_dup",      // a result with a key sent twice, deep inside
+    "result_deep",     // a result nested 100 levels deep
+    "sse_result_dup",  // result_dup, as an event
 ];
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -205,6 +212,54 @@ impl Flaky {
                 full("event: message\ndata: {nope\n\n"),
             ),
             "status_500" => raw(500, "text/plain", full("internal error")),
+            "sse_trickle" => {
+                let head = Bytes::from(format!(
+                    "event: message\ndata: {{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"content\":[{{\"type\":\"text\",\"text\":\""
+                ));
+                raw(
+                    200,
+                    "text/event-stream",
+                    Chunks {
+                        head: Some(head),
+                        chunk: Bytes::from_static(b"x"),
+                        left: TRICKLED,
+                    }
+                    .boxed(),
+                )
+            }
+            "error_null" | "error_string" => {
+                let error = match tool.as_str() {
+                    "error_null" => Value::Null,
+                    _ => json!("boom"),
+                };
+                raw(
+                    200,
+                    "application/json",
+                    full(json!({"jsonrpc": "2.0", "id": id, "error": error}).to_string()),
+                )
+            }
+            "result_dup" | "result_deep" | "sse_result_dup" => {
+                let result = match tool.as_str() {
+                    "result_deep" => format!("{}{}", "[".repeat(100), "]".repeat(100)),
+                    _ => r#"{"content":[{"type":"text","text":"benign","text":"evil"}]}"#.into(),
+                };
+                let answer = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#);
+                match tool.as_str() {
+                    "sse_result_dup" => raw(
+                        200,
+                        "text/event-stream",
+                        full(format!("event: message\ndata: {answer}\n\n")),
+                    ),
+                    _ => raw(200, "application/json", full(answer)),
+                }
+            }
+            "result_500" => raw(
+                500,
+                "application/json",
+                full(
+                    json!({"jsonrpc": "2.0", "id": id, "result": text("all is well")}).to_string(),
+                ),
+            ),
             "sse_polled" | "sse_polled_gone" | "sse_polled_idle" => {
                 *self.polled.lock().unwrap() = Some((tool.clone(), id.clone()));
                 let progress = json!({"jsonrpc": "2.0", "method": "notifications/message",
@@ -299,6 +354,9 @@ impl http_body::Body for Chunks {
     }
 }
 
+/// The bytes `sse_trickle` sends one at a time.
+const TRICKLED: usize = 20_000;
+
 fn code(v: &Value) -> i64 {
     v["error"]["code"].as_i64().unwrap_or(0)
 }
@@ -340,6 +398,13 @@ async fn a_misbehaving_upstream_gets_32004_audited_and_never_hangs() {
         "sse_garbage",
         "status_500",
         "reset",
+        "sse_trickle",
+        "error_null",
+        "error_string",
+        "result_500",
+        "result_dup",
+        "result_deep",
+        "sse_result_dup",
     ] {
         let before = h.audit().await.len();
         let started = Instant::now();
@@ -370,6 +435,51 @@ async fn a_misbehaving_upstream_gets_32004_audited_and_never_hangs() {
         toolgate::audit::verify(&h.dir.join("audit.jsonl")).map(|n| n > 0),
         Ok(true)
     );
+}
+
+/// An event trickled a byte at a time costs constant work per byte: its
+/// 20,000 one-byte chunks are read to the stream's end well within the 2 s
+/// timeout (rescanning the whole event on every chunk took about 4 s of CPU
+/// in a debug build, and the call timed out), and the call gets -32004.
+#[tokio::test]
+async fn an_event_trickled_a_byte_at_a_time_is_read_to_its_end_in_linear_time() {
+    let (up, h, t) = flaky_harness().await;
+    let started = Instant::now();
+    let v = h.call(&t, "flaky__sse_trickle", json!({})).await;
+    assert_eq!(code(&v), -32004, "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("ended without a response"), "{v}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(up.hits("sse_trickle"), 1);
+}
+
+/// What is not a JSON-RPC answer is refused, not relayed: an error that is
+/// no `{code, message}` object, a result under a non-2xx status, and a
+/// result an agent could not send (a duplicate key, nesting past 64).
+#[tokio::test]
+async fn an_upstream_answer_that_is_not_json_rpc_is_refused() {
+    let (_up, h, t) = flaky_harness().await;
+    for (tool, why) in [
+        ("error_null", "not a JSON-RPC error object"),
+        ("error_string", "not a JSON-RPC error object"),
+        ("result_500", "HTTP 500"),
+        ("result_dup", r#"duplicate key "text" at /content/0"#),
+        ("result_deep", "nesting deeper than 64 levels"),
+        ("sse_result_dup", r#"duplicate key "text" at /content/0"#),
+    ] {
+        let started = Instant::now();
+        let v = h.call(&t, &format!("flaky__{tool}"), json!({})).await;
+        assert_eq!(code(&v), -32004, "{tool}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{tool}: {v}");
+        assert!(v.get("result").is_none(), "{tool}: {v}");
+        // Refused at once, not left waiting for another answer.
+        assert!(started.elapsed() < Duration::from_secs(1), "{tool}");
+    }
 }
 
 /// A 2025-11-25 server may close a call's event stream on purpose once it

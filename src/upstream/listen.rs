@@ -19,7 +19,10 @@
 //! what it sent while the stream was down, and waits the server's `retry`
 //! delay when it gave one (a server may close the stream on purpose and
 //! say when to come back); the catalog's 30 s cache still catches a change
-//! a server without ids sent meanwhile.
+//! a server without ids sent meanwhile. An event must be whole within the
+//! upstream's timeout and no larger than its event limit, else the stream
+//! is dropped and reopened later: a server trickling bytes costs toolgate
+//! neither memory nor more than constant work per byte.
 //!
 //! 2026-07-28 upstreams are stateless and have no GET stream (their changes
 //! come through `subscriptions/listen`); a session-era server that issues no
@@ -94,7 +97,8 @@ enum End {
     Refused(StatusCode),
     /// A stream that was open ended or broke.
     Dropped(Instant, String),
-    /// No stream was opened (unreachable, 5xx, 409, 429, an oversized event).
+    /// No stream was opened (unreachable, 5xx, 409, 429), or it sent an
+    /// event over the size limit or too slowly.
     Failed(String),
 }
 
@@ -284,7 +288,24 @@ impl Streams {
         }
         let opened = Instant::now();
         let mut body = resp.into_body();
-        while let Some(frame) = body.frame().await {
+        // When the event being received began: it must be whole within
+        // `timeout`, so a server trickling an event (or stalling in one)
+        // holds neither its bytes nor the stream for longer.
+        let mut begun: Option<Instant> = None;
+        loop {
+            let next = match begun {
+                None => body.frame().await,
+                Some(t) => {
+                    let until = tokio::time::Instant::from_std(t + self.timeout);
+                    match tokio::time::timeout_at(until, body.frame()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            return End::Failed("an event took longer than the timeout".into())
+                        }
+                    }
+                }
+            };
+            let Some(frame) = next else { break };
             let frame = match frame {
                 Ok(f) => f,
                 Err(e) => return End::Dropped(opened, e.to_string()),
@@ -292,12 +313,18 @@ impl Streams {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
+            let seen = sse.events();
             for event in sse.push(&data) {
                 self.event(&event);
             }
             if sse.pending() > self.max_event {
                 return End::Failed("an event is larger than the limit".into());
             }
+            begun = match sse.pending() {
+                0 => None,
+                _ if begun.is_none() || sse.events() > seen => Some(Instant::now()),
+                _ => begun,
+            };
         }
         End::Dropped(opened, "closed by the server".into())
     }
@@ -342,6 +369,31 @@ mod tests {
     async fn server(
         answers: Vec<(u16, &'static str)>,
     ) -> (String, Arc<Mutex<Vec<http::HeaderMap>>>) {
+        serve(answers, false).await
+    }
+
+    /// A body that sends `.0` and then neither more nor its end.
+    struct Stalled(Option<Bytes>);
+
+    impl http_body::Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            match self.get_mut().0.take() {
+                Some(b) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(b)))),
+                None => std::task::Poll::Pending,
+            }
+        }
+    }
+
+    /// As [`server`]; with `stall`, each body is sent but never ended.
+    async fn serve(
+        answers: Vec<(u16, &'static str)>,
+        stall: bool,
+    ) -> (String, Arc<Mutex<Vec<http::HeaderMap>>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/mcp", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -361,11 +413,16 @@ mod tests {
                                     s.len() - 1
                                 };
                                 let (status, body) = answers[n.min(answers.len() - 1)];
+                                let body = Bytes::from_static(body.as_bytes());
+                                let body = match stall {
+                                    true => Stalled(Some(body)).boxed(),
+                                    false => Full::new(body).boxed(),
+                                };
                                 Ok::<_, std::convert::Infallible>(
                                     http::Response::builder()
                                         .status(status)
                                         .header("content-type", "text/event-stream")
-                                        .body(Full::new(Bytes::from_static(body.as_bytes())))
+                                        .body(body)
                                         .unwrap(),
                                 )
                             }
@@ -472,6 +529,33 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(500), "{took:?}");
         assert!(took < Duration::from_millis(1400), "{took:?}");
+    }
+
+    /// A server that starts an event and stalls in it (or trickles it)
+    /// holds the stream no longer than the timeout: it is dropped, and
+    /// reopened.
+    #[tokio::test]
+    async fn an_event_not_whole_within_the_timeout_drops_the_stream() {
+        let (url, seen) = serve(
+            vec![(200, ": hello\n\nid: ev-1\n\ndata: {\"jsonrpc\":")],
+            true,
+        )
+        .await;
+        let (streams, changed) = streams(&url);
+        let started = Instant::now();
+        let (_guard, ready) = streams
+            .open(&session(Some("s-1"), mcp::V2025_11_25))
+            .unwrap();
+        ready.await.unwrap();
+        until("the stalled stream is reopened", || {
+            seen.lock().unwrap().len() >= 2
+        })
+        .await;
+        // The 2 s timeout, then the 500 ms backoff.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(2400), "{took:?}");
+        assert_eq!(seen.lock().unwrap()[1]["last-event-id"], "ev-1");
+        assert!(!changed.load(Ordering::Relaxed));
     }
 
     #[tokio::test]

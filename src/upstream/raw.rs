@@ -6,6 +6,11 @@
 //! is its top-level members, each kept as its JSON text; what is below them
 //! reaches the agent byte for byte. Cold paths that need the tree (the
 //! catalog, `initialize`, rounds) ask for [`RawResult::value`].
+//!
+//! What is relayed as text is still checked as an agent's message is, while
+//! it is read: no duplicate key at any depth, no nesting deeper than
+//! [`mcp::MAX_DEPTH`] (counted from the response that carries the result),
+//! else the result is refused ([`Checked`]). The check builds no tree.
 
 use std::collections::BTreeMap;
 
@@ -13,9 +18,10 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::mcp::{self, ParseError};
+
 /// An upstream's JSON-RPC `result`: an object's members (sorted by key, as
-/// a tree's were; a key sent twice keeps its last value, as in a tree), or
-/// any other JSON value whole.
+/// a tree's were), or any other JSON value whole.
 #[derive(Debug, Clone)]
 pub enum RawResult {
     Object(BTreeMap<String, Box<RawValue>>),
@@ -91,55 +97,120 @@ impl RawResult {
     }
 }
 
-/// Read in one pass: an object's members are split out as they are met.
+/// How deep a result's members are in the response carrying it (the
+/// response is at depth 0, its `result` at 1).
+const MEMBER_DEPTH: usize = 2;
+
+/// A result as read, or why it is refused (a duplicate key, nesting too
+/// deep): the refusal is kept, not raised, so the rest of the response
+/// (its id) is still read, and the answer is known to be refused rather
+/// than not an answer.
+pub struct Checked(pub Result<RawResult, ParseError>);
+
+/// Strict: a result [`Checked`] refuses is an error.
 impl<'de> serde::Deserialize<'de> for RawResult {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Checked::deserialize(d)?
+            .0
+            .map_err(|e| serde::de::Error::custom(format!("the result: {e}")))
+    }
+}
+
+/// Read in one pass: an object's members are split out as they are met,
+/// and each is checked once as text.
+impl<'de> serde::Deserialize<'de> for Checked {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> serde::de::Visitor<'de> for V {
-            type Value = RawResult;
+            type Value = Checked;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON value")
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
                 self,
                 mut m: A,
-            ) -> Result<RawResult, A::Error> {
+            ) -> Result<Checked, A::Error> {
                 let mut o = BTreeMap::new();
+                let mut refused = None;
+                // After a refusal the members are still read (the
+                // response goes on), not checked.
                 while let Some((k, v)) = m.next_entry::<String, Box<RawValue>>()? {
+                    if refused.is_some() {
+                        continue;
+                    }
+                    if o.contains_key(&k) {
+                        refused = Some(ParseError::DuplicateKey {
+                            key: k,
+                            pointer: "/".into(),
+                        });
+                        continue;
+                    }
+                    if let Err(e) = member(&v, &k) {
+                        refused = Some(e);
+                        continue;
+                    }
                     o.insert(k, v);
                 }
-                Ok(RawResult::Object(o))
+                Ok(Checked(match refused {
+                    Some(e) => Err(e),
+                    None => Ok(RawResult::Object(o)),
+                }))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut s: A,
-            ) -> Result<RawResult, A::Error> {
+            ) -> Result<Checked, A::Error> {
                 let mut items: Vec<Box<RawValue>> = Vec::new();
-                while let Some(v) = s.next_element()? {
+                let mut refused = None;
+                while let Some(v) = s.next_element::<Box<RawValue>>()? {
+                    if refused.is_none() {
+                        refused = member(&v, &items.len().to_string()).err();
+                    }
                     items.push(v);
                 }
+                if let Some(e) = refused {
+                    return Ok(Checked(Err(e)));
+                }
                 serde_json::value::to_raw_value(&items)
-                    .map(RawResult::Other)
+                    .map(|r| Checked(Ok(RawResult::Other(r))))
                     .map_err(serde::de::Error::custom)
             }
-            fn visit_unit<E>(self) -> Result<RawResult, E> {
-                Ok(RawResult::Other(RawValue::NULL.to_owned()))
+            fn visit_unit<E>(self) -> Result<Checked, E> {
+                Ok(other(RawValue::NULL.to_owned()))
             }
-            fn visit_bool<E>(self, b: bool) -> Result<RawResult, E> {
-                Ok(RawResult::Other(text(&Value::from(b))))
+            fn visit_bool<E>(self, b: bool) -> Result<Checked, E> {
+                Ok(other(text(&Value::from(b))))
             }
-            fn visit_i64<E>(self, n: i64) -> Result<RawResult, E> {
-                Ok(RawResult::Other(text(&Value::from(n))))
+            fn visit_i64<E>(self, n: i64) -> Result<Checked, E> {
+                Ok(other(text(&Value::from(n))))
             }
-            fn visit_u64<E>(self, n: u64) -> Result<RawResult, E> {
-                Ok(RawResult::Other(text(&Value::from(n))))
+            fn visit_u64<E>(self, n: u64) -> Result<Checked, E> {
+                Ok(other(text(&Value::from(n))))
             }
-            fn visit_f64<E>(self, n: f64) -> Result<RawResult, E> {
-                Ok(RawResult::Other(text(&Value::from(n))))
+            fn visit_f64<E>(self, n: f64) -> Result<Checked, E> {
+                Ok(other(text(&Value::from(n))))
             }
-            fn visit_str<E>(self, s: &str) -> Result<RawResult, E> {
-                Ok(RawResult::Other(text(&Value::from(s))))
+            fn visit_str<E>(self, s: &str) -> Result<Checked, E> {
+                Ok(other(text(&Value::from(s))))
             }
+        }
+        fn other(r: Box<RawValue>) -> Checked {
+            Checked(Ok(RawResult::Other(r)))
+        }
+        /// Checks member `name` of the result; a duplicate key's pointer
+        /// is given from the result.
+        fn member(v: &RawValue, name: &str) -> Result<(), ParseError> {
+            mcp::check_strict(v.get(), MEMBER_DEPTH).map_err(|e| match e {
+                ParseError::DuplicateKey { key, pointer } => {
+                    let seg = name.replace('~', "~0").replace('/', "~1");
+                    let pointer = match pointer.as_str() {
+                        "/" => format!("/{seg}"),
+                        p => format!("/{seg}{p}"),
+                    };
+                    ParseError::DuplicateKey { key, pointer }
+                }
+                e => e,
+            })
         }
         d.deserialize_any(V)
     }
@@ -200,14 +271,52 @@ mod tests {
         );
     }
 
+    fn refused(s: &str) -> String {
+        match serde_json::from_str::<Checked>(s).unwrap().0 {
+            Ok(r) => panic!("accepted {s}: {r:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
-    fn a_key_sent_twice_keeps_its_last_value_as_in_a_tree() {
-        let r = parse(r#"{"resultType":"input_required","resultType":"complete"}"#);
-        assert_eq!(r.get_str("resultType").as_deref(), Some("complete"));
+    fn a_key_sent_twice_at_any_depth_is_refused() {
         assert_eq!(
-            serde_json::to_string(&r).unwrap(),
-            r#"{"resultType":"complete"}"#
+            refused(r#"{"resultType":"input_required","resultType":"complete"}"#),
+            r#"duplicate key "resultType" at /"#
         );
+        assert_eq!(
+            refused(r#"{"content":[{"type":"text","text":"benign","text":"evil"}]}"#),
+            r#"duplicate key "text" at /content/0"#
+        );
+        assert_eq!(
+            refused(r#"[1, {"a/b": {"k": 1, "k": 2}}]"#),
+            r#"duplicate key "k" at /1/a~1b"#
+        );
+        // Escaped keys are compared as text, and large objects as small.
+        assert!(refused(r#"{"x":{"\u0061":1,"a":2}}"#).contains(r#""a""#));
+        let many: Vec<String> = (0..40).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let big = format!(r#"{{"x":{{{},"k39":0}}}}"#, many.join(","));
+        assert!(refused(&big).contains(r#""k39""#));
+        assert!(serde_json::from_str::<RawResult>(&big).is_err());
+        let fine = format!(r#"{{"x":{{{}}}}}"#, many.join(","));
+        assert!(serde_json::from_str::<RawResult>(&fine).is_ok());
+    }
+
+    #[test]
+    fn nesting_is_counted_from_the_response_and_bounded_as_an_agents() {
+        // The response is depth 0, the result 1: 62 more levels reach the
+        // 64 an agent may send; 63 do not.
+        let nest = |n: usize| format!(r#"{{"a":{}1{}}}"#, "[".repeat(n), "]".repeat(n));
+        assert!(serde_json::from_str::<RawResult>(&nest(62)).is_ok());
+        assert_eq!(
+            refused(&nest(63)),
+            format!("nesting deeper than {} levels", mcp::MAX_DEPTH)
+        );
+        assert!(refused(&format!("[{}1{}]", "[".repeat(63), "]".repeat(63))).contains("deeper"));
+        // A message of the same depth from an agent: the same line.
+        let msg = |n: usize| format!(r#"{{"result":{}}}"#, nest(n));
+        assert!(mcp::parse_strict(msg(62).as_bytes()).is_ok());
+        assert!(mcp::parse_strict(msg(63).as_bytes()).is_err());
     }
 
     #[test]
