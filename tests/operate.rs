@@ -5,6 +5,7 @@
 
 use crate::support;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use http::{Method, StatusCode};
@@ -259,12 +260,9 @@ async fn a_manifests_directory_replaced_by_a_rename_is_still_watched() {
     assert!(v.get("result").is_some(), "{v}");
 }
 
-#[tokio::test]
-async fn a_repointed_manifests_symlink_is_followed() {
-    // tool-manifests -> v1, then swapped for v2 as `ln -sfn v2 tmp && mv
-    // -T tmp tool-manifests` (or a ConfigMap's `..data`) does, and v1
-    // removed.
-    let base = support::temp_dir("relink");
+/// A harness whose `tool-manifests` is a symlink to `v1`.
+async fn linked_to_v1(tag: &str) -> (support::Scratch, Harness) {
+    let base = support::temp_dir(tag);
     std::fs::remove_dir(base.join("tool-manifests")).unwrap();
     std::fs::create_dir(base.join("v1")).unwrap();
     std::os::unix::fs::symlink("v1", base.join("tool-manifests")).unwrap();
@@ -273,6 +271,22 @@ async fn a_repointed_manifests_symlink_is_followed() {
         ..Opts::default()
     })
     .await;
+    (base, h)
+}
+
+/// Repoints `tool-manifests` to `v2` atomically, as `ln -sfn v2 tmp && mv
+/// -T tmp tool-manifests` (or a ConfigMap's `..data` swap) does.
+fn repoint_to_v2(base: &Path) {
+    std::os::unix::fs::symlink("v2", base.join("tool-manifests.tmp")).unwrap();
+    std::fs::rename(base.join("tool-manifests.tmp"), base.join("tool-manifests")).unwrap();
+}
+
+#[tokio::test]
+async fn a_repointed_manifests_symlink_is_followed() {
+    // tool-manifests -> v1, then swapped for v2 as `ln -sfn v2 tmp && mv
+    // -T tmp tool-manifests` (or a ConfigMap's `..data`) does, and v1
+    // removed.
+    let (base, h) = linked_to_v1("relink").await;
     let t = h.token("billing-bot");
     assert!(base.join("v1/billing-bot.yaml").is_file());
     let v = h.call(&t, "billing__echo", json!({"text": "v1"})).await;
@@ -280,8 +294,7 @@ async fn a_repointed_manifests_symlink_is_followed() {
     std::fs::create_dir(base.join("v2")).unwrap();
     std::fs::write(base.join("v2/billing-bot.yaml"), billing_bot_without_echo()).unwrap();
     std::fs::write(base.join("v2/newbie.yaml"), NEWBIE).unwrap();
-    std::os::unix::fs::symlink("v2", base.join("tool-manifests.tmp")).unwrap();
-    std::fs::rename(base.join("tool-manifests.tmp"), base.join("tool-manifests")).unwrap();
+    repoint_to_v2(&base);
     std::fs::remove_dir_all(base.join("v1")).unwrap();
     agents_once(&h, |v| lists(v, "newbie") && !grants_echo(v)).await;
     let v = h.call(&t, "billing__echo", json!({"text": "v2"})).await;
@@ -312,20 +325,11 @@ async fn a_repointed_manifests_symlink_is_followed() {
 /// the broken file up into a manifest that widens its own permissions).
 #[tokio::test]
 async fn a_repointed_symlink_to_a_broken_set_is_protected_though_rejected() {
-    let base = support::temp_dir("relink-broken");
-    std::fs::remove_dir(base.join("tool-manifests")).unwrap();
-    std::fs::create_dir(base.join("v1")).unwrap();
-    std::os::unix::fs::symlink("v1", base.join("tool-manifests")).unwrap();
-    let h = Harness::with(Opts {
-        dir: Some(base.to_path_buf()),
-        ..Opts::default()
-    })
-    .await;
+    let (base, h) = linked_to_v1("relink-broken").await;
     let t = h.token("billing-bot");
     std::fs::create_dir(base.join("v2")).unwrap();
     std::fs::write(base.join("v2/billing-bot.yaml"), "agent: [\n").unwrap();
-    std::os::unix::fs::symlink("v2", base.join("tool-manifests.tmp")).unwrap();
-    std::fs::rename(base.join("tool-manifests.tmp"), base.join("tool-manifests")).unwrap();
+    repoint_to_v2(&base);
     let started = Instant::now();
     while !h
         .audit()
