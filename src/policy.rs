@@ -115,6 +115,9 @@ pub struct Guard {
     dirs: arc_swap::ArcSwap<Dirs>,
     /// Base for relative paths in arguments: toolgate's working directory.
     pub cwd: PathBuf,
+    /// Whether `cwd` is itself protected (inside a policy directory): then
+    /// every relative name is.
+    cwd_protected: bool,
     /// Resolves `.`/`..` and symlinks (the only IO in `decide`).
     pub resolve: fn(&Path) -> PathBuf,
 }
@@ -126,6 +129,11 @@ struct Dirs {
     /// automaton: the cheap pre-filter (`None` only if it could not be
     /// built: then every token is resolved).
     names: Option<aho_corasick::AhoCorasick>,
+    /// The same basenames, for a one-component token: relative to the
+    /// working directory it can name a protected path only by being one of
+    /// them (a substring match would resolve `INV-000001` on the
+    /// filesystem whenever a protected directory is called `N`).
+    basenames: std::collections::HashSet<String>,
 }
 
 impl Dirs {
@@ -140,8 +148,13 @@ impl Dirs {
         }
         names.sort();
         names.dedup();
+        let basenames = names.iter().cloned().collect();
         let names = aho_corasick::AhoCorasick::new(&names).ok();
-        Dirs { dirs, names }
+        Dirs {
+            dirs,
+            names,
+            basenames,
+        }
     }
 }
 
@@ -177,12 +190,14 @@ impl Guard {
         cwd: PathBuf,
         resolve: fn(&Path) -> PathBuf,
     ) -> Guard {
+        let cwd_protected = dirs.iter().any(|d| cwd.starts_with(d));
         let dirs = arc_swap::ArcSwap::from_pointee(Dirs::new(&files, dirs));
         Guard {
             escalation_tools,
             files,
             dirs,
             cwd,
+            cwd_protected,
             resolve,
         }
     }
@@ -219,12 +234,16 @@ impl Guard {
                 .any(|d| p.starts_with(d) || d.parent() == Some(p))
     }
 
-    /// Whether `token` could name a path at all: worth resolving.
+    /// Whether `token` could name a path at all: worth resolving. One
+    /// without a `/` is a name in the working directory: worth it only if
+    /// it is a protected path's basename, or if the working directory is
+    /// itself protected (then any name is inside).
     fn looks_like_path(&self, token: &str) -> bool {
         token.contains('/')
             || token.starts_with('.')
             || token.starts_with('~')
-            || self.names_any(token)
+            || self.cwd_protected
+            || self.dirs.load().basenames.contains(token)
     }
 
     /// Whether `s` contains the basename of a protected path.
@@ -1142,6 +1161,31 @@ deny:
         // The budget is per call, across every string argument.
         let dec = run(json!({"paths": tokens(MAX_PATH_CHECKS + 1, "c")}));
         assert_eq!(dec.rule, Rule::PolicyPath);
+    }
+
+    #[test]
+    fn a_word_that_merely_contains_a_protected_name_is_not_resolved() {
+        static RESOLVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn counting(p: &Path) -> PathBuf {
+            RESOLVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            normalize_path(p)
+        }
+        // A deployment whose policy lives in a directory called `N`.
+        let base = crate::scratch::Scratch::new("guard-short").unwrap();
+        let b = base.canonicalize().unwrap();
+        let g = Guard::new(
+            GlobSet::empty(),
+            vec![b.join("N/toolgate.yaml")],
+            vec![b.join("N/tool-manifests")],
+            b.clone(),
+            counting,
+        );
+        assert!(!g.names_policy_path("INV-000001"));
+        assert!(!g.names_policy_path("NORTH WIND"));
+        assert_eq!(RESOLVED.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // The name itself, relative to the working directory, still counts.
+        assert!(g.names_policy_path("rm -rf N"));
+        assert!(g.names_policy_path("N/toolgate.yaml"));
     }
 
     #[test]
