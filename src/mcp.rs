@@ -250,9 +250,24 @@ fn pointer_of(path: &[String]) -> String {
     let mut p = String::new();
     for seg in path {
         p.push('/');
-        p.push_str(&seg.replace('~', "~0").replace('/', "~1"));
+        p.push_str(&escape_segment(seg));
     }
     p
+}
+
+/// A JSON pointer reference token (RFC 6901: `~` as `~0`, `/` as `~1`).
+fn escape_segment(seg: &str) -> String {
+    seg.replace('~', "~0").replace('/', "~1")
+}
+
+/// `pointer` (as a [`ParseError::DuplicateKey`] gives it: `/` for the root)
+/// seen from one level up, under `segment`.
+pub(crate) fn pointer_under(segment: &str, pointer: &str) -> String {
+    let seg = escape_segment(segment);
+    match pointer {
+        "/" => format!("/{seg}"),
+        p => format!("/{seg}{p}"),
+    }
 }
 
 impl<'de> Visitor<'de> for StrictSeed<'_> {
@@ -392,11 +407,7 @@ impl<'de> StrictCheck<'_, 'de> {
     /// way out, so the way in keeps no path).
     fn under(&mut self, segment: &str) {
         if let Some(ParseError::DuplicateKey { pointer, .. }) = self.failure {
-            let seg = segment.replace('~', "~0").replace('/', "~1");
-            *pointer = match pointer.as_str() {
-                "/" => format!("/{seg}"),
-                p => format!("/{seg}{p}"),
-            };
+            *pointer = pointer_under(segment, pointer);
         }
     }
 }

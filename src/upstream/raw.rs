@@ -201,14 +201,10 @@ impl<'de> serde::Deserialize<'de> for Checked {
         /// is given from the result.
         fn member(v: &RawValue, name: &str) -> Result<(), ParseError> {
             mcp::check_strict(v.get(), MEMBER_DEPTH).map_err(|e| match e {
-                ParseError::DuplicateKey { key, pointer } => {
-                    let seg = name.replace('~', "~0").replace('/', "~1");
-                    let pointer = match pointer.as_str() {
-                        "/" => format!("/{seg}"),
-                        p => format!("/{seg}{p}"),
-                    };
-                    ParseError::DuplicateKey { key, pointer }
-                }
+                ParseError::DuplicateKey { key, pointer } => ParseError::DuplicateKey {
+                    pointer: mcp::pointer_under(name, &pointer),
+                    key,
+                },
                 e => e,
             })
         }
