@@ -787,53 +787,33 @@ impl Gate {
         ctx: &Ctx,
     ) -> Result<&'static str, Box<Outcome>> {
         let header_version = header_str(headers, &MCP_PROTOCOL_VERSION);
-        let bad = |msg: String| {
+        // Every refusal here is HTTP 400 with the revision's code.
+        let refuse = |(code, msg, extra): StatelessError| {
+            let mut data = json!({"decision": "deny", "request_id": ctx.request_id});
+            if let Some((k, v)) = extra {
+                data[k] = v;
+            }
             Box::new(refused(
-                rpc_error(
-                    StatusCode::BAD_REQUEST,
-                    req.id.as_ref(),
-                    code::INVALID_REQUEST,
-                    &msg,
-                    json!({"decision": "deny", "request_id": ctx.request_id}),
-                ),
+                rpc_error(StatusCode::BAD_REQUEST, req.id.as_ref(), code, &msg, data),
                 &msg,
             ))
         };
+        let bad = |msg: String| refuse((code::INVALID_REQUEST, msg, None));
         let modern = match header_version {
             Some(v) => !mcp::SESSION_VERSIONS.contains(&v) && v != "2024-11-05",
             None => false,
         };
         if req.method == "initialize" || !modern {
-            if let Err((code, msg, _)) = headers_agree(headers, req, false) {
-                return Err(Box::new(refused(
-                    rpc_error(
-                        StatusCode::BAD_REQUEST,
-                        req.id.as_ref(),
-                        code,
-                        &msg,
-                        json!({"decision": "deny", "request_id": ctx.request_id}),
-                    ),
-                    &msg,
-                )));
-            }
+            headers_agree(headers, req, false).map_err(refuse)?;
         }
         if req.method == "initialize" {
             return Ok(mcp::V2025_11_25);
         }
         if modern {
-            return match self.stateless_checks(headers, req) {
-                Ok(()) => Ok(mcp::V2026_07_28),
-                Err((code, msg, extra)) => {
-                    let mut data = json!({"decision": "deny", "request_id": ctx.request_id});
-                    if let Some((k, v)) = extra {
-                        data[k] = v;
-                    }
-                    Err(Box::new(refused(
-                        rpc_error(StatusCode::BAD_REQUEST, req.id.as_ref(), code, &msg, data),
-                        &msg,
-                    )))
-                }
-            };
+            return self
+                .stateless_checks(headers, req)
+                .map(|()| mcp::V2026_07_28)
+                .map_err(refuse);
         }
         let Some(sid) = header_str(headers, &MCP_SESSION_ID) else {
             return Err(bad("missing Mcp-Session-Id: send initialize first, or use protocol revision 2026-07-28".into()));
