@@ -953,9 +953,11 @@ async fn a_pending_hold_and_an_approval_survive_a_restart() {
         assert!(v.get("result").is_some(), "{v}");
     }
     assert_eq!(h.received().len(), 2);
+    let chain = toolgate::audit::verify(&dir.join("audit.jsonl"));
     assert!(
-        toolgate::audit::verify(&dir.join("audit.jsonl")).is_ok(),
-        "one chain across restarts"
+        chain.is_ok(),
+        "one chain across restarts: {chain:?}\n{}",
+        std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default()
     );
 }
 
